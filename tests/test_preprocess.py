@@ -1,4 +1,4 @@
-"""target_size against a hand-computed table and a brute-force oracle; Algorithm-1 variants; flips."""
+"""target_size against a hand-made table and a brute-force oracle; Algorithm-1 variants; flips."""
 
 import math
 
@@ -36,8 +36,8 @@ def test_table_of_imagenet_like_sizes(args, expected):
 
 
 def _oracle_tokens(h, w, t, m, min_tokens=16):
-    """Brute force over every size allowed by the spec: most tokens among sides within one
-    unit of the exact-aspect area-t size (a side forced to 1 unit lets the other fill the budget)."""
+    """Brute force over every size the spec allows: most tokens among sides within one unit
+    of the exact-aspect area-t size (a side forced to 1 unit lets the other fill the budget)."""
     hmax, wmax = h // m, w // m
     if hmax < 1 or wmax < 1:
         return None

@@ -68,7 +68,7 @@ def resize(img: Image.Image, size: tuple[int, int]) -> Image.Image:
 
 
 def center_crop_square(img: Image.Image, side: int) -> Image.Image:
-    """ADM-style variant: resize the short side to `side` (bicubic), then center-crop side x side."""
+    """ADM-style variant: short side resized to `side` (bicubic), then a centered square crop."""
     w, h = img.size
     scale = side / min(w, h)
     nw, nh = max(side, round(w * scale)), max(side, round(h * scale))
@@ -78,7 +78,7 @@ def center_crop_square(img: Image.Image, side: int) -> Image.Image:
 
 
 def crop_side(max_tokens: int, patch_size: int, downsample: int) -> int:
-    """S of Algorithm 1: the square image side with max_tokens tokens (256 px at 256 latent tokens)."""
+    """S of Algorithm 1: side of a square of max_tokens tokens (256 px at 256 latent tokens)."""
     m = patch_size * downsample
     return math.isqrt(max_tokens) * m
 
@@ -114,7 +114,7 @@ def algorithm1(
     downsample: int,
     flip_prob: float = 0.5,
 ) -> Image.Image | None:
-    """FiTv2 Algorithm 1 on the fly: crop variant with p = 1/2 when allowed, then a random h-flip."""
+    """FiTv2 Algorithm 1 on the fly: crop variant with p = 1/2 when allowed, then a random flip."""
     vs = variants(img, max_tokens, patch_size, downsample)
     if not vs:
         return None
