@@ -1,0 +1,15 @@
+r"""FiTv2-B/2: 128.1M params, 15 blocks, D=768, 12 heads, AdaLN-LoRA r=192, 256-token context.
+
+Command (one TPU v4-8 host or 8 GPUs):
+  python -m fitv2_jax.train --config configs/fitv2_b.py --workdir /tmp/fitv2_b
+Hardware: a single 8-chip host; the paper's ablation model.
+Reproduces: FID-50K 26.03 at 256x256 after 400K steps without CFG (FiT-B/2: 36.36); 16.52 at 2000K.
+"""
+
+from fitv2_jax.config_defaults import base_config, fitv2_model
+
+
+def get_config():
+    config = base_config()
+    config.model = fitv2_model(hidden_size=768, depth=15, num_heads=12)
+    return config

@@ -1,0 +1,102 @@
+"""Masked multi-head self-attention with q/k norm and 2D RoPE (the FiT attention).
+
+Mask semantics (official): query i may attend key j iff segment[i] == segment[j]. With the plain
+0/1 token mask as the segment id this is "real attends real, padding attends padding"; packed
+sequences pass segment ids 1, 2, ... per image and 0 for padding. The attention output is
+multiplied by (segment != 0) before the output projection, so padded tokens carry zeros.
+
+Backends (`attention_backend`):
+  "xla"    jax.nn.dot_product_attention (XLA everywhere; cuDNN picks it up on GPU in bf16)
+  "einsum" explicit einsum + float32 softmax (a reference, and the most portable)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fitv2_jax.models.layers import Norm, logical, xavier_uniform, zeros
+from fitv2_jax.models.rope import apply_rope
+
+BACKENDS = ("xla", "einsum")
+
+
+def _qk_norm_kind(kind: str | None, weight: bool) -> str:
+    kind = (kind or "none").lower()
+    if weight and kind in ("layernorm", "rmsnorm"):
+        return "w_" + kind
+    return kind
+
+
+def attend(q, k, v, segment_ids, backend: str = "xla"):
+    """q, k, v: (B, N, H, Dh); segment_ids: (B, N) int. Returns (B, N, H, Dh)."""
+    mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]  # (B, 1, N, N)
+    if backend == "xla":
+        return jax.nn.dot_product_attention(q, k, v, mask=mask)
+    if backend == "einsum":
+        scale = q.shape[-1] ** -0.5
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * scale
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    raise ValueError(f"attention_backend={backend!r}: expected one of {BACKENDS}.")
+
+
+class Attention(nn.Module):
+    """x (B, N, D) -> (B, N, D).
+
+    Parameters: qkv kernel (D, 3, H, Dh) + bias (3, H, Dh) (official `attn.qkv`, output split as
+    [q | k | v] then heads), optional q/k norm weights (Dh,), proj kernel (H, Dh, D) + bias (D,).
+    """
+
+    num_heads: int
+    qkv_bias: bool = True
+    q_norm: str | None = None
+    k_norm: str | None = None
+    qk_norm_weight: bool = False
+    use_rope: bool = True
+    rope_on_v: bool = False
+    backend: str = "xla"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, segment_ids, cos=None, sin=None):
+        dim = x.shape[-1]
+        heads, head_dim = self.num_heads, dim // self.num_heads
+        qkv = nn.DenseGeneral(
+            (3, heads, head_dim),
+            use_bias=self.qkv_bias,
+            dtype=self.dtype,
+            kernel_init=logical(xavier_uniform, ("embed", "qkv", "heads", "kv")),
+            bias_init=logical(zeros, ("qkv", "heads", "kv")),
+            name="qkv",
+        )(x)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, H, Dh)
+        q = Norm(_qk_norm_kind(self.q_norm, self.qk_norm_weight), "kv", name="q_norm")(q)
+        k = Norm(_qk_norm_kind(self.k_norm, self.qk_norm_weight), "kv", name="k_norm")(k)
+        if self.use_rope:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            if self.rope_on_v:
+                v = apply_rope(v, cos, sin)
+        q = nn.with_logical_constraint(
+            q, ("activation_batch", "activation_length", "activation_heads", None)
+        )
+        k = nn.with_logical_constraint(
+            k, ("activation_batch", "activation_length", "activation_heads", None)
+        )
+        out = attend(q, k, v, segment_ids, self.backend)
+        out = out * (segment_ids != 0)[:, :, None, None].astype(out.dtype)
+        return nn.DenseGeneral(
+            dim,
+            axis=(-2, -1),
+            dtype=self.dtype,
+            kernel_init=logical(xavier_uniform, ("heads", "kv", "embed_out")),
+            bias_init=logical(zeros, ("embed_out",)),
+            name="proj",
+        )(out)
+
+
+__all__ = ["Attention", "attend", "BACKENDS", "xavier_uniform"]

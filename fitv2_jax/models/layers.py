@@ -1,0 +1,252 @@
+"""FiT building blocks: linear layers with logical axes, norms, embedders, MLPs, modulation.
+
+Every kernel is stored (in_features..., out_features...) and carries logical axis names that
+`fitv2_jax.parallel.rules` maps onto mesh axes. Compute runs in `dtype` (bf16 on accelerators when
+the config asks for it) while parameters stay in `param_dtype` (float32 master weights); norms run
+in float32.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# torch.nn.init.xavier_uniform_ on a (out, in) weight == fan_avg uniform on our (in, out) kernel.
+xavier_uniform = nn.initializers.xavier_uniform()
+zeros = nn.initializers.zeros
+
+
+def logical(init, names: Sequence[str | None]):
+    return nn.with_logical_partitioning(init, tuple(names))
+
+
+class Linear(nn.Module):
+    """y = x @ W + b over the last axis. W: (in, out) with logical names `axes`."""
+
+    features: int
+    axes: tuple[str | None, str | None] = ("embed", "mlp")
+    use_bias: bool = True
+    zero_init: bool = False
+    kernel_init: Any = xavier_uniform
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        init = zeros if self.zero_init else self.kernel_init
+        kernel = self.param(
+            "kernel", logical(init, self.axes), (x.shape[-1], self.features), self.param_dtype
+        )
+        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            bias = self.param(
+                "bias", logical(zeros, self.axes[1:]), (self.features,), self.param_dtype
+            )
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class Norm(nn.Module):
+    """The official norms over the last axis, eps 1e-6, computed in float32.
+
+    kind: "layernorm" (no affine), "w_layernorm" (weight only), "rmsnorm" (no weight),
+    "w_rmsnorm" (weight), "none"/None (identity).
+    """
+
+    kind: str | None = "layernorm"
+    axis_name: str | None = "norm"
+    eps: float = 1e-6
+
+    @nn.compact
+    def __call__(self, x):
+        kind = (self.kind or "none").lower()
+        if kind == "none":
+            return x
+        dtype = x.dtype
+        x = x.astype(jnp.float32)
+        if kind in ("layernorm", "w_layernorm"):
+            mean = jnp.mean(x, axis=-1, keepdims=True)
+            var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+            y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+        elif kind in ("rmsnorm", "w_rmsnorm"):
+            y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+        else:
+            raise ValueError(
+                f"Unknown norm {self.kind!r}: use layernorm, w_layernorm, rmsnorm, w_rmsnorm or none."
+            )
+        if kind.startswith("w_"):
+            weight = self.param(
+                "weight", logical(nn.initializers.ones, (self.axis_name,)), (x.shape[-1],)
+            )
+            y = y * weight
+        return y.astype(dtype)
+
+
+def modulate(x, shift, scale):
+    """x: (B, N, D); shift, scale: (B, D)."""
+    return x * (1 + scale[:, None, :]) + shift[:, None, :]
+
+
+def timestep_frequencies(t: jnp.ndarray, dim: int = 256, max_period: float = 10000.0):
+    """t: (B,) float (continuous, not scaled) -> (B, dim) = [cos(t f), sin(t f)]."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = t.astype(jnp.float32)[:, None] * freqs[None]
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
+    return emb
+
+
+class TimestepEmbedder(nn.Module):
+    """t (B,) -> (B, D): sinusoid then Linear-SiLU-Linear (official `t_embedder.mlp`)."""
+
+    hidden_size: int
+    frequency_embedding_size: int = 256
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, t):
+        init = nn.initializers.normal(0.02)
+        h = timestep_frequencies(t, self.frequency_embedding_size)
+        h = Linear(
+            self.hidden_size, ("freq", "embed"), kernel_init=init, dtype=self.dtype, name="mlp_0"
+        )(h)
+        h = nn.silu(h)
+        return Linear(
+            self.hidden_size,
+            ("embed", "embed_out"),
+            kernel_init=init,
+            dtype=self.dtype,
+            name="mlp_2",
+        )(h)
+
+
+class LabelEmbedder(nn.Module):
+    """y (B,) -> (B, D). Row `num_classes` is the null class used for classifier-free guidance.
+
+    In training, labels are replaced by the null class with probability `dropout_prob` (rng
+    stream "dropout"); `force_drop` (B,) bool drops chosen labels deterministically.
+    """
+
+    num_classes: int
+    hidden_size: int
+    dropout_prob: float
+
+    @nn.compact
+    def __call__(self, labels, train: bool, force_drop=None):
+        rows = self.num_classes + int(self.dropout_prob > 0)
+        table = self.param(
+            "embedding_table",
+            logical(nn.initializers.normal(0.02), ("vocab", "embed")),
+            (rows, self.hidden_size),
+        )
+        if train and self.dropout_prob > 0:
+            drop = jax.random.uniform(self.make_rng("dropout"), labels.shape) < self.dropout_prob
+            labels = jnp.where(drop, self.num_classes, labels)
+        if force_drop is not None:
+            labels = jnp.where(force_drop, self.num_classes, labels)
+        return jnp.take(table, labels, axis=0)
+
+
+class SwiGLU(nn.Module):
+    """fc2(silu(fc1_g(x)) * fc1_x(x)) (the timm SwiGLU the official code uses)."""
+
+    hidden: int
+    out: int
+    use_bias: bool = True
+    axes_in: str = "embed"
+    axes_hidden: str = "mlp"
+    axes_out: str = "embed_out"
+    zero_init_out: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kw = dict(use_bias=self.use_bias, dtype=self.dtype)
+        gate = Linear(self.hidden, (self.axes_in, self.axes_hidden), name="fc1_g", **kw)(x)
+        val = Linear(self.hidden, (self.axes_in, self.axes_hidden), name="fc1_x", **kw)(x)
+        h = nn.silu(gate) * val
+        h = nn.with_logical_constraint(
+            h, ("activation_batch", "activation_length", "activation_mlp")
+        )
+        return Linear(
+            self.out,
+            (self.axes_hidden, self.axes_out),
+            zero_init=self.zero_init_out,
+            name="fc2",
+            **kw,
+        )(h)
+
+
+class GeluMlp(nn.Module):
+    """fc2(gelu_tanh(fc1(x))) (timm Mlp with GELU(approximate='tanh'), DiT/SiT style)."""
+
+    hidden: int
+    out: int
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        h = Linear(self.hidden, ("embed", "mlp"), self.use_bias, dtype=self.dtype, name="fc1")(x)
+        h = nn.gelu(h, approximate=True)
+        h = nn.with_logical_constraint(
+            h, ("activation_batch", "activation_length", "activation_mlp")
+        )
+        return Linear(self.out, ("mlp", "embed_out"), self.use_bias, dtype=self.dtype, name="fc2")(
+            h
+        )
+
+
+class Modulation(nn.Module):
+    """c (B, D) -> (B, n * D) adaLN parameters, zero-initialised output (adaLN-Zero).
+
+    kind "normal": SiLU -> Linear(D, nD).  kind "lora": SiLU -> Linear(D, r) -> Linear(r, nD).
+    kind "swiglu": SwiGLU(D, hidden, nD). Parameter names follow the official `adaLN_modulation`
+    Sequential indices (`linear_1`, `linear_2`).
+    """
+
+    hidden_size: int
+    chunks: int
+    kind: str = "normal"
+    lora_dim: int | None = None
+    swiglu_hidden: int | None = None
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, c):
+        out = self.chunks * self.hidden_size
+        kw = dict(use_bias=self.use_bias, dtype=self.dtype)
+        if self.kind == "swiglu":
+            hidden = self.swiglu_hidden or (self.hidden_size // 4) * 3
+            return SwiGLU(
+                hidden,
+                out,
+                self.use_bias,
+                "embed",
+                "adaln_hidden",
+                "adaln",
+                True,
+                self.dtype,
+                name="swiglu",
+            )(c)
+        h = nn.silu(c)
+        if self.kind == "normal":
+            return Linear(out, ("embed", "adaln"), zero_init=True, name="linear_1", **kw)(h)
+        if self.kind == "lora":
+            if not self.lora_dim:
+                raise ValueError(
+                    "adaln_type='lora' needs adaln_lora_dim (official: hidden_size // 4)."
+                )
+            h = Linear(self.lora_dim, ("embed", "lora"), name="linear_1", **kw)(h)
+            return Linear(out, ("lora", "adaln"), zero_init=True, name="linear_2", **kw)(h)
+        raise ValueError(f"Unknown adaln_type {self.kind!r}: use normal, lora or swiglu.")

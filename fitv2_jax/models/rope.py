@@ -1,0 +1,238 @@
+"""2D rotary position embedding (RoPE) for FiT and every resolution-extrapolation rule.
+
+Layout (the official one, which checkpoints depend on): for a head of size `head_dim`, the first
+head_dim/2 channels are rotated by the token's row index h, the last head_dim/2 by its column index
+w. Each axis uses D = head_dim/2 channels as D/2 interleaved pairs (x[2j], x[2j+1]) rotated by angle
+pos * freq_j, with freq_j = theta^(-2j/D).
+
+Extrapolation rules (`custom_freqs`), with s = max(L_test / L_train, 1) per axis ("decouple") or
+from the longer side, L_train = `ori_max_pe_len` (16 patches for the 256-token models):
+  normal          plain RoPE, no scaling
+  linear          position interpolation: freq / s
+  ntk-aware       base theta * s^(D / (D - 2))
+  ntk-by-parts    NTK blended with linear and the original by rotation-count ramps (LLaMA constants)
+  yarn            interpolation / extrapolation blend (beta_fast 32, beta_slow 1); cos, sin * (0.1 ln s + 1)
+  ntk-aware-pro1  ntk-aware; cos, sin * sqrt(log(2 L) / log(L_train)) if 2 L > L_train (L: longer side)
+  ntk-aware-pro2  ntk-aware; cos, sin * sqrt(log(2 N) / log(L_train^2)) if 2 N > L_train^2 (N = h * w)
+
+Static mode takes the test size from `max_pe_len_h/w`; online mode (`online_rope`) takes it per
+sample from `size` (B, 2) = (h, w) in patches, as in high-resolution post-training. The magnitude
+factors of yarn / pro1 / pro2 are computed per sample in online mode (the official code defines
+them only in static mode, so online + yarn fails there; here it is the natural per-sample rule).
+All frequency arithmetic is float32, as in the official code.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import jax.numpy as jnp
+
+RULES = (
+    "normal",
+    "linear",
+    "ntk-aware",
+    "ntk-by-parts",
+    "yarn",
+    "ntk-aware-pro1",
+    "ntk-aware-pro2",
+)
+
+
+def _exponents(dim: int) -> jnp.ndarray:
+    """(dim/2,) float32: 2j / dim for j < dim/2."""
+    return jnp.arange(0, dim, 2, dtype=jnp.float32) / dim
+
+
+def _base_freqs(theta: float, dim: int) -> jnp.ndarray:
+    return 1.0 / (jnp.float32(theta) ** _exponents(dim))
+
+
+def _ntk_freqs(theta: float, dim: int, scale: jnp.ndarray) -> jnp.ndarray:
+    """scale (...,) -> (..., dim/2): RoPE with the NTK-aware base theta * s^(D/(D-2))."""
+    new_base = jnp.float32(theta) * scale ** (dim / (dim - 2))
+    return 1.0 / (new_base[..., None] ** _exponents(dim))
+
+
+def _linear_freqs(theta: float, dim: int, scale: jnp.ndarray) -> jnp.ndarray:
+    return 1.0 / (scale[..., None] * (jnp.float32(theta) ** _exponents(dim)))
+
+
+def _correction_range(
+    low_rot: float, high_rot: float, dim: int, theta: float, max_len: int
+) -> tuple[int, int]:
+    """Channel-pair indices where the rotation count over `max_len` positions crosses the bounds."""
+
+    def dim_for(rotations: float) -> float:
+        return dim * math.log(max_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low = math.floor(dim_for(low_rot))
+    high = math.ceil(dim_for(high_rot))
+    return max(low, 0), min(high, dim - 1)
+
+
+def _ramp(low: float, high: float, n: int) -> jnp.ndarray:
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    return jnp.clip((jnp.arange(n, dtype=jnp.float32) - low) / (high - low), 0.0, 1.0)
+
+
+def axis_freqs(
+    rule: str, theta: float, dim: int, scale: jnp.ndarray, ori_max_pe_len: int
+) -> jnp.ndarray:
+    """Per-axis frequencies for one extrapolation rule.
+
+    Args:
+      rule: one of RULES.
+      dim: channels per axis, D = head_dim / 2.
+      scale: (...,) float32, already clamped to >= 1.
+    Returns: (..., dim/2) float32.
+    """
+    scale = jnp.asarray(scale, jnp.float32)
+    if rule == "normal":
+        return jnp.broadcast_to(_base_freqs(theta, dim), scale.shape + (dim // 2,))
+    if rule == "linear":
+        return _linear_freqs(theta, dim, scale)
+    if rule in ("ntk-aware", "ntk-aware-pro1", "ntk-aware-pro2"):
+        return _ntk_freqs(theta, dim, scale)
+    if rule == "ntk-by-parts":
+        base = _base_freqs(theta, dim)
+        linear = _linear_freqs(theta, dim, scale)
+        ntk = _ntk_freqs(theta, dim, scale)
+        low, high = _correction_range(1.25, 0.75, dim, theta, ori_max_pe_len)
+        ntk_weight = 1.0 - _ramp(low, high, dim // 2)
+        freqs = linear * (1 - ntk_weight) + ntk * ntk_weight
+        low, high = _correction_range(16, 2, dim, theta, ori_max_pe_len)
+        keep_weight = 1.0 - _ramp(low, high, dim // 2)
+        return freqs * (1 - keep_weight) + base * keep_weight
+    if rule == "yarn":
+        extrapolation = jnp.broadcast_to(_base_freqs(theta, dim), scale.shape + (dim // 2,))
+        interpolation = _linear_freqs(theta, dim, scale)
+        low, high = _correction_range(32, 1, dim, theta, ori_max_pe_len)
+        keep_weight = 1.0 - _ramp(low, high, dim // 2)
+        return interpolation * (1 - keep_weight) + extrapolation * keep_weight
+    raise ValueError(f"Unknown RoPE rule custom_freqs={rule!r}; expected one of {RULES}.")
+
+
+def _log_ratio_factor(length: jnp.ndarray, train_length: float) -> jnp.ndarray:
+    """sqrt(log(2 L) / log(L_train)) when 2 L > L_train else 1 (attention-logit scale)."""
+    doubled = 2.0 * jnp.asarray(length, jnp.float32)
+    factor = jnp.sqrt(jnp.log(doubled) / jnp.log(jnp.float32(train_length)))
+    return jnp.where(doubled / train_length <= 1.0, 1.0, factor)
+
+
+def magnitude(
+    rule: str, len_h: jnp.ndarray, len_w: jnp.ndarray, ori_max_pe_len: int
+) -> jnp.ndarray | None:
+    """Factor multiplying cos and sin (so attention logits scale by its square), or None."""
+    longest = jnp.maximum(jnp.asarray(len_h, jnp.float32), jnp.asarray(len_w, jnp.float32))
+    if rule == "yarn":
+        scale = jnp.maximum(longest / ori_max_pe_len, 1.0)
+        return jnp.where(scale <= 1.0, 1.0, 0.1 * jnp.log(scale) + 1.0)
+    if rule == "ntk-aware-pro1":
+        return _log_ratio_factor(longest, ori_max_pe_len)
+    if rule == "ntk-aware-pro2":
+        area = jnp.asarray(len_h, jnp.float32) * jnp.asarray(len_w, jnp.float32)
+        return _log_ratio_factor(area, ori_max_pe_len**2)
+    return None
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """The official RoPE settings (names as in `network_config.params`)."""
+
+    head_dim: int
+    theta: float = 10000.0
+    custom_freqs: str = "normal"
+    max_pe_len_h: int | None = None
+    max_pe_len_w: int | None = None
+    decouple: bool = False
+    ori_max_pe_len: int | None = None
+    online_rope: bool = False
+
+    def __post_init__(self):
+        rule = self.custom_freqs.lower()
+        object.__setattr__(self, "custom_freqs", rule)
+        if rule not in RULES:
+            raise ValueError(f"custom_freqs={self.custom_freqs!r}: expected one of {RULES}.")
+        if self.head_dim % 4:
+            raise ValueError(f"RoPE needs head_dim divisible by 4, got {self.head_dim}.")
+        if rule != "normal" and self.ori_max_pe_len is None:
+            raise ValueError(
+                f"custom_freqs={rule!r} needs ori_max_pe_len (the training grid side, 16 for "
+                "256-token models); set model.ori_max_pe_len."
+            )
+        if rule != "normal" and not self.online_rope:
+            if self.max_pe_len_h is None or self.max_pe_len_w is None:
+                raise ValueError(
+                    f"custom_freqs={rule!r} without online_rope needs max_pe_len_h and "
+                    "max_pe_len_w (the test grid in patches); set them or online_rope=True."
+                )
+
+
+def _test_lengths(cfg: RopeConfig, size: jnp.ndarray | None):
+    """(len_h, len_w) arrays of shape (B,) online or () static."""
+    if cfg.online_rope:
+        if size is None:
+            raise ValueError("online_rope=True needs `size` (B, 2) = (h, w) in patches.")
+        size = jnp.asarray(size, jnp.float32).reshape(size.shape[0], -1)[:, :2]
+        return size[:, 0], size[:, 1]
+    return jnp.float32(cfg.max_pe_len_h), jnp.float32(cfg.max_pe_len_w)
+
+
+def rope_cos_sin(
+    cfg: RopeConfig, grid: jnp.ndarray, size: jnp.ndarray | None = None
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Rotation tables for each token.
+
+    Args:
+      grid: (B, 2, N) int, row 0 = w (column) index, row 1 = h (row) index.
+      size: (B, 2) (h, w) in patches; only used with online_rope.
+    Returns: cos, sin of shape (B, N, head_dim / 2), one entry per rotated channel pair,
+      magnitude factor included: pairs [0, head_dim/4) follow h, the rest follow w.
+    """
+    dim = cfg.head_dim // 2
+    rule = cfg.custom_freqs
+    batch = grid.shape[0]
+    if rule == "normal":
+        freqs_h = freqs_w = _base_freqs(cfg.theta, dim)[None]  # (1, D/2)
+        factor = None
+    else:
+        len_h, len_w = _test_lengths(cfg, size)
+        ori = cfg.ori_max_pe_len
+        if cfg.decouple:
+            s_h = jnp.maximum(len_h / ori, 1.0)
+            s_w = jnp.maximum(len_w / ori, 1.0)
+        else:
+            s_h = s_w = jnp.maximum(jnp.maximum(len_h, len_w) / ori, 1.0)
+        freqs_h = axis_freqs(rule, cfg.theta, dim, s_h, ori).reshape(-1, dim // 2)
+        freqs_w = axis_freqs(rule, cfg.theta, dim, s_w, ori).reshape(-1, dim // 2)
+        factor = magnitude(rule, len_h, len_w, ori)
+    pos_w = grid[:, 0].astype(jnp.float32)  # (B, N)
+    pos_h = grid[:, 1].astype(jnp.float32)
+    angles = jnp.concatenate(
+        [pos_h[..., None] * freqs_h[:, None, :], pos_w[..., None] * freqs_w[:, None, :]], axis=-1
+    )  # (B, N, head_dim/2)
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    if factor is not None:
+        factor = jnp.broadcast_to(jnp.asarray(factor, jnp.float32).reshape(-1), (batch,))
+        cos = cos * factor[:, None, None]
+        sin = sin * factor[:, None, None]
+    return cos, sin
+
+
+def apply_rope(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
+    """Rotate interleaved channel pairs.
+
+    Args:
+      x: (B, N, H, head_dim).
+      cos, sin: (B, N, head_dim / 2).
+    Returns: (B, N, H, head_dim) in x.dtype; the rotation itself runs in float32.
+    """
+    dtype = x.dtype
+    pairs = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
+    even, odd = pairs[..., 0], pairs[..., 1]
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    out = jnp.stack([even * c - odd * s, odd * c + even * s], axis=-1)
+    return out.reshape(x.shape).astype(dtype)

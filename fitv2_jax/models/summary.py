@@ -1,0 +1,111 @@
+"""Parameter counts and linear-layer GFLOPs of a config, split by component (no allocation).
+
+    python -m fitv2_jax.models.summary --config configs/fitv2_xl.py [--tokens 256]
+
+GFLOPs follow the paper's convention: multiply-accumulates of the linear layers only, per image,
+attention-map products left out (reported separately). Per-token layers (patch embedding, q/k/v and
+output projections, FFN, final linear) cost N * in * out; per-image layers (timestep MLP, adaLN)
+cost in * out once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections import defaultdict
+
+import flax
+
+from fitv2_jax.models.convert import abstract_params, build_model
+
+COMPONENTS = (
+    "embedders",
+    "attention",
+    "ffn",
+    "adaln_blocks",
+    "adaln_global",
+    "final_layer",
+    "norms",
+)
+
+
+def component_of(path: tuple[str, ...]) -> str:
+    if path[0] in ("x_embedder", "t_embedder", "y_embedder"):
+        return "embedders"
+    if path[0] == "global_adaLN_modulation":
+        return "adaln_global"
+    if path[0] == "final_layer":
+        return "final_layer"
+    if "adaLN_modulation" in path:
+        return "adaln_blocks"
+    if "attn" in path and path[-1] != "weight":
+        return "attention"
+    if "mlp" in path:
+        return "ffn"
+    return "norms"
+
+
+def _per_token(path: tuple[str, ...]) -> bool:
+    return path[0] in ("x_embedder",) or (
+        component_of(path) in ("attention", "ffn") or path[:2] == ("final_layer", "linear")
+    )
+
+
+def summarize(model_config, tokens: int = 256) -> dict:
+    """Returns {'params': {component: count}, 'gmacs': {component: GMACs per image}, totals}."""
+    model = build_model(model_config)
+    flat = flax.traverse_util.flatten_dict(abstract_params(model_config))
+    params = defaultdict(int)
+    macs = defaultdict(float)
+    for path, leaf in flat.items():
+        count = math.prod(leaf.shape)
+        comp = component_of(path)
+        params[comp] += count
+        if path[-1] == "kernel":
+            macs[comp] += count * (tokens if _per_token(path) else 1)
+    attn_map = 2 * model.depth * tokens * tokens * model.hidden_size  # QK^T and PV, per image
+    return {
+        "params": {c: params[c] for c in COMPONENTS},
+        "total_params": sum(params.values()),
+        "gmacs": {c: macs[c] / 1e9 for c in COMPONENTS},
+        "total_gmacs": sum(macs.values()) / 1e9,
+        "attention_map_gmacs": attn_map / 1e9,
+        "tokens": tokens,
+    }
+
+
+def trainable_subset_params(model_config) -> int:
+    """Parameters of the official high-resolution post-training subset (see training/)."""
+    from fitv2_jax.training.partial import is_post_training_param
+
+    flat = flax.traverse_util.flatten_dict(abstract_params(model_config))
+    return sum(math.prod(v.shape) for p, v in flat.items() if is_post_training_param(p))
+
+
+def format_summary(s: dict) -> str:
+    lines = [f"{'component':<14}{'params (M)':>12}{'GMACs@' + str(s['tokens']):>14}"]
+    for c in COMPONENTS:
+        lines.append(f"{c:<14}{s['params'][c] / 1e6:>12.2f}{s['gmacs'][c]:>14.2f}")
+    lines.append(f"{'total':<14}{s['total_params'] / 1e6:>12.2f}{s['total_gmacs']:>14.2f}")
+    lines.append(f"attention maps (not in the paper's count): {s['attention_map_gmacs']:.2f} GMACs")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    from fitv2_jax.config_file import load_config
+
+    parser = argparse.ArgumentParser(
+        prog="python -m fitv2_jax.models.summary",
+        description="Parameter count and linear-layer GFLOPs (multiply-accumulates, the paper's "
+        "convention) of a config, by component. Allocates nothing.",
+    )
+    parser.add_argument("--config", required=True, help="e.g. configs/fitv2_xl.py")
+    parser.add_argument("--tokens", type=int, default=256, help="sequence length (256 or 1024)")
+    args = parser.parse_args(argv)
+    model_config = load_config(args.config).model
+    print(f"{args.config}")
+    print(format_summary(summarize(model_config, args.tokens)))
+
+
+if __name__ == "__main__":
+    main()
