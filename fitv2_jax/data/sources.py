@@ -1,0 +1,308 @@
+"""Image sources: random-access lists of (key, label, loader) items that `prepare` encodes.
+
+- `ImageFolderSource`: any class-per-folder tree (`root/<class>/*.jpg`); labels follow the sorted
+  folder names, so ImageNet's `train/<wnid>/` gives the standard 0..999 labels. Empty class
+  folders keep their label (so the numbering never shifts) and are reported in `problems`.
+- `imagenet_source(root, split)`: ImageNet in its standard layout: `train/<wnid>/*.JPEG`; `val/`
+  either per-class folders or flat files plus a labels file (`<file> <wnid|int>` per line, or
+  Kaggle's `LOC_val_solution.csv`).
+- `TfdsSource`: `imagenet2012` (or any image dataset) prepared by the user for tensorflow-datasets
+  in array_record format, read through `tfds.data_source` (no TensorFlow needed).
+- `DemoSource`: the small real offline dataset of the CPU demo: crops at several aspect ratios
+  and scales of scikit-image's bundled colour photos, one class per photo. Train crops come
+  from the left 65% of each photo, held-out crops from the right 35%, so no held-out pixel is
+  ever trained on.
+
+Every item's `load()` returns an RGB PIL image or raises `images.BadImage` (counted, skipped).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import glob
+import os
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from fitv2_jax.data.images import load_rgb
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    """One image: a unique key, its integer label and how to get its pixels."""
+
+    key: str
+    label: int
+    payload: Any  # a path, encoded bytes or a uint8 array, as `load_rgb` accepts
+    loader: Callable[[Any], Image.Image] = load_rgb
+
+    def load(self) -> Image.Image:
+        return self.loader(self.payload)
+
+
+def _require_dir(path: str, what: str) -> None:
+    if not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"{what} not found: {path!r} does not exist or is not a directory; "
+            "check the path (--root) or create it."
+        )
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+
+
+class ImageFolderSource:
+    """root/<class>/<image>: labels = index of the class folder in sorted order.
+
+    class_names: fix the class list (e.g. ImageNet's wnids taken from train/ for val/); folders
+    outside it are ignored and listed in `problems`.
+    """
+
+    def __init__(self, root: str, class_names: list[str] | None = None):
+        _require_dir(root, "image folder root")
+        self.root = root
+        found = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        self.class_names = list(class_names) if class_names is not None else found
+        index = {c: i for i, c in enumerate(self.class_names)}
+        self.problems: dict[str, list[str]] = {"empty_class_folder": [], "unknown_folder": []}
+        self._files: list[tuple[str, int]] = []
+        for c in found:
+            if c not in index:
+                self.problems["unknown_folder"].append(c)
+                continue
+            files = sorted(f for f in os.listdir(os.path.join(root, c)) if _is_image(f))
+            if not files:
+                self.problems["empty_class_folder"].append(c)
+            self._files += [(os.path.join(c, f), index[c]) for f in files]
+        if not self._files:
+            raise ValueError(
+                f"no images found under {root!r}: expected class folders holding image files "
+                f"({', '.join(IMAGE_EXTENSIONS)})."
+            )
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def __getitem__(self, i: int) -> Item:
+        rel, label = self._files[i]
+        return Item(rel, label, os.path.join(self.root, rel))
+
+
+class LabeledFilesSource:
+    """A flat folder of images plus a labels mapping {file name: label} (ImageNet val/)."""
+
+    def __init__(self, root: str, labels: dict[str, int], class_names: list[str]):
+        _require_dir(root, "image folder")
+        self.root, self.class_names = root, class_names
+        self.problems: dict[str, list[str]] = {"unlabeled_file": []}
+        self._files = []
+        for f in sorted(f for f in os.listdir(root) if _is_image(f)):
+            stem = os.path.splitext(f)[0]
+            if f in labels or stem in labels:
+                self._files.append((f, labels.get(f, labels.get(stem))))
+            else:
+                self.problems["unlabeled_file"].append(f)
+        if not self._files:
+            raise ValueError(f"no labelled images found in {root!r} (check the labels file).")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def __getitem__(self, i: int) -> Item:
+        f, label = self._files[i]
+        return Item(f, label, os.path.join(self.root, f))
+
+
+def read_labels_file(path: str, class_names: list[str]) -> dict[str, int]:
+    """`<file> <wnid or int>` lines, or Kaggle's LOC_val_solution.csv -> {file or stem: label}."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"labels file not found: {path!r} (flag --val-labels).")
+    index = {c: i for i, c in enumerate(class_names)}
+    out: dict[str, int] = {}
+
+    def label_of(tok: str, lineno: int) -> int:
+        if tok.isdigit():
+            return int(tok)
+        if tok in index:
+            return index[tok]
+        raise ValueError(f"{path}:{lineno}: unknown class {tok!r} (not a train/ class folder)")
+
+    with open(path, newline="") as f:
+        if path.endswith(".csv"):  # ImageId,PredictionString ("n01751748 x y x y ...")
+            for lineno, row in enumerate(csv.DictReader(f), start=2):
+                out[row["ImageId"]] = label_of(row["PredictionString"].split()[0], lineno)
+        else:
+            for lineno, line in enumerate(f, start=1):
+                parts = line.replace(",", " ").split()
+                if len(parts) >= 2:
+                    out[parts[0]] = label_of(parts[1], lineno)
+    return out
+
+
+def imagenet_source(root: str, split: str = "train", val_labels: str | None = None):
+    """ImageNet folders: root/train/<wnid>/*.JPEG; root/val/<wnid>/ or root/val/ + labels file."""
+    _require_dir(root, "ImageNet root")
+    train_dir = os.path.join(root, "train")
+    _require_dir(train_dir, "ImageNet train/ folder (class names come from it)")
+    class_names = sorted(
+        d for d in os.listdir(train_dir) if os.path.isdir(os.path.join(train_dir, d))
+    )
+    if split == "train":
+        return ImageFolderSource(train_dir, class_names)
+    split_dir = os.path.join(root, split)
+    _require_dir(split_dir, f"ImageNet {split}/ folder")
+    if any(os.path.isdir(os.path.join(split_dir, d)) for d in os.listdir(split_dir)):
+        return ImageFolderSource(split_dir, class_names)
+    if val_labels is None:
+        raise ValueError(
+            f"{split_dir!r} is flat (no class folders): pass --val-labels FILE with lines "
+            "'<file> <wnid>' (or Kaggle's LOC_val_solution.csv)."
+        )
+    return LabeledFilesSource(split_dir, read_labels_file(val_labels, class_names), class_names)
+
+
+class TfdsSource:
+    """A tensorflow-datasets image dataset prepared in array_record format, via tfds.data_source."""
+
+    def __init__(
+        self, name: str = "imagenet2012", split: str = "train", data_dir: str | None = None
+    ):
+        data_dir = (
+            data_dir
+            or os.environ.get("TFDS_DATA_DIR")
+            or os.path.expanduser("~/tensorflow_datasets")
+        )
+        infos = glob.glob(os.path.join(data_dir, name, "*", "dataset_info.json"))
+        if not infos:
+            raise FileNotFoundError(
+                f"tfds dataset {name!r} is not prepared under {data_dir!r} (--tfds-data-dir). "
+                f"Prepare it once with: tfds build {name} --data_dir {data_dir} "
+                "--file_format array_record --manual_dir <folder with the ImageNet tars>."
+            )
+        import tensorflow_datasets as tfds
+
+        self._ds = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+        features = self._ds.dataset_info.features
+        self.class_names = list(features["label"].names)
+        self.problems: dict[str, list[str]] = {}
+        self.name, self.split = name, split
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def __len__(self) -> int:
+        return len(self._ds)
+
+    def __getitem__(self, i: int) -> Item:
+        ex = self._ds[i]
+        key = ex.get("file_name", f"{self.name}/{self.split}/{i}")
+        key = key.decode() if isinstance(key, bytes) else str(key)
+        return Item(key, int(ex["label"]), np.asarray(ex["image"], np.uint8))
+
+
+DEMO_PHOTOS = (
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+    "rocket",
+)
+DEMO_ASPECTS = (1.0, 4 / 3, 3 / 4, 16 / 9, 9 / 16, 2.0, 1 / 2, 3.0, 1 / 3)  # width / height
+DEMO_SCALES = (1.0, 0.8, 0.6, 0.45)
+HELDOUT_FRACTION = 0.35  # right-hand part of each photo, never seen in training
+
+
+def demo_crop_boxes(
+    height: int, width: int, split: str, n: int, seed: int
+) -> list[tuple[int, int, int, int]]:
+    """Deterministic crop boxes (top, left, h, w) inside the split's region of one photo."""
+    cut = int(round(width * (1 - HELDOUT_FRACTION)))
+    x0, x1 = (0, cut) if split == "train" else (cut, width)
+    rw, rh = x1 - x0, height
+    rng = np.random.default_rng([seed, height, width, 0 if split == "train" else 1])
+    boxes = []
+    for i in range(n):
+        r = DEMO_ASPECTS[i % len(DEMO_ASPECTS)]
+        f = DEMO_SCALES[(i // len(DEMO_ASPECTS)) % len(DEMO_SCALES)]
+        w = min(rw, rh * r) * f  # largest box of aspect r in the region, scaled by f
+        h = w / r
+        w, h = max(1, int(w)), max(1, int(h))
+        top = int(rng.integers(0, rh - h + 1))
+        left = x0 + int(rng.integers(0, rw - w + 1))
+        boxes.append((top, left, h, w))
+    return boxes
+
+
+class DemoSource:
+    """Crops of scikit-image's bundled photos; label = photo index in DEMO_PHOTOS.
+
+    split: "train" or "heldout" (disjoint pixel regions); crops_per_photo crops of each photo.
+    """
+
+    def __init__(self, split: str = "train", crops_per_photo: int = 36, seed: int = 0):
+        if split not in ("train", "heldout"):
+            raise ValueError(f"demo split must be 'train' or 'heldout', got {split!r}")
+        import skimage.data
+
+        self.class_names = list(DEMO_PHOTOS)
+        self.problems: dict[str, list[str]] = {}
+        self._photos = [np.asarray(getattr(skimage.data, p)())[..., :3] for p in DEMO_PHOTOS]
+        self._items = []
+        for label, photo in enumerate(self._photos):
+            for j, box in enumerate(
+                demo_crop_boxes(*photo.shape[:2], split, crops_per_photo, seed)
+            ):
+                self._items.append((f"{DEMO_PHOTOS[label]}/{split}/{j:03d}", label, box))
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, i: int) -> Item:
+        key, label, (top, left, h, w) = self._items[i]
+        crop = self._photos[label][top : top + h, left : left + w]
+        return Item(key, label, np.ascontiguousarray(crop))
+
+
+def open_source(
+    kind: str,
+    root: str | None = None,
+    split: str = "train",
+    val_labels: str | None = None,
+    tfds_name: str = "imagenet2012",
+    tfds_data_dir: str | None = None,
+    demo_crops: int = 36,
+):
+    """The source named by the prepare CLI flags (kind: imagenet | folder | tfds | demo)."""
+    if kind in ("imagenet", "folder") and not root:
+        raise ValueError(f"--source {kind} needs --root PATH (the dataset folder).")
+    if kind == "imagenet":
+        return imagenet_source(root, split, val_labels)
+    if kind == "folder":
+        return ImageFolderSource(root)
+    if kind == "tfds":
+        return TfdsSource(tfds_name, split, tfds_data_dir)
+    if kind == "demo":
+        return DemoSource("heldout" if split in ("heldout", "val", "test") else "train", demo_crops)
+    raise ValueError(f"unknown --source {kind!r}: use imagenet, folder, tfds or demo.")
