@@ -5,9 +5,12 @@ so all hosts agree on each step's sequence length without talking to each other,
 index alone says what a batch holds (which makes the iterator state a single integer).
 
 Epoch e: permute the records (seed, e); pick each record's variant (Algorithm 1: resize or crop
-with p = 1/2 when both exist) and flip; cut the permutation into windows of `window` batches;
-sort each window by token count and cut it into batches of `global_batch` records; shuffle the
-batch order inside the window; each batch is padded to the smallest bucket >= its longest record.
+with p = 1/2 when both exist) and flip; sort by token count (ties stay in random order) and cut
+into batches of `global_batch` records; shuffle the batch order; each batch is padded to the
+smallest bucket >= its longest record. So a batch holds records of similar length drawn from the
+whole epoch, and only batches straddling a bucket boundary (at most one per boundary) pad more
+than the bucket rounding. `window` > 0 limits the sort to windows of that many batches instead
+(more mixing of lengths inside an epoch, more padding).
 """
 
 from __future__ import annotations
@@ -76,7 +79,8 @@ class BatchPlan:
     """Global schedule: batch index b -> (record ids, variant ids, flips, length L).
 
     tokens: (N, V) int token counts per record and variant; global_batch: records per step
-    (all hosts); buckets: sorted static lengths; window: batches per sorting window.
+    (all hosts); buckets: sorted static lengths; window: batches per sorting window (0 = the
+    whole epoch).
     """
 
     def __init__(
@@ -112,7 +116,8 @@ class BatchPlan:
         if self._cache is not None and self._cache[0] == e:
             return self._cache[1]
         rng = np.random.default_rng([self.seed, e])
-        n, B, K = len(self.tokens), self.global_batch, self.window
+        n, B = len(self.tokens), self.global_batch
+        K = self.window or self.batches_per_epoch
         perm = rng.permutation(n)[: self.batches_per_epoch * B]
         cum = np.cumsum(self.probs[perm], axis=1)
         var = (rng.random(len(perm))[:, None] > cum).sum(1)  # inverse-CDF variant choice
@@ -123,9 +128,9 @@ class BatchPlan:
         for w0 in range(0, len(perm), K * B):
             sl = slice(w0, min(w0 + K * B, len(perm)))
             srt = np.argsort(tok[sl], kind="stable") + w0
-            nb = len(srt) // B
-            batch_order = rng.permutation(nb)  # so a window's batches don't rise in length
-            order[sl] = srt.reshape(nb, B)[batch_order].reshape(-1)
+            order[sl] = srt
+        batch_order = rng.permutation(self.batches_per_epoch)  # steps don't rise in length
+        order = order.reshape(-1, B)[batch_order].reshape(-1)
         perm, var, flips, tok = perm[order], var[order], flips[order], tok[order]
         longest = tok.reshape(-1, B).max(1)
         lengths = self.buckets[np.searchsorted(self.buckets, longest)]

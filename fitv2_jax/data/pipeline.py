@@ -51,9 +51,9 @@ def default_config() -> ml_collections.ConfigDict:
             num_epochs=0,  # 0 = repeat forever
             # bucketing
             buckets=(),  # static sequence lengths; () = chosen from the data (num_buckets)
-            num_buckets=4,
+            num_buckets=8,  # compiled step shapes
             bucket_multiple=8,  # auto buckets are multiples of this
-            bucket_window=32,  # batches per sort window (larger: less padding, less mixing)
+            bucket_window=0,  # batches per length-sort window; 0 = the whole epoch
             # packing
             packing=False,
             pack_length=0,  # tokens per packed row; 0 = the dataset's max_tokens
