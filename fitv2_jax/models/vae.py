@@ -563,20 +563,22 @@ def random_vae(
         **module_kwargs,
     )
     f = module.downsample_factor
-    k_init, k_rand = jax.random.split(key)
-    params = module.init(k_init, jnp.zeros((1, f, f, module.in_channels)))["params"]
-    leaves, treedef = jax.tree.flatten_with_path(params)
-    keys = jax.random.split(k_rand, len(leaves))
+    shapes = jax.eval_shape(
+        lambda: module.init(jax.random.key(0), jnp.zeros((1, f, f, module.in_channels)))
+    )["params"]
+    # numpy draws: compiling Flax's initialisers for ~100 tensors takes longer than the tests.
+    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+    leaves, treedef = jax.tree.flatten_with_path(shapes)
     new = []
-    for (path, leaf), k in zip(leaves, keys, strict=True):
+    for path, leaf in leaves:
         name = path[-1].key
+        noise = rng.standard_normal(leaf.shape, dtype=np.float32)
         if name == "kernel":
-            fan_in = math.prod(leaf.shape[:-1])
-            new.append(jax.random.normal(k, leaf.shape) / math.sqrt(fan_in))
+            new.append(noise / math.sqrt(math.prod(leaf.shape[:-1])))
         elif name == "scale":
-            new.append(1.0 + 0.2 * jax.random.normal(k, leaf.shape))
+            new.append(1.0 + 0.2 * noise)
         else:  # biases
-            new.append(0.1 * jax.random.normal(k, leaf.shape))
+            new.append(0.1 * noise)
     return VAE(module, jax.tree.unflatten(treedef, [jnp.asarray(a) for a in new]))
 
 
