@@ -1,0 +1,101 @@
+"""VAE throughput: `python -m fitv2_jax.bench --suite vae [--size 256 --batch 2 --repeats 3]`.
+
+Times `VAE.encode` (posterior mean) and `VAE.decode` of the real kl-f8 architecture (random
+weights: speed does not depend on their values) on this machine's default JAX backend, and
+reports the median images/s over repeats (compilation excluded). `--memory` adds XLA's compiled
+temporary-buffer size for one call at the sizes the project relies on (1024x1024 decode, a
+batch chunk at 256x256), without running them.
+"""
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from fitv2_jax.models import vae as vae_lib
+
+
+def _median_rate(fn, x, batch: int, repeats: int, desc: str) -> tuple[float, list[float]]:
+    jax.block_until_ready(fn(x))  # compile + warm up
+    times = []
+    for _ in tqdm(range(repeats), desc=desc, leave=False):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(x))
+        times.append(time.perf_counter() - t0)
+    return batch / statistics.median(times), times
+
+
+def _compiled_temp_gib(fn, module, params, shape) -> float:
+    compiled = fn.lower(module, params, jax.ShapeDtypeStruct(shape, jnp.float32)).compile()
+    return compiled.memory_analysis().temp_size_in_bytes / 2**30
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m fitv2_jax.bench --suite vae",
+        description="Encode/decode images/s of the SD VAE (kl-f8, random weights).",
+    )
+    parser.add_argument("--size", type=int, default=256, help="square image side, multiple of 8")
+    parser.add_argument("--batch", type=int, default=2, help="images per call (default 2)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per measurement")
+    parser.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype"
+    )
+    parser.add_argument("--memory", action="store_true", help="also report compiled memory")
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+    if args.size % 8 or args.size <= 0:
+        parser.error(f"--size must be a positive multiple of 8, got {args.size}")
+    if args.batch < 1 or args.repeats < 1:
+        parser.error("--batch and --repeats must be >= 1")
+
+    vae = vae_lib.random_vae(
+        jax.random.key(0),
+        block_out_channels=(128, 256, 512, 512),
+        norm_num_groups=32,
+        layers_per_block=2,
+        dtype=jnp.dtype(args.dtype),
+    )
+    # Whole batch in one call, no tiling: the timing is of the network, not of the chunk loop.
+    vae = vae.with_options(max_pixels=args.batch * args.size**2, tile=None)
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.uniform(-1, 1, (args.batch, args.size, args.size, 3)), jnp.float32)
+    latents = jnp.asarray(rng.standard_normal((args.batch, args.size // 8, args.size // 8, 4)))
+    latents = latents.astype(jnp.float32)
+
+    res = {"size": args.size, "batch": args.batch, "repeats": args.repeats, "dtype": args.dtype}
+    enc, enc_t = _median_rate(vae.encode, images, args.batch, args.repeats, "encode")
+    dec, dec_t = _median_rate(vae.decode, latents, args.batch, args.repeats, "decode")
+    res.update(encode_images_per_s=enc, decode_images_per_s=dec, encode_s=enc_t, decode_s=dec_t)
+    print(
+        f"vae kl-f8 {args.dtype} {args.size}x{args.size} batch {args.batch}, median of "
+        f"{args.repeats}: encode {enc:.3f} img/s, decode {dec:.3f} img/s "
+        f"(decode/encode time ratio {enc / dec:.2f})"
+    )
+    if args.memory:
+        m, p = vae.module, vae.params
+        chunk = vae_lib.DEFAULT_MAX_PIXELS // 256**2
+        mem = {
+            "decode 1x1024x1024": _compiled_temp_gib(vae_lib._decode, m, p, (1, 128, 128, 4)),
+            f"decode {chunk}x256x256 (one chunk)": _compiled_temp_gib(
+                vae_lib._decode, m, p, (chunk, 32, 32, 4)
+            ),
+            "encode 1x1024x1024": _compiled_temp_gib(vae_lib._moments, m, p, (1, 1024, 1024, 3)),
+            f"encode {chunk}x256x256 (one chunk)": _compiled_temp_gib(
+                vae_lib._moments, m, p, (chunk, 256, 256, 3)
+            ),
+        }
+        for k, v in mem.items():
+            print(f"  compiled temp memory, {k}: {v:.2f} GiB")
+        res["compiled_temp_gib"] = mem
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+        print(f"results written to {args.json}")
+    else:
+        print("results: printed above (add --json PATH to save them)")
