@@ -110,11 +110,11 @@ class BatchPlan:
                 f"records have up to {longest} tokens but the largest bucket is "
                 f"{int(self.buckets[-1])}: raise config.data.buckets / max_tokens."
             )
-        self._cache: tuple[int, tuple] | None = None
+        self._cache: dict[int, tuple] = {}  # two epochs: reader threads straddle a boundary
 
     def _epoch(self, e: int):
-        if self._cache is not None and self._cache[0] == e:
-            return self._cache[1]
+        if e in self._cache:
+            return self._cache[e]
         rng = np.random.default_rng([self.seed, e])
         n, B = len(self.tokens), self.global_batch
         K = self.window or self.batches_per_epoch
@@ -135,7 +135,7 @@ class BatchPlan:
         longest = tok.reshape(-1, B).max(1)
         lengths = self.buckets[np.searchsorted(self.buckets, longest)]
         plan = (perm, var, flips, lengths)
-        self._cache = (e, plan)
+        self._cache = {k: v for k, v in self._cache.items() if k == e - 1} | {e: plan}
         return plan
 
     def __call__(self, b: int):

@@ -242,6 +242,10 @@ def make_train_iterator(cfg, *, process_index: int, process_count: int, seed: in
         it_ds = it_ds.map(_FinishPacked(cfg.pack_max_segments, ds.meta["num_classes"]))
         it_ds = it_ds.batch(local_batch, drop_remainder=True)
     if cfg.worker_count > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # Grain workers read absl flags; outside an absl app
+            flags.FLAGS.mark_as_parsed()  # (scripts, tests) their defaults are what we want
         it_ds = it_ds.mp_prefetch(
             grain.MultiprocessingOptions(
                 num_workers=cfg.worker_count, per_worker_buffer_size=cfg.worker_buffer_size
