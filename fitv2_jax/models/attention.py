@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fitv2_jax.models.layers import Norm, logical, xavier_uniform, zeros
+from fitv2_jax.models.layers import DenseND, Norm
 from fitv2_jax.models.rope import apply_rope
 
 BACKENDS = ("xla", "einsum")
@@ -66,12 +66,12 @@ class Attention(nn.Module):
     def __call__(self, x, segment_ids, cos=None, sin=None):
         dim = x.shape[-1]
         heads, head_dim = self.num_heads, dim // self.num_heads
-        qkv = nn.DenseGeneral(
+        qkv = DenseND(
             (3, heads, head_dim),
-            use_bias=self.qkv_bias,
-            dtype=self.dtype,
-            kernel_init=logical(xavier_uniform, ("embed", "qkv", "heads", "kv")),
-            bias_init=logical(zeros, ("qkv", "heads", "kv")),
+            ("embed", "qkv", "heads", "kv"),
+            1,
+            self.qkv_bias,
+            self.dtype,
             name="qkv",
         )(x)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, H, Dh)
@@ -89,14 +89,7 @@ class Attention(nn.Module):
         )
         out = attend(q, k, v, segment_ids, self.backend)
         out = out * (segment_ids != 0)[:, :, None, None].astype(out.dtype)
-        return nn.DenseGeneral(
-            dim,
-            axis=(-2, -1),
-            dtype=self.dtype,
-            kernel_init=logical(xavier_uniform, ("heads", "kv", "embed_out")),
-            bias_init=logical(zeros, ("embed_out",)),
-            name="proj",
-        )(out)
+        return DenseND((dim,), ("heads", "kv", "embed_out"), 2, True, self.dtype, name="proj")(out)
 
 
-__all__ = ["Attention", "attend", "BACKENDS", "xavier_uniform"]
+__all__ = ["Attention", "attend", "BACKENDS"]

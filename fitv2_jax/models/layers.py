@@ -53,6 +53,49 @@ class Linear(nn.Module):
         return y
 
 
+class DenseND(nn.Module):
+    """Contracts the last `n_in` axes of x with a kernel (in..., out...); xavier init over the groups.
+
+    Used where heads are their own kernel axis (q/k/v and output projections), so tensor
+    parallelism can shard whole heads.
+    """
+
+    features: tuple[int, ...]
+    axes: tuple[str | None, ...]
+    n_in: int = 1
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        in_shape = x.shape[-self.n_in :]
+        n_out = len(self.features)
+        init = nn.initializers.variance_scaling(
+            1.0,
+            "fan_avg",
+            "uniform",
+            in_axis=tuple(range(self.n_in)),
+            out_axis=tuple(range(self.n_in, self.n_in + n_out)),
+        )
+        kernel = self.param(
+            "kernel",
+            logical(init, self.axes),
+            tuple(in_shape) + tuple(self.features),
+            self.param_dtype,
+        )
+        contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
+        y = jax.lax.dot_general(
+            x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ()))
+        )
+        if self.use_bias:
+            bias = self.param(
+                "bias", logical(zeros, self.axes[self.n_in :]), self.features, self.param_dtype
+            )
+            y = y + bias.astype(self.dtype)
+        return y
+
+
 class Norm(nn.Module):
     """The official norms over the last axis, eps 1e-6, computed in float32.
 

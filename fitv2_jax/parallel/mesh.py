@@ -1,0 +1,59 @@
+"""Device meshes with the axes ("data", "fsdp", "tensor").
+
+`ici` is the per-slice shape and `dcn` the shape across slices (multi-slice TPU, multi-node GPU),
+both in the axis order above; one -1 in `ici` takes the remaining devices. The global mesh shape is
+ici * dcn axis by axis; on a single slice, dcn is all ones.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh
+
+AXES = ("data", "fsdp", "tensor")
+
+
+def resolve_shape(shape: Sequence[int], num_devices: int, what: str = "mesh.ici") -> tuple[int, ...]:
+    """Replaces one -1 by what is left of num_devices; checks the product."""
+    shape = [int(s) for s in shape]
+    if len(shape) != len(AXES):
+        raise ValueError(f"{what}={shape}: give {len(AXES)} sizes for axes {AXES}.")
+    if shape.count(-1) > 1:
+        raise ValueError(f"{what}={shape}: at most one -1.")
+    known = math.prod(s for s in shape if s != -1)
+    if -1 in shape:
+        if num_devices % known:
+            raise ValueError(f"{what}={shape}: {num_devices} devices are not divisible by {known}.")
+        shape[shape.index(-1)] = num_devices // known
+    if math.prod(shape) != num_devices:
+        raise ValueError(
+            f"{what}={shape} needs {math.prod(shape)} devices but {num_devices} are available; "
+            "use -1 for one axis to fill the rest."
+        )
+    return tuple(shape)
+
+
+def create_mesh(
+    ici: Sequence[int] = (1, -1, 1),
+    dcn: Sequence[int] | None = None,
+    devices: Sequence[jax.Device] | None = None,
+) -> Mesh:
+    """Mesh over `devices` (default: all). Example: ici=(2, 4, 1) -> data 2 x fsdp 4."""
+    devices = list(jax.devices() if devices is None else devices)
+    dcn = tuple(dcn) if dcn is not None else (1,) * len(AXES)
+    num_slices = math.prod(dcn)
+    per_slice = len(devices) // num_slices
+    ici_shape = resolve_shape(ici, per_slice, "mesh.ici")
+    if num_slices > 1:
+        grid = mesh_utils.create_hybrid_device_mesh(ici_shape, dcn, devices)
+    else:
+        try:
+            grid = mesh_utils.create_device_mesh(ici_shape, devices)
+        except (AssertionError, NotImplementedError, ValueError):
+            grid = np.asarray(devices).reshape(ici_shape)
+    return Mesh(grid, AXES)

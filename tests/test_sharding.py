@@ -1,0 +1,64 @@
+"""FSDP-sharded FiT on 8 fake CPU devices: real shardings, same forward as one device."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec
+from test_model import TINY, make_inputs
+
+from fitv2_jax.models.fit import from_official_params
+from fitv2_jax.parallel.mesh import create_mesh, resolve_shape
+from fitv2_jax.parallel.rules import LOGICAL_RULES, batch_sharding, tree_shardings
+
+
+def test_mesh_shapes_and_errors():
+    assert resolve_shape((1, -1, 1), 8) == (1, 8, 1)
+    assert resolve_shape((2, -1, 2), 8) == (2, 2, 2)
+    with pytest.raises(ValueError, match="mesh.ici"):
+        resolve_shape((3, -1, 1), 8)
+    with pytest.raises(ValueError, match="needs 16 devices"):
+        resolve_shape((2, 8, 1), 8)
+    mesh = create_mesh((2, -1, 1))
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+
+
+def test_fsdp_sharded_forward_equals_single_device():
+    assert jax.device_count() == 8, "tests/conftest.py must set 8 fake CPU devices"
+    cfg = dict(TINY, depth=2)
+    model = from_official_params(cfg)
+    x, t, y, grid, mask, size = (
+        jnp.asarray(a)
+        for a in make_inputs([(2, 18), (5, 8), (4, 10), (3, 3), (1, 7), (6, 6), (8, 5), (2, 2)])
+    )
+    mesh = create_mesh((2, 4, 1))
+
+    init = lambda key: model.init(key, x, t, y, grid, mask, size)["params"]
+    abstract = jax.eval_shape(init, jax.random.key(0))
+    shardings = tree_shardings(abstract, mesh)
+    params = jax.jit(lambda k: nn.unbox(init(k)), out_shardings=shardings)(jax.random.key(0))
+    # make every tensor non-trivial (zero-initialised output layers would hide errors)
+    params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(1), p.shape), params)
+
+    qkv = params["blocks"]["attn"]["qkv"]["kernel"]  # (layers, embed, 3, heads, kv)
+    assert qkv.sharding.spec == PartitionSpec(None, "fsdp", None, "tensor", None)
+    assert qkv.addressable_shards[0].data.shape == (2, 16, 3, 4, 16)
+    fc2 = params["blocks"]["mlp"]["fc2"]["kernel"]  # (layers, mlp, embed_out)
+    assert fc2.sharding.spec == PartitionSpec(None, "tensor", "fsdp")
+    lora_up = params["blocks"]["adaLN_modulation"]["linear_2"]["kernel"]  # (layers, lora, adaln)
+    assert lora_up.sharding.spec == PartitionSpec(None, "fsdp", "tensor")
+
+    def fwd(p, x, t, y, grid, mask, size):
+        return model.apply({"params": p}, x, t, y, grid, mask, size)
+
+    inputs = [x, t, y, grid, mask, size]
+    sharded_inputs = [jax.device_put(a, batch_sharding(mesh, a.ndim)) for a in inputs]
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+        out = jax.jit(fwd)(params, *sharded_inputs)
+    assert (
+        out.sharding.spec[0] in (("data", "fsdp"), "data") or not out.sharding.is_fully_replicated
+    )
+    single = jax.device_put(jax.device_get(params), jax.devices()[0])
+    ref = jax.jit(fwd)(single, *[jax.device_put(a, jax.devices()[0]) for a in inputs])
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
