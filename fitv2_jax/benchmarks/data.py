@@ -141,8 +141,9 @@ def main(argv: list[str]) -> None:
 
     sizes = imagenet_like_sizes(args.images)
     print(
-        f"padding efficiency (valid / padded tokens), {args.images} ImageNet-like images, "
-        f"global batch {args.batch}, Algorithm-1 variants at random"
+        f"padding efficiency (valid / padded tokens), {args.images} ImageNet-like images "
+        f"({args.pack_images} for packing), global batch {args.batch}, Algorithm-1 variants "
+        "at random; required: >= 0.97 with bucketing or packing"
     )
     print("max_tokens | pad-to-max | bucketing (buckets) | packing: rows of max_tokens, 4x")
     for max_tokens in (256, 1024):
