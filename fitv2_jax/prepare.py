@@ -1,4 +1,4 @@
-"""Prepare a dataset once: preprocess (FiT resize rule + Algorithm-1 crop, both flips), encode
+r"""Prepare a dataset once: preprocess (FiT resize rule + Algorithm-1 crop, both flips), encode
 (pixels or SD-VAE latents) and write ArrayRecord shards that `fitv2_jax.data.pipeline` reads.
 
   # the offline demo set, pixel space, 64 tokens of 2x2 patches (16x16-pixel images):

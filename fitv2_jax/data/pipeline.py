@@ -21,6 +21,10 @@ Two modes:
   checkpoint state is just the next batch index.
 - packing: per-host stream, Grain's first-fit packer over a shuffled, repeated record stream.
 
+Multiprocess prefetch (config.worker_count > 0) gives the very same batches in bucketing mode;
+in packing mode each worker packs its own slice, so the stream depends on worker_count
+(deterministic for a fixed count; resume with the same count).
+
 Checkpointing: the iterator is a Grain DatasetIterator: `it.get_state()` / `it.set_state(s)`,
 or inside an Orbax Composite `grain.checkpoint.CheckpointSave(it)` /
 `grain.checkpoint.CheckpointRestore(it)`.
