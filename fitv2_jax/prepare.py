@@ -21,6 +21,7 @@ import math
 import os
 import sys
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -43,20 +44,25 @@ FORMAT_VERSION = 1
 VARIANTS = ["resize", "crop"]
 
 
-def encode_item(item, encoder, max_tokens: int, patch_size: int, min_tokens: int) -> dict:
-    """One source item -> record fields; raises BadImage (with a reason) to skip it."""
+def load_variants(item, max_tokens: int, patch_size: int, downsample: int, min_tokens: int):
+    """Decode one source item and make its Algorithm-1 variants (uint8 arrays); raises
+    BadImage (with a reason) to skip it. Thread-safe: PIL releases the GIL while decoding."""
     try:
         img = item.load()
     except FileNotFoundError as e:
         raise BadImage("missing_file", str(e)) from e
-    vs = preprocess.variants(img, max_tokens, patch_size, encoder.downsample, min_tokens)
+    vs = preprocess.variants(img, max_tokens, patch_size, downsample, min_tokens)
     if not vs:
         raise BadImage("too_small", f"{img.size[0]}x{img.size[1]} px")
+    return {name: np.asarray(v, np.uint8) for name, v in vs.items()}
+
+
+def encode_variants(item, vs: dict, encoder, patch_size: int) -> dict:
+    """Variants (H, W, 3) uint8 -> record fields, both flips of each encoded."""
     m = patch_size * encoder.downsample
     fields: dict[str, Any] = {"label": int(item.label), "key": item.key, "variants": list(vs)}
     sizes = []
-    for name, v in vs.items():
-        a = np.asarray(v, np.uint8)
+    for name, a in vs.items():
         both = encoder.encode(np.stack([a, a[:, ::-1]]))  # flips do not commute with a VAE
         for flip in (0, 1):
             fields[array_name(name, flip)] = both[flip]
@@ -64,6 +70,26 @@ def encode_item(item, encoder, max_tokens: int, patch_size: int, min_tokens: int
     fields["size"] = np.asarray(sizes, np.int32)
     fields["tokens"] = np.asarray([h * w for h, w in sizes], np.int32)
     return fields
+
+
+def _decoded(source, lo: int, hi: int, downsample: int, args):
+    """Yields (item, variants or None, BadImage or None) in order; decodes on args.workers threads."""
+
+    def work(i):
+        item = source[i]
+        try:
+            vs = load_variants(item, args.max_tokens, args.patch_size, downsample, args.min_tokens)
+            return item, vs, None
+        except BadImage as e:
+            return item, None, e
+
+    if args.workers <= 1:
+        yield from map(work, range(lo, hi))
+        return
+    chunk = 8 * args.workers  # bounded look-ahead: decoded images wait for the encoder
+    with ThreadPoolExecutor(args.workers) as pool:
+        for c in range(lo, hi, chunk):
+            yield from pool.map(work, range(c, min(c + chunk, hi)))
 
 
 def _write_shard(source, lo: int, hi: int, stem: str, encoder, args, bar) -> dict:
@@ -76,21 +102,18 @@ def _write_shard(source, lo: int, hi: int, stem: str, encoder, args, bar) -> dic
     writer = ArrayRecordWriter(tmp, "group_size:1")  # group 1: cheap random access
     reasons: Counter = Counter()
     tokens, written = [], 0
-    for i in range(lo, hi):
-        item = source[i]
-        try:
-            fields = encode_item(item, encoder, args.max_tokens, args.patch_size, args.min_tokens)
-        except BadImage as e:
-            reasons[e.reason] += 1
+    for item, vs, bad in _decoded(source, lo, hi, encoder.downsample, args):
+        bar.update(1)
+        if bad is not None:
+            reasons[bad.reason] += 1
             if args.verbose:
-                tqdm.write(f"skip {item.key}: {e}")
-            bar.update(1)
+                tqdm.write(f"skip {item.key}: {bad}")
             continue
+        fields = encode_variants(item, vs, encoder, args.patch_size)
         writer.write(encode_record(fields))
         t = dict(zip(fields["variants"], fields["tokens"].tolist(), strict=True))
         tokens.append([t.get(v, 0) for v in VARIANTS])
         written += 1
-        bar.update(1)
     writer.close()
     os.replace(tmp, final)
     stats = {
@@ -261,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="smaller images are skipped (reason too_small)",
     )
     p.add_argument("--records-per-shard", type=int, default=1024)
+    p.add_argument("--workers", type=int, default=4, help="threads decoding and resizing images")
     p.add_argument("--num-shards", type=int, help="overrides --records-per-shard")
     p.add_argument("--limit", type=int, help="only the first N images (smoke tests)")
     p.add_argument("--val-labels", help="labels file for a flat ImageNet val/ folder")

@@ -166,3 +166,16 @@ def test_latent_records_encode_each_flip_separately(tmp_path):
     flipped = np.asarray(vae.encode(px[None, :, ::-1]))[0]
     np.testing.assert_allclose(r["x_resize_1"], flipped, atol=1e-5)
     assert r["x_resize_0"].shape == (8, 8, 4) and r["size"].tolist() == [[4, 4]]
+
+
+def test_decode_threads_do_not_change_the_records(bad_tree, tmp_path):
+    import grain
+
+    outs = []
+    for workers in ("1", "3"):
+        out = str(tmp_path / f"w{workers}")
+        argv = ["--source", "folder", "--root", bad_tree, "--out", out, "--workers", workers]
+        prepare(_args(*argv, *PX, *HOST0))
+        src = grain.sources.ArrayRecordDataSource(PreparedDataset(out).shards)
+        outs.append([src[i] for i in range(len(src))])
+    assert outs[0] == outs[1] and len(outs[0]) == 8
