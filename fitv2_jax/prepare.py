@@ -22,7 +22,6 @@ import os
 import sys
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -57,19 +56,31 @@ def load_variants(item, max_tokens: int, patch_size: int, downsample: int, min_t
     return {name: np.asarray(v, np.uint8) for name, v in vs.items()}
 
 
-def encode_variants(item, vs: dict, encoder, patch_size: int) -> dict:
-    """Variants (H, W, 3) uint8 -> record fields, both flips of each encoded."""
+def encode_batch(items_vs: list, encoder, patch_size: int) -> list[dict]:
+    """[(item, variants)] -> record fields per item, both flips of every variant encoded.
+
+    Arrays of the same shape (across items, variants and flips) go through the encoder in one
+    call: a VAE on an accelerator wants batches, and ImageNet has a few dominant sizes.
+    """
     m = patch_size * encoder.downsample
-    fields: dict[str, Any] = {"label": int(item.label), "key": item.key, "variants": list(vs)}
-    sizes = []
-    for name, a in vs.items():
-        both = encoder.encode(np.stack([a, a[:, ::-1]]))  # flips do not commute with a VAE
-        for flip in (0, 1):
-            fields[array_name(name, flip)] = both[flip]
-        sizes.append((a.shape[0] // m, a.shape[1] // m))
-    fields["size"] = np.asarray(sizes, np.int32)
-    fields["tokens"] = np.asarray([h * w for h, w in sizes], np.int32)
-    return fields
+    groups: dict[tuple, list] = {}
+    for j, (_, vs) in enumerate(items_vs):
+        for name, a in vs.items():
+            groups.setdefault(a.shape, []).append((j, name, a))
+    out = [{} for _ in items_vs]
+    for members in groups.values():
+        # flips do not commute with a VAE: encode the flipped image, don't flip the latent
+        x = np.stack([f for _, _, a in members for f in (a, a[:, ::-1])])
+        z = encoder.encode(x)
+        for k, (j, name, _) in enumerate(members):
+            for flip in (0, 1):
+                out[j][array_name(name, flip)] = z[2 * k + flip]
+    for (item, vs), fields in zip(items_vs, out, strict=True):
+        sizes = [(a.shape[0] // m, a.shape[1] // m) for a in vs.values()]
+        fields.update(label=int(item.label), key=item.key, variants=list(vs))
+        fields["size"] = np.asarray(sizes, np.int32)
+        fields["tokens"] = np.asarray([h * w for h, w in sizes], np.int32)
+    return out
 
 
 def _decoded(source, lo: int, hi: int, downsample: int, args):
@@ -102,18 +113,29 @@ def _write_shard(source, lo: int, hi: int, stem: str, encoder, args, bar) -> dic
     writer = ArrayRecordWriter(tmp, "group_size:1")  # group 1: cheap random access
     reasons: Counter = Counter()
     tokens, written = [], 0
+    pending: list = []
+
+    def flush():
+        nonlocal written
+        for fields in encode_batch(pending, encoder, args.patch_size):
+            writer.write(encode_record(fields))
+            t = dict(zip(fields["variants"], fields["tokens"].tolist(), strict=True))
+            tokens.append([t.get(v, 0) for v in VARIANTS])
+            written += 1
+        bar.update(len(pending))
+        pending.clear()
+
     for item, vs, bad in _decoded(source, lo, hi, encoder.downsample, args):
-        bar.update(1)
         if bad is not None:
             reasons[bad.reason] += 1
+            bar.update(1)
             if args.verbose:
                 tqdm.write(f"skip {item.key}: {bad}")
             continue
-        fields = encode_variants(item, vs, encoder, args.patch_size)
-        writer.write(encode_record(fields))
-        t = dict(zip(fields["variants"], fields["tokens"].tolist(), strict=True))
-        tokens.append([t.get(v, 0) for v in VARIANTS])
-        written += 1
+        pending.append((item, vs))
+        if len(pending) >= args.encode_batch:
+            flush()
+    flush()
     writer.close()
     os.replace(tmp, final)
     stats = {
@@ -285,6 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--records-per-shard", type=int, default=1024)
     p.add_argument("--workers", type=int, default=4, help="threads decoding and resizing images")
+    p.add_argument(
+        "--encode-batch",
+        type=int,
+        default=32,
+        help="images gathered before encoding; same-size arrays share one VAE call",
+    )
     p.add_argument("--num-shards", type=int, help="overrides --records-per-shard")
     p.add_argument("--limit", type=int, help="only the first N images (smoke tests)")
     p.add_argument("--val-labels", help="labels file for a flat ImageNet val/ folder")

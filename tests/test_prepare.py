@@ -144,6 +144,7 @@ def test_cli_errors_name_the_flag_or_path(tmp_path, capsys, monkeypatch):
 
 
 def test_latent_records_encode_each_flip_separately(tmp_path):
+    import grain
     import jax
 
     from fitv2_jax.models.vae import random_vae
@@ -151,21 +152,24 @@ def test_latent_records_encode_each_flip_separately(tmp_path):
     vae = random_vae(jax.random.key(0))
     root = tmp_path / "imgs"
     rng = np.random.default_rng(1)
-    _img(str(root / "k" / "x.png"), rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    for name in ("x", "y"):  # same size: both images and both flips share one encoder call
+        _img(str(root / "k" / f"{name}.png"), rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
     out = str(tmp_path / "lat")
     args = _args("--source", "folder", "--root", str(root), "--out", out, "--max-tokens", "16")
     args.process_index, args.process_count, args.progress = 0, 1, False
     prepare(args, encoder=VaeEncoder(vae=vae))
-    import grain
-
     ds = PreparedDataset(out)
     assert ds.meta["encoder"]["kind"] == "latents" and ds.meta["encoder"]["downsample"] == 8
-    r = decode_record(grain.sources.ArrayRecordDataSource(ds.shards)[0])
-    px = np.asarray(Image.open(root / "k" / "x.png")).astype(np.float32) / 127.5 - 1
-    np.testing.assert_allclose(r["x_resize_0"], np.asarray(vae.encode(px[None]))[0], atol=1e-5)
-    flipped = np.asarray(vae.encode(px[None, :, ::-1]))[0]
-    np.testing.assert_allclose(r["x_resize_1"], flipped, atol=1e-5)
-    assert r["x_resize_0"].shape == (8, 8, 4) and r["size"].tolist() == [[4, 4]]
+    src = grain.sources.ArrayRecordDataSource(ds.shards)
+    for i, name in enumerate(("x", "y")):
+        r = decode_record(src[i])
+        px = np.asarray(Image.open(root / "k" / f"{name}.png")).astype(np.float32) / 127.5 - 1
+        # oracle: the VAE on this image alone, and on the flipped image (not a flipped latent)
+        one = np.asarray(vae.encode(np.stack([px, px[:, ::-1]])))
+        np.testing.assert_allclose(r["x_resize_0"], one[0], atol=1e-5)
+        np.testing.assert_allclose(r["x_resize_1"], one[1], atol=1e-5)
+        assert not np.allclose(r["x_resize_1"], r["x_resize_0"][:, ::-1], atol=1e-3)
+        assert r["x_resize_0"].shape == (8, 8, 4) and r["size"].tolist() == [[4, 4]]
 
 
 def test_decode_threads_do_not_change_the_records(bad_tree, tmp_path):
