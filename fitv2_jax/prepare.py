@@ -160,7 +160,7 @@ def _dataset_meta(args, encoder, source, num_shards: int) -> dict:
         "num_classes": source.num_classes,
         "class_names": list(source.class_names),
         "num_shards": {args.split: num_shards},
-        "source": {"kind": args.source, "root": args.root, "split": args.split},
+        "sources": {args.split: {"kind": args.source, "root": args.root}},
     }
 
 
@@ -183,6 +183,7 @@ def _merge_meta(path: str, meta: dict) -> None:
                 f"{meta['num_shards'][split]}: pass --num-shards {old_n} to resume."
             )
         old["num_shards"].update(meta["num_shards"])
+        old.setdefault("sources", {}).update(meta["sources"])
         meta = old
     write_json_atomic(path, meta)
 
