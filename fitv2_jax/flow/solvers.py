@@ -8,7 +8,8 @@ parameters). Keep the state in float32.
 
 Step counts follow the meaning of each method's own argument, which is not the official CLI's:
 - `euler` / `heun`: `num_steps` steps of size 1/num_steps. The official ODE sampler hands
-  torchdiffeq a grid `linspace(0, 1, K)`, i.e. K - 1 Euler steps: official K = ours K - 1.
+  torchdiffeq the grid `linspace(0, 1, K)` for `--num-sampling-steps K`, i.e. K - 1 steps: the
+  official K is our num_steps = K - 1.
 - `sde_euler_maruyama`: `num_steps` exactly as the official `--num-sampling-steps`: a grid of
   num_steps points on [0, 1 - last_step_size], num_steps - 1 stochastic steps and one final step.
 """
@@ -270,18 +271,18 @@ def sde_euler_maruyama(
     def drift(x, t):
         v = velocity_fn(x, t)
         d = _diffusion(t, diffusion_form, diffusion_norm).reshape(t.shape + (1,) * (x.ndim - 1))
-        return v + d.astype(x.dtype) * score_from_velocity(v, x, t), v
+        return v + d.astype(x.dtype) * score_from_velocity(v, x, t)
 
     def step(i, x):
         t = _times(x, ts[i])
         d = _diffusion(ts[i], diffusion_form, diffusion_norm)
         dw = jax.random.normal(keys[i], x.shape, x.dtype) * jnp.sqrt(dt)
-        return x + drift(x, t)[0] * dt + jnp.sqrt(2.0 * d) * dw
+        return x + drift(x, t) * dt + jnp.sqrt(2.0 * d) * dw
 
     x = jax.lax.fori_loop(0, num_steps - 1, step, x0)
     t = _times(x, t_end)
     if last_step == "Mean":
-        x = x + drift(x, t)[0] * last_step_size
+        x = x + drift(x, t) * last_step_size
     elif last_step == "Euler":
         x = x + velocity_fn(x, t) * last_step_size
     elif last_step == "Tweedie":
