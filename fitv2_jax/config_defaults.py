@@ -50,7 +50,59 @@ def fitv2_model(
     return ml_collections.ConfigDict(model)
 
 
+def train_defaults() -> ml_collections.ConfigDict:
+    """config.train: the official FiTv2 recipe (FITV2_FACTS.md §2) unless a config says otherwise."""
+    return ml_collections.ConfigDict(
+        dict(
+            total_steps=2_000_000,
+            learning_rate=1e-4,
+            lr_base_batch_size=256,  # lr scales by global_batch / this when scale_lr
+            scale_lr=False,
+            warmup_steps=50_000,  # official configs (the paper says 5000)
+            b1=0.9,
+            b2=0.999,
+            eps=1e-8,
+            weight_decay=0.0,
+            grad_clip_norm=1.0,
+            ema_decay=0.9999,
+            grad_accum_steps=1,  # microbatches per step (global batch is split, grads summed)
+            time_sampler="logit_normal",
+            time_mean=0.0,
+            time_std=1.0,
+            # high-resolution post-training
+            init_from="",  # official .safetensors/.bin or one of our workdirs/checkpoints
+            init_use_ema=True,  # when init_from is one of our checkpoints
+            trainable="all",  # "all" or "post_training" (x_embedder, biases, adaLN, final layer)
+            reinit_trainable=False,  # re-initialise the trainable subset (official post-training)
+            # checkpoints
+            checkpoint_every=4000,
+            keep_last=2,
+            keep_steps=(),  # milestones kept forever
+            async_checkpoint=True,
+            # observability
+            log_every=100,
+            sample_every=0,  # 0 = never; else sample grids every N steps
+            sample_sizes=((256, 256), (160, 320), (320, 320)),  # (height, width) in pixels
+            sample_steps=32,  # Euler steps for the periodic grids
+            sample_cfg_scale=1.5,
+            peak_flops_per_device=0.0,  # for MFU; 0 = measure a matmul peak at start-up
+        )
+    )
+
+
+def mesh_defaults() -> ml_collections.ConfigDict:
+    """config.mesh: (data, fsdp, tensor) sizes per slice (ici) and across slices (dcn)."""
+    return ml_collections.ConfigDict(dict(ici=(1, -1, 1), dcn=(1, 1, 1)))
+
+
 def base_config() -> ml_collections.ConfigDict:
+    from fitv2_jax.data.pipeline import default_config as data_defaults
+
     config = ml_collections.ConfigDict()
+    config.seed = 0
     config.model = fitv2_model(1152, 36, 16)
+    config.data = data_defaults()
+    config.train = train_defaults()
+    config.mesh = mesh_defaults()
+    config.vae_path = ""  # SD VAE (diffusers dir or file) for latent configs: decoding samples
     return config
