@@ -104,5 +104,6 @@ def base_config() -> ml_collections.ConfigDict:
     config.data = data_defaults()
     config.train = train_defaults()
     config.mesh = mesh_defaults()
+    config.latent = True  # tokens are SD-VAE latents (False: pixel-space tokens in [-1, 1])
     config.vae_path = ""  # SD VAE (diffusers dir or file) for latent configs: decoding samples
     return config
