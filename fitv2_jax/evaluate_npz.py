@@ -110,34 +110,46 @@ def extract_features(model, images: NpzImages, batch_size: int, desc: str) -> di
     }
 
 
-def _statistics(path: str, role: str, model, batch_size: int) -> dict:
-    """Everything one file contributes: pool features, (mu, sigma), (mu_s, sigma_s), logits."""
-    from fitv2_jax.eval.metrics import feature_statistics, read_reference
+def check_archive(path: str, role: str) -> NpzImages | None:
+    """Validate one input before any work: its images (returned) or, for a reference, its
+    precomputed statistics and `pool` features. Errors name the file and the key."""
+    from fitv2_jax.eval.metrics import read_reference
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: {role} file not found")
     if not zipfile.is_zipfile(path):
         raise ValueError(f"{path}: {role} is not an .npz archive (expected np.savez output)")
     keys = npz_keys(path)
-    pre = read_reference(path)
+    pre = read_reference(path)  # checks mu/sigma/mu_s/sigma_s when present
     if IMAGES_KEY in keys:
-        images = NpzImages(path)
+        return NpzImages(path)
+    if role == "reference" and "pool" in pre and "mu" in pre:
+        return None
+    need = "'arr_0' (images), or 'pool' features with 'mu', 'sigma', 'mu_s', 'sigma_s'"
+    raise KeyError(
+        f"{path}: no {need if role == 'reference' else repr(IMAGES_KEY)} in the {role} "
+        f"archive (it has {sorted(keys)})"
+    )
+
+
+def _statistics(path: str, role: str, model, batch_size: int) -> dict:
+    """Everything one file contributes: pool features, (mu, sigma), (mu_s, sigma_s), logits."""
+    from fitv2_jax.eval.metrics import feature_statistics, read_reference
+
+    images = check_archive(path, role)
+    pre = read_reference(path)
+    if images is not None:
         print(f"computing {role} batch activations ({len(images)} images {images.shape[1:3]})...")
         feats = extract_features(model, images, batch_size, role)
-    elif role == "reference" and "pool" in pre:
-        feats = {"pool": pre["pool"], "spatial_stats": None, "logits": None}
     else:
-        need = "'arr_0' (images) or 'pool' (features)" if role == "reference" else "'arr_0'"
-        raise KeyError(f"{path}: no {need} in the {role} archive (it has {sorted(keys)})")
+        feats = {"pool": pre["pool"], "spatial_stats": None, "logits": None}
     print(f"computing/reading {role} batch statistics...")
     if "mu" in pre:
         stats, spatial_stats = (pre["mu"], pre["sigma"]), (pre["mu_s"], pre["sigma_s"])
         source = "precomputed"
-    elif feats["spatial_stats"] is not None:
+    else:
         stats, spatial_stats = feature_statistics(feats["pool"]), feats["spatial_stats"]
         source = "computed"
-    else:
-        raise KeyError(f"{path}: 'pool' features without 'mu', 'sigma', 'mu_s', 'sigma_s'")
     return {
         "pool": feats["pool"],
         "stats": stats,
@@ -162,9 +174,8 @@ def evaluate(
     from fitv2_jax.eval.inception import load_inception
 
     # Fail on a bad archive before spending time on the other one.
-    for path in (ref_path, sample_path):
-        if os.path.isfile(path) and zipfile.is_zipfile(path) and IMAGES_KEY in npz_keys(path):
-            NpzImages(path)
+    check_archive(ref_path, "reference")
+    check_archive(sample_path, "sample")
     model = load_inception(weights, batch_size=batch_size)
     ref = _statistics(ref_path, "reference", model, batch_size)
     sample = _statistics(sample_path, "sample", model, batch_size)

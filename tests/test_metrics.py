@@ -1,0 +1,180 @@
+"""ADM's metrics against analytic answers, hand-computed point clouds and numpy/scipy oracles."""
+
+import numpy as np
+import pytest
+from scipy.spatial.distance import cdist
+
+from fitv2_jax.eval.metrics import (
+    RunningStatistics,
+    feature_statistics,
+    fid,
+    inception_score,
+    manifold_radii,
+    pairwise_sq_distances,
+    precision_recall,
+    read_reference,
+    write_statistics,
+)
+
+
+def test_running_statistics_equal_numpy_cov_on_the_concatenation():
+    rng = np.random.default_rng(0)
+    # A large common offset: a naive sum-of-squares update would lose digits here.
+    x = rng.standard_normal((103, 6)).astype(np.float32) * 3 + 1e3
+    acc = RunningStatistics(6)
+    for a, b in ((0, 1), (1, 40), (40, 40), (40, 103)):
+        acc.update(x[a:b])
+    mu, sigma = acc.result()
+    np.testing.assert_allclose(mu, x.astype(np.float64).mean(0), rtol=1e-12)
+    np.testing.assert_allclose(sigma, np.cov(x.astype(np.float64), rowvar=False), rtol=1e-9)
+    mu2, sigma2 = feature_statistics(x)
+    assert mu2.dtype == sigma2.dtype == np.float64
+    np.testing.assert_allclose(sigma2, np.cov(x.astype(np.float64), rowvar=False), rtol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["sqrtm", "eigh"])
+def test_fid_of_a_set_with_itself_is_zero(method):
+    rng = np.random.default_rng(1)
+    feats = rng.standard_normal((40, 24)) @ rng.standard_normal((24, 24))
+    mu, sigma = feature_statistics(feats)
+    assert abs(fid(mu, sigma, mu, sigma, method=method)) < 1e-8 * np.trace(sigma)
+
+
+@pytest.mark.parametrize("method", ["sqrtm", "eigh"])
+def test_fid_of_gaussians_equals_closed_form(method):
+    rng = np.random.default_rng(2)
+    d = 32
+    mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
+    # sigma1 = c I against any SPD sigma2: FID = |mu1 - mu2|^2 + sum_i (sqrt(c) - sqrt(l_i))^2.
+    c = 2.5
+    a = rng.standard_normal((d, d))
+    sigma2 = a @ a.T / d + 0.1 * np.eye(d)
+    lam = np.linalg.eigvalsh(sigma2)
+    want = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(c) - np.sqrt(lam)) ** 2)
+    got = fid(mu1, c * np.eye(d), mu2, sigma2, method=method)
+    np.testing.assert_allclose(got, want, rtol=1e-9)
+    # Diagonal pair: sum (sqrt(a_i) - sqrt(b_i))^2.
+    da, db = rng.uniform(0.1, 2, d), rng.uniform(0.1, 2, d)
+    want = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(da) - np.sqrt(db)) ** 2)
+    np.testing.assert_allclose(fid(mu1, np.diag(da), mu2, np.diag(db), method=method), want)
+
+
+def test_fid_from_samples_approaches_closed_form():
+    rng = np.random.default_rng(3)
+    n, d = 200_000, 3
+    x = rng.standard_normal((n, d)) * np.sqrt([1.0, 2.0, 0.5]) + [1, 0, 0]
+    y = rng.standard_normal((n, d)) * np.sqrt([4.0, 2.0, 0.5])
+    want = 1 + (1 - 2) ** 2  # mean shift 1 on axis 0, sqrt(1) vs sqrt(4) on axis 0
+    got = fid(*feature_statistics(x), *feature_statistics(y))
+    assert abs(got - want) < 0.03
+
+
+def test_fid_sqrtm_and_eigh_agree_on_rank_deficient_covariances():
+    # Fewer samples than dimensions, as with small evaluation sets: a singular product.
+    rng = np.random.default_rng(4)
+    x, y = rng.standard_normal((20, 64)), rng.standard_normal((25, 64)) + 0.3
+    stats = (*feature_statistics(x), *feature_statistics(y))
+    np.testing.assert_allclose(fid(*stats, method="sqrtm"), fid(*stats, method="eigh"), rtol=1e-5)
+
+
+def test_fid_rejects_mismatched_statistics():
+    with pytest.raises(ValueError, match="do not match"):
+        fid(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+
+
+def test_inception_score_of_one_hot_predictions_is_the_class_count():
+    k = 5
+    labels = np.arange(50) % k
+    logits = 60.0 * np.eye(k)[labels]  # softmax is one-hot to float64 precision
+    assert inception_score(logits, splits=10) == pytest.approx(k, rel=1e-9)
+    assert inception_score(logits, split_size=25) == pytest.approx(k, rel=1e-9)
+    # All samples of one class: IS 1; uniform predictions: IS 1.
+    assert inception_score(60.0 * np.eye(k)[np.zeros(50, int)], splits=2) == pytest.approx(1.0)
+    assert inception_score(np.zeros((50, 1008)), splits=10) == pytest.approx(1.0)
+    # Exact zeros in p (huge logits) count as 0, never nan.
+    assert inception_score(1e4 * np.eye(k)[labels], splits=1) == pytest.approx(k)
+
+
+def test_inception_score_uses_consecutive_splits_like_adm():
+    # First 5 samples all class 0, next 5 all class 1: each split of 5 scores 1; one split of
+    # 10 scores 2.
+    logits = 60.0 * np.eye(2)[np.repeat([0, 1], 5)]
+    assert inception_score(logits, split_size=5) == pytest.approx(1.0)
+    assert inception_score(logits, split_size=10) == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("fp16", [True, False])
+def test_pairwise_distances_match_scipy(fp16):
+    rng = np.random.default_rng(5)
+    u, v = rng.standard_normal((7, 40)), rng.standard_normal((9, 40))
+    want = cdist(u, v, "sqeuclidean")
+    got = pairwise_sq_distances(u, v, fp16=fp16)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=5e-3 if fp16 else 1e-5, atol=0.1 if fp16 else 1e-4)
+
+
+def test_pairwise_distances_fall_back_to_float32_on_fp16_overflow():
+    rng = np.random.default_rng(6)
+    u, v = rng.uniform(200, 300, (4, 64)), rng.uniform(200, 300, (5, 64))  # |u|^2 >> 65504
+    np.testing.assert_allclose(
+        pairwise_sq_distances(u, v, fp16=True), cdist(u, v, "sqeuclidean"), rtol=1e-4
+    )
+
+
+def _line(xs):
+    return np.stack([np.asarray(xs, float), np.zeros(len(xs)), np.zeros(len(xs))], axis=1)
+
+
+@pytest.mark.parametrize("fp16", [True, False])
+@pytest.mark.parametrize("batch_size", [2, 10000])
+def test_precision_recall_on_hand_computed_point_clouds(fp16, batch_size):
+    real = _line([0, 1, 2, 3, 4])
+    fake = _line([2.5, 2.6, 2.7, 2.8, 50])
+    # Squared 3-NN radii (self counts as the 0th): real 9, 4, 4, 4, 9; fake .09, .04, .04, .09,
+    # 47.4^2 = 2246.76.
+    np.testing.assert_allclose(manifold_radii(real, 3, batch_size, fp16), [9, 4, 4, 4, 9])
+    # (float16 distances, as ADM's, lose digits to |u|^2 - 2uv + |v|^2 cancellation.)
+    np.testing.assert_allclose(
+        manifold_radii(fake, 3, batch_size, fp16),
+        [0.09, 0.04, 0.04, 0.09, 2246.76],
+        rtol=2e-3 if not fp16 else 1e-3,
+        atol=1e-5 if not fp16 else 0.01,
+    )
+    # Precision: 2.5..2.8 lie within 2's ball (radius^2 4); 50 is outside every real ball: 4/5.
+    # Recall: 3 lies in 2.8's ball (0.04 <= 0.09), 3 and 4 in 50's (47^2, 46^2 <= 2246.76), while
+    # 0, 1, 2 are in none: 2/5.
+    p, r = precision_recall(real, fake, k=3, batch_size=batch_size, fp16=fp16)
+    assert (p, r) == (0.8, 0.4)
+
+
+def test_precision_recall_of_a_set_with_itself_is_one():
+    feats = np.random.default_rng(7).standard_normal((30, 64)).astype(np.float32)
+    assert precision_recall(feats, feats) == (1.0, 1.0)
+
+
+def test_precision_recall_needs_more_than_k_samples():
+    with pytest.raises(ValueError, match="more than 3"):
+        precision_recall(np.zeros((3, 4)), np.zeros((10, 4)))
+
+
+def test_statistics_files_round_trip_and_reject_partial_ones(tmp_path):
+    rng = np.random.default_rng(8)
+    pool, spatial = rng.standard_normal((10, 6)), rng.standard_normal((10, 4))
+    mu, sigma = feature_statistics(pool)
+    mu_s, sigma_s = feature_statistics(spatial)
+    path = write_statistics(
+        str(tmp_path / "ref.npz"), mu, sigma, mu_s, sigma_s, pool=pool, resolution="256x256"
+    )
+    got = read_reference(path)
+    for k, v in (("mu", mu), ("sigma", sigma), ("mu_s", mu_s), ("sigma_s", sigma_s)):
+        np.testing.assert_array_equal(got[k], v)
+    np.testing.assert_allclose(got["pool"], pool, rtol=1e-6)
+    with np.load(path) as f:  # ADM's evaluator reads exactly these keys
+        assert {"mu", "sigma", "mu_s", "sigma_s"} <= set(f.files)
+        assert str(f["resolution"]) == "256x256"
+    np.savez(tmp_path / "partial.npz", mu=mu, sigma=sigma)
+    with pytest.raises(ValueError, match=r"partial\.npz.*mu_s"):
+        read_reference(str(tmp_path / "partial.npz"))
+    np.savez(tmp_path / "badshape.npz", mu=mu, sigma=sigma[:3], mu_s=mu_s, sigma_s=sigma_s)
+    with pytest.raises(ValueError, match="'sigma'"):
+        read_reference(str(tmp_path / "badshape.npz"))
