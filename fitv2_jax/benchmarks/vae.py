@@ -54,13 +54,7 @@ def main(argv: list[str]) -> None:
     if args.batch < 1 or args.repeats < 1:
         parser.error("--batch and --repeats must be >= 1")
 
-    vae = vae_lib.random_vae(
-        jax.random.key(0),
-        block_out_channels=(128, 256, 512, 512),
-        norm_num_groups=32,
-        layers_per_block=2,
-        dtype=jnp.dtype(args.dtype),
-    )
+    vae = vae_lib.random_vae(jax.random.key(0), **vae_lib.KL_F8, dtype=jnp.dtype(args.dtype))
     # Whole batch in one call, no tiling: the timing is of the network, not of the chunk loop.
     vae = vae.with_options(max_pixels=args.batch * args.size**2, tile=None)
     rng = np.random.default_rng(0)

@@ -35,6 +35,8 @@ DEFAULT_MAX_PIXELS = 8 * 256 * 256
 # still decodes exactly in one piece within ~3 GiB); tiles are this size with `DEFAULT_OVERLAP`.
 DEFAULT_TILE = 128
 DEFAULT_OVERLAP = 16
+# The SD kl-f8 sizes (the AutoencoderKL defaults), e.g. `random_vae(key, **KL_F8)`.
+KL_F8 = dict(block_out_channels=(128, 256, 512, 512), norm_num_groups=32, layers_per_block=2)
 
 
 class ResnetBlock(nn.Module):
@@ -114,7 +116,9 @@ def _chunked_attention(q, k, v, chunk: int, precision=None):
     """
 
     def attend(qc):
-        s = jnp.einsum("bqc,bkc->bqk", qc, k, precision=precision).astype(jnp.float32)
+        s = jnp.einsum(
+            "bqc,bkc->bqk", qc, k, precision=precision, preferred_element_type=jnp.float32
+        )
         p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
         return jnp.einsum("bqk,bkc->bqc", p, v, precision=precision)
 
@@ -553,7 +557,7 @@ def random_vae(
     """A VAE with random weights (small by default) for tests and the CPU demo.
 
     Every tensor, norms included, is random (a VAE built from init alone would have unit
-    GroupNorm scales and zero biases). Pass the kl-f8 defaults to get the real sizes.
+    GroupNorm scales and zero biases). `random_vae(key, **KL_F8)` has the real SD sizes.
     """
     module = AutoencoderKL(
         block_out_channels=tuple(block_out_channels),

@@ -159,6 +159,9 @@ def read_checkpoint(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
             raise FileNotFoundError(f"{path}: a diffusers VAE directory needs config.json")
         with open(cfg_file) as f:
             config = json.load(f)
+        cls = config.get("_class_name", "AutoencoderKL")
+        if cls != "AutoencoderKL":
+            raise ValueError(f"{cfg_file}: _class_name is {cls!r}, only AutoencoderKL is supported")
         for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"):
             if os.path.isfile(os.path.join(path, name)):
                 weights = os.path.join(path, name)
