@@ -133,11 +133,12 @@ def test_posterior_sample(small):
     x = photo(256, 256, 3)
     with torch.no_grad():
         post = m.encode(t_nchw(x)).latent_dist
-        mean_t, std_t = np_nhwc(post.mean), np_nhwc(post.std)
+        mean_t, std_t, logvar_t = np_nhwc(post.mean), np_nhwc(post.std), np_nhwc(post.logvar)
     vae = load_vae(d, **OPTS, max_pixels=2 * 256 * 256)
+    assert_close(vae.moments(x)[1], logvar_t)
     s = np.asarray(vae.encode(x, jax.random.key(3)))
-    eps = (s / SCALE - mean_t) / std_t  # must be standard normal noise
-    assert abs(eps.mean()) < 0.05 and abs(eps.std() - 1) < 0.05
+    eps = (s / SCALE - mean_t) / std_t  # must be standard normal noise (12288 draws)
+    assert abs(eps.mean()) < 0.03 and abs(eps.std() - 1) < 0.03
 
 
 def to_compvis(state, n_levels):
