@@ -163,7 +163,7 @@ def _statistics(path: str, role: str, model, batch_size: int) -> dict:
 def evaluate(
     ref_path: str,
     sample_path: str,
-    batch_size: int = 64,
+    batch_size: int = 32,
     weights: str | None = None,
     k: int = 3,
     fp16_distances: bool = True,
@@ -242,7 +242,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("ref", help="reference batch .npz (ADM's VIRTUAL_*.npz or our statistics file)")
     p.add_argument("samples", help="sample batch .npz (arr_0: uint8 N x H x W x 3)")
-    p.add_argument("--batch_size", type=int, default=64, help="images per Inception batch")
+    p.add_argument("--batch_size", type=int, default=32, help="images per Inception batch")
     p.add_argument(
         "--json", default=None, help="where to write the results (default: SAMPLES.eval.json)"
     )

@@ -463,6 +463,10 @@ class Inception:
         images = np.asarray(images)
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"Inception expects images (B, H, W, 3), got shape {images.shape}")
+        if images.shape[0] == 0:
+            dims = {"pool": POOL_DIM, "spatial": SPATIAL_DIM, "logits": NUM_LOGITS}
+            out = {k: np.zeros((0, d), np.float32) for k, d in dims.items()}
+            return out if self.has_logits else {**out, "logits": None}
         chunks = [
             self._run(images[i : i + self.batch_size])
             for i in range(0, images.shape[0], self.batch_size)

@@ -157,29 +157,32 @@ def _sq_norms(x):
     return np.einsum("ij,ij->i", x, x)
 
 
+def _round16(x: np.ndarray) -> np.ndarray:
+    """Round float32 values to the nearest float16 (kept in float32: fast vectorised casts)."""
+    return x.astype(np.float16).astype(np.float32)
+
+
 def pairwise_sq_distances(u: np.ndarray, v: np.ndarray, fp16: bool = True) -> np.ndarray:
     """Squared distances (Nu, Nv) float32 as ADM's DistanceBlock: |u|^2 - 2 u.v + |v|^2, >= 0.
 
-    ADM computes this in float16 (inputs, norms and products rounded to float16, sums
-    accumulated wider) and falls back to float32 when anything overflows; fp16=True emulates it.
+    ADM computes this in float16 and falls back to float32 when anything overflows; fp16=True
+    emulates it: inputs, norms, products and each sum are rounded to float16 (the arithmetic
+    itself runs in float32, which float16 numpy arithmetic would only make slower).
     """
     u32, v32 = np.asarray(u, np.float32), np.asarray(v, np.float32)
     if fp16:
         with np.errstate(over="ignore", invalid="ignore"):  # overflow -> float32 below
-            uf = u32.astype(np.float16).astype(np.float32)
-            vf = v32.astype(np.float16).astype(np.float32)
-            nu = _sq_norms(uf).astype(np.float16)[:, None]
-            nv = _sq_norms(vf).astype(np.float16)[None, :]
-            dot = (uf @ vf.T).astype(np.float16)
-            d = np.maximum(nu - np.float16(2) * dot + nv, np.float16(0))
+            uf, vf = _round16(u32), _round16(v32)
+            d = _round16(_round16(_sq_norms(uf))[:, None] - 2 * _round16(uf @ vf.T))
+            d = np.maximum(_round16(d + _round16(_sq_norms(vf))[None, :]), 0.0)
         if np.isfinite(d).all():
-            return d.astype(np.float32)
+            return d
     d = _sq_norms(u32)[:, None] - 2 * (u32 @ v32.T) + _sq_norms(v32)[None, :]
     return np.maximum(d, 0.0).astype(np.float32)
 
 
 def manifold_radii(
-    features: np.ndarray, k: int = 3, batch_size: int = 10000, fp16: bool = True
+    features: np.ndarray, k: int = 3, batch_size: int = 5000, fp16: bool = True
 ) -> np.ndarray:
     """(N,) squared distance from each point to its k-th nearest neighbour (itself is the 0th)."""
     n = len(features)
@@ -201,13 +204,14 @@ def manifold_radii(
 
 
 def precision_recall(
-    real: np.ndarray, fake: np.ndarray, k: int = 3, batch_size: int = 10000, fp16: bool = True
+    real: np.ndarray, fake: np.ndarray, k: int = 3, batch_size: int = 5000, fp16: bool = True
 ) -> tuple[float, float]:
     """Improved precision and recall (Kynkaanniemi et al. 2019) as ADM computes them.
 
     real: (N1, D) reference features, fake: (N2, D) sample features. Precision is the share of
     samples inside some real point's k-NN ball; recall the share of real points inside some
-    sample's k-NN ball (squared distances, ball boundary included).
+    sample's k-NN ball (squared distances, ball boundary included). Distances are computed in
+    (batch_size x N) blocks, so memory is O(batch_size * N), not O(N^2).
     """
     real_radii = manifold_radii(real, k, batch_size, fp16)
     fake_radii = manifold_radii(fake, k, batch_size, fp16)

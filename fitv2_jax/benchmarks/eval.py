@@ -1,0 +1,116 @@
+"""Evaluation timings: FID Inception throughput, FID cost, evaluate_npz peak memory.
+
+    python -m fitv2_jax.bench --suite eval                       # Inception images/s at 256x256
+    python -m fitv2_jax.bench --suite eval --rss 200,2000        # + peak RSS of evaluate_npz
+
+Inception: images/s at the given input size and batch size (resize included), median of
+`--repeats` timed calls after one compile call. FID: seconds for one 2048-d FID by ADM's sqrtm
+and by the eigh route. RSS: each count runs `python -m fitv2_jax.evaluate_npz` in a fresh
+process on random uint8 samples at `--rss_size` (the same file as reference and samples) and
+reports its peak resident set (ru_maxrss), so streaming can be checked: 2000 samples should
+not need more memory than 200.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+
+import numpy as np
+
+
+def _inception(args) -> None:
+    from fitv2_jax.eval.inception import load_inception
+
+    h, w = (int(v) for v in args.size.split("x"))
+    model = load_inception(batch_size=args.batch_size)
+    images = np.random.default_rng(0).integers(0, 256, (args.batch_size, h, w, 3), np.uint8)
+    model(images)  # compile
+    times = []
+    for _ in range(args.repeats):
+        t = time.perf_counter()
+        model(images)
+        times.append(time.perf_counter() - t)
+    med = statistics.median(times)
+    print(
+        f"inception {h}x{w} batch={args.batch_size}: {args.batch_size / med:.2f} images/s "
+        f"(median of {args.repeats}: {med:.3f} s per batch)"
+    )
+
+
+def _fid(args) -> None:
+    from fitv2_jax.eval.metrics import feature_statistics, fid
+
+    rng = np.random.default_rng(0)
+    # Full-rank 2048-d statistics, as from a real 10K-50K sample set.
+    a = rng.standard_normal((4096, 2048))
+    stats = (*feature_statistics(a[:2048] @ np.diag(rng.uniform(0.5, 1, 2048))),)
+    stats += feature_statistics(a[2048:])
+    for method in ("sqrtm", "eigh"):
+        times = []
+        for _ in range(args.fid_repeats):
+            t = time.perf_counter()
+            value = fid(*stats, method=method)
+            times.append(time.perf_counter() - t)
+        print(f"fid 2048-d method={method}: {statistics.median(times):.2f} s (value {value:.6f})")
+
+
+def _rss(args) -> None:
+    h, w = (int(v) for v in args.rss_size.split("x"))
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in (int(v) for v in args.rss.split(",")):
+            path = os.path.join(tmp, f"s{n}.npz")
+            rng = np.random.default_rng(n)
+            # Written in chunks so this process does not hold the whole array either.
+            arr = np.lib.format.open_memmap(path + ".npy", "w+", np.uint8, (n, h, w, 3))
+            for i in range(0, n, 100):
+                arr[i : i + 100] = rng.integers(0, 256, arr[i : i + 100].shape, np.uint8)
+            arr.flush()
+            del arr
+            with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+                zf.write(path + ".npy", "arr_0.npy")
+            os.remove(path + ".npy")
+            cmd = [sys.executable, "-m", "fitv2_jax.evaluate_npz", path, path]
+            cmd += ["--batch_size", str(args.batch_size), "--fid_method", "eigh"]
+            cmd += ["--json", os.path.join(tmp, f"s{n}.json")]
+            t = time.perf_counter()
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            # wait4 gives this child's own peak (RUSAGE_CHILDREN would be a max over all runs).
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            if proc.returncode:
+                raise SystemExit(f"{' '.join(cmd)} failed with exit code {proc.returncode}")
+            wall = time.perf_counter() - t
+            print(
+                f"evaluate_npz {n} samples {h}x{w} (as reference and samples), batch "
+                f"{args.batch_size}: peak RSS {usage.ru_maxrss / 1024:.0f} MiB, {wall:.0f} s; "
+                f"the arr_0 array is {n * h * w * 3 / 2**20:.0f} MiB",
+                flush=True,
+            )
+            os.remove(path)
+
+
+def main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="python -m fitv2_jax.bench --suite eval", description=__doc__)
+    p.add_argument("--size", default="256x256", help="Inception input HxW")
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--fid_repeats", type=int, default=1, help="0 skips the FID timing")
+    p.add_argument(
+        "--rss",
+        default="",
+        help="comma-separated sample counts for the peak-RSS runs, e.g. 200,2000",
+    )
+    p.add_argument("--rss_size", default="512x512", help="HxW of the peak-RSS samples")
+    args = p.parse_args(argv)
+    _inception(args)
+    if args.fid_repeats:
+        _fid(args)
+    if args.rss:
+        _rss(args)
