@@ -21,7 +21,7 @@ from fitv2_jax.models import vae as vae_lib
 
 
 def _median_rate(fn, x, batch: int, repeats: int, desc: str) -> tuple[float, list[float]]:
-    jax.block_until_ready(fn(x))  # compile + warm up
+    jax.block_until_ready(fn(x))  # compile + warm up (torch tensors pass through untouched)
     times = []
     for _ in tqdm(range(repeats), desc=desc, leave=False):
         t0 = time.perf_counter()
@@ -33,6 +33,39 @@ def _median_rate(fn, x, batch: int, repeats: int, desc: str) -> tuple[float, lis
 def _compiled_temp_gib(fn, module, params, shape) -> float:
     compiled = fn.lower(module, params, jax.ShapeDtypeStruct(shape, jnp.float32)).compile()
     return compiled.memory_analysis().temp_size_in_bytes / 2**30
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _torch_rates(images: np.ndarray, latents: np.ndarray, repeats: int) -> tuple[float, float]:
+    """images/s of diffusers' AutoencoderKL (SD config, float32, CPU) on the same inputs."""
+    try:
+        import diffusers
+        import torch
+    except ImportError as e:
+        raise SystemExit(f"--torch needs torch and diffusers installed ({e})") from e
+    n = 4
+    model = diffusers.AutoencoderKL(
+        block_out_channels=vae_lib.KL_F8["block_out_channels"],
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        layers_per_block=vae_lib.KL_F8["layers_per_block"],
+        norm_num_groups=vae_lib.KL_F8["norm_num_groups"],
+        latent_channels=4,
+    ).eval()
+    x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+    z = torch.from_numpy(latents.transpose(0, 3, 1, 2).copy())
+    batch = images.shape[0]
+    with torch.no_grad():
+        enc, _ = _median_rate(
+            lambda a: model.encode(a).latent_dist.mean, x, batch, repeats, "torch encode"
+        )
+        dec, _ = _median_rate(lambda a: model.decode(a).sample, z, batch, repeats, "torch decode")
+    return enc, dec
 
 
 def main(argv: list[str]) -> None:
@@ -47,6 +80,11 @@ def main(argv: list[str]) -> None:
         "--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype"
     )
     parser.add_argument("--memory", action="store_true", help="also report compiled memory")
+    parser.add_argument(
+        "--torch",
+        action="store_true",
+        help="also time diffusers' PyTorch AutoencoderKL in this process (needs torch+diffusers)",
+    )
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     if args.size % 8 or args.size <= 0:
@@ -71,6 +109,13 @@ def main(argv: list[str]) -> None:
         f"{args.repeats}: encode {enc:.3f} img/s, decode {dec:.3f} img/s "
         f"(decode/encode time ratio {enc / dec:.2f})"
     )
+    if args.torch:
+        t_enc, t_dec = _torch_rates(np.asarray(images), np.asarray(latents), args.repeats)
+        res.update(torch_encode_images_per_s=t_enc, torch_decode_images_per_s=t_dec)
+        print(
+            f"diffusers torch {torch_threads()} threads: encode {t_enc:.3f} img/s, decode "
+            f"{t_dec:.3f} img/s; jax/torch: encode {enc / t_enc:.2f}x, decode {dec / t_dec:.2f}x"
+        )
     if args.memory:
         m, p = vae.module, vae.params
         chunk = vae_lib.DEFAULT_MAX_PIXELS // 256**2
