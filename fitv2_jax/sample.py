@@ -100,23 +100,35 @@ def load_run_config(path: str, overrides: list[str]):
         raise SystemExit(f"error: --config {path}: {e.args[0] if e.args else e}") from e
 
 
+def random_params(model_cfg, seed: int = 0) -> dict:
+    """Random weights drawn with numpy (no compile): kernels N(0, 1/fan_in), every other
+    tensor N(0, 0.02^2) (norm scales 1 + that). Unlike the training init nothing is zero, so
+    samples of a random model are not just their starting noise."""
+    import math
+
+    import jax
+
+    from fitv2_jax.models.convert import abstract_params
+
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        names = [str(getattr(k, "key", k)) for k in path]
+        noise = rng.standard_normal(leaf.shape, dtype=np.float32)
+        if names[-1] == "kernel":
+            shape = leaf.shape[1:] if names[0] == "blocks" else leaf.shape  # scanned layer axis
+            # the attention output kernel is (heads, head_dim, D); the others (D_in, ...)
+            fan_in = math.prod(shape[:-1]) if names[-2] == "proj" else shape[0]
+            return noise / math.sqrt(fan_in)
+        return (1.0 if names[-1] == "scale" else 0.0) + 0.02 * noise
+
+    return jax.tree_util.tree_map_with_path(draw, abstract_params(model_cfg))
+
+
 def load_params(config, checkpoint: str | None, random_init: bool, use_ema: bool, seed: int):
     """Params from --checkpoint (any format `load_inference_params` reads) or a random init."""
     if random_init:
-        import flax.linen as nn
-        import jax
-
-        from fitv2_jax.data.tokens import make_grid
-        from fitv2_jax.models.fit import FiT
-
-        model = FiT(**config.model)
-        n, d = 4, model.patch_size**2 * model.in_channels
-        inputs = (
-            np.zeros((1, n, d), np.float32), np.zeros(1, np.float32), np.zeros(1, np.int32),
-            make_grid(2, 2)[None], np.ones((1, n), np.float32), np.full((1, 2), 2, np.int32),
-        )  # fmt: skip
-        variables = jax.jit(model.init)(jax.random.key(seed), *inputs)
-        return jax.tree.map(np.asarray, nn.unbox(variables["params"]))
+        return random_params(config.model, seed)
     from fitv2_jax.training.checkpoint import load_inference_params
 
     return load_inference_params(checkpoint, config.model, use_ema=use_ema)

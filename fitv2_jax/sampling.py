@@ -389,11 +389,10 @@ class Sampler:
         model = model_for_size(self.model_cfg, h, w, resolve_rule(rule, self.model_cfg, h, w))
         p, c = model.patch_size, model.in_channels
         noise_key, sde_key = jax.random.split(key)
-        with self.mesh:
-            x0 = jax.device_put(initial_noise(noise_key, ids, h * w, p * p * c), self._batch(3))
-            y = jax.device_put(jnp.asarray(labels, jnp.int32), self._batch(1))
-            sde_key = jax.random.fold_in(sde_key, int(ids[0]))  # SDE noise per batch
-            tokens, nfe = generate(model, self.params, sde_key, y, h, w, x0=x0, **opts)
+        x0 = jax.device_put(initial_noise(noise_key, ids, h * w, p * p * c), self._batch(3))
+        y = jax.device_put(jnp.asarray(labels, jnp.int32), self._batch(1))
+        sde_key = jax.random.fold_in(sde_key, int(ids[0]))  # SDE noise per batch
+        tokens, nfe = generate(model, self.params, sde_key, y, h, w, x0=x0, **opts)
         return tokens[:n], int(nfe)
 
     def images(self, h, w, ids, labels, key, **kw):
