@@ -174,8 +174,13 @@ def evaluate(
     from fitv2_jax.eval.inception import load_inception
 
     # Fail on a bad archive before spending time on the other one.
-    check_archive(ref_path, "reference")
-    check_archive(sample_path, "sample")
+    for path, role in ((ref_path, "reference"), (sample_path, "sample")):
+        images = check_archive(path, role)
+        if images is not None and len(images) <= k:
+            raise ValueError(
+                f"{path}: {len(images)} {role} images; precision/recall with --k {k} need at "
+                f"least {k + 1} (and FID needs thousands to mean much)"
+            )
     model = load_inception(weights, batch_size=batch_size)
     ref = _statistics(ref_path, "reference", model, batch_size)
     sample = _statistics(sample_path, "sample", model, batch_size)

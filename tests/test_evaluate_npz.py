@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from skimage import data
-from test_inception import _reference_resize
+from test_inception import _reference_resize, _TorchvisionFIDInception
 
 from fitv2_jax import evaluate_npz
 from fitv2_jax.eval.inception import default_weights_path
@@ -114,6 +114,31 @@ def test_fid_equals_independent_computation_on_torch_features(photos, capsys):
     np.testing.assert_allclose([r2["precision"], r2["recall"]], [r["precision"], r["recall"]])
 
 
+def test_inception_score_with_pytorch_fid_layout_weights(photos, capsys, tmp_path):
+    # A random network in pytorch-fid's .pth layout (the real file is not redistributable):
+    # the CLI's IS must equal numpy's IS on torch's logits (without the fc bias, as ADM).
+    torch.manual_seed(1)
+    net = _TorchvisionFIDInception()
+    x = np.stack([_reference_resize(im, 299, 299) for im in photos["wide"]])
+    x = torch.from_numpy((x - 128.0) / 128.0).permute(0, 3, 1, 2).contiguous()
+    with torch.no_grad():
+        net.train()
+        net(x)  # BN running statistics from this batch: well-scaled activations
+        net.eval()
+        net.fc.weight.mul_(20.0)  # confident predictions, so the score is far from 1
+        logits = (net(x)[2] - net.fc.bias).numpy().astype(np.float64)
+    weights = str(tmp_path / "pt_inception-random.pth")
+    torch.save(net.state_dict(), weights, _use_new_zipfile_serialization=False)
+
+    r, out = _run(capsys, photos["a"], photos["b"], "--weights", weights)
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    want = np.exp(np.mean(np.sum(p * (np.log(p) - np.log(p.mean(0))), axis=1)))
+    assert want > 1.5
+    np.testing.assert_allclose(r["inception_score"], want, rtol=1e-3)
+    assert f"Inception Score: {r['inception_score']}" in out
+
+
 def test_npz_images_stream_in_batches_equal_to_np_load(photos):
     for path, key in ((photos["a"], "square"), (photos["b"], "wide")):
         reader = evaluate_npz.NpzImages(path)
@@ -129,6 +154,7 @@ def test_npz_images_stream_in_batches_equal_to_np_load(photos):
         ({"arr_0": np.zeros((2, 8, 8, 3), np.float32)}, r"bad\.npz: 'arr_0' has dtype float32"),
         ({"arr_0": np.zeros((2, 8, 8), np.uint8)}, r"bad\.npz: 'arr_0' has shape \(2, 8, 8\)"),
         ({"arr_0": np.zeros((2, 8, 8, 4), np.uint8)}, r"bad\.npz: 'arr_0' has 4 channels"),
+        ({"arr_0": np.zeros((3, 8, 8, 3), np.uint8)}, r"bad\.npz: 3 (reference|sample) images"),
     ],
 )
 def test_bad_archives_are_rejected_naming_file_and_key(photos, tmp_path, arrays, message, capsys):
