@@ -442,6 +442,10 @@ def evaluate(
     ref_npz_of = _per_size(ref_npz, sizes, str, "ref_npz") if ref_npz is not None else None
     if ref_npz_of is not None and any(v is None for v in ref_npz_of.values()):
         raise ValueError(f"ref_npz={ref_npz!r} gives no file for some resolutions")
+    for path in set((ref_npz_of or {}).values()):  # fail before hours of sampling
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--ref_npz {path}: file not found")
+        metrics.read_reference(path)
 
     source, source_desc = ref_source, None
     if isinstance(ref_source, str):

@@ -1,0 +1,136 @@
+"""`python -m fitv2_jax.evaluate`: three resolutions of a tiny random pixel-space model against
+held-out demo photos, all output files, and the resume path; plus the low-rank FID and the
+reference crop against independent oracles.
+
+The FID Inception is real (default_1.pt), so sample counts stay small: 12 samples (a batch of
+8 and one of 4) and 8 reference images per resolution.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fitv2_jax import sampling
+from fitv2_jax.eval import metrics
+from fitv2_jax.eval.evaluate import cover_crop, frechet_distance, npz_reference
+from fitv2_jax.evaluate import main
+
+PIXEL = ["--config", "configs/tiny.py", "--config.latent=False", "--config.model.in_channels=3",
+         "--config.model.patch_size=16"]  # fmt: skip
+SIZES = "256x256,160x320,320x320"
+
+
+@pytest.fixture(scope="module")
+def inception():
+    from fitv2_jax.eval.inception import load_inception
+
+    return load_inception(batch_size=8)  # cached: the CLI below reuses this compiled model
+
+
+@pytest.mark.parametrize("n", [5, 40])
+def test_frechet_distance_matches_adm_sqrtm(n):
+    """Low-rank trace (n - 1 < D) and the full path (n - 1 >= D) vs ADM's sqrtm formula."""
+    rng = np.random.default_rng(n)
+    d = 12
+    feats = rng.standard_normal((n, d)) @ rng.standard_normal((d, d)) + 0.3
+    ref = rng.standard_normal((50, d)) * np.linspace(0.5, 2, d)
+    mu_r, sigma_r = metrics.feature_statistics(ref)
+    want = metrics.fid(*metrics.feature_statistics(feats), mu_r, sigma_r, method="sqrtm")
+    assert frechet_distance(feats, mu_r, sigma_r) == pytest.approx(want, rel=1e-8, abs=1e-8)
+
+
+def test_cover_crop_keeps_the_aspect_and_centre():
+    """A 200x100 (W x H) image whose middle 100 columns are red: a square crop is all red; a
+    50x200 (H x W) crop of it is the whole image scaled by 2, i.e. half red in the middle."""
+    a = np.zeros((100, 200, 3), np.uint8)
+    a[:, 50:150, 0] = 255
+    sq = cover_crop(Image.fromarray(a), 64, 64)
+    assert sq.shape == (64, 64, 3) and sq[:, 2:-2, 0].min() >= 250  # edges: bicubic blur
+    wide = cover_crop(Image.fromarray(a), 50, 100)
+    assert wide.shape == (50, 100, 3)
+    assert wide[:, 30:70, 0].min() >= 250 and wide[:, :20, 0].max() <= 5
+
+
+def test_reference_npz_with_statistics_needs_no_inception(tmp_path):
+    rng = np.random.default_rng(0)
+    pool = rng.standard_normal((6, 4))
+    path = metrics.write_statistics(
+        str(tmp_path / "ref.npz"), *metrics.feature_statistics(pool), np.zeros(3), np.eye(3),
+        pool=pool,
+    )  # fmt: skip
+    ref = npz_reference(path, str(tmp_path / "cache.npz"), None, 8, False)  # no Inception
+    np.testing.assert_allclose(ref["pool"], pool.astype(np.float32))
+    assert ref["num"] == 6 and ref["mu_s"].shape == (3,)
+
+
+def test_three_resolutions_all_files_and_resume(tmp_path, inception, monkeypatch, capsys):
+    out = tmp_path / "eval"
+    argv = [*PIXEL, "--random_init", "--resolutions", SIZES, "--num_samples", "12",
+            "--batch_size", "8", "--solver", "euler", "--num_steps", "1", "--cfg_scales", "1",
+            "--ref_source", "demo", "--ref_split", "heldout", "--num_ref", "8",
+            "--out", str(out), "--no_progress"]  # fmt: skip
+
+    # 1) interrupted in the second batch of the first resolution
+    calls = {"n": 0}
+    real_images = sampling.Sampler.images
+
+    def flaky(self, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_images(self, *a, **kw)
+
+    monkeypatch.setattr(sampling.Sampler, "images", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        main(argv)
+    first = out / "256x256" / "features" / "batch_000000.npz"
+    assert first.exists() and not (out / "256x256" / "features" / "batch_000001.npz").exists()
+    stamp = os.stat(first).st_mtime_ns
+
+    # 2) the same command resumes: one batch reused, the other five made
+    results = main(argv)
+    assert calls["n"] == 2 + 5
+    assert os.stat(first).st_mtime_ns == stamp
+    res = results["resolutions"]
+    assert list(res) == SIZES.split(",")
+    assert [(r["reused_batches"], r["new_batches"]) for r in res.values()] == [(1, 1), (0, 2),
+                                                                               (0, 2)]  # fmt: skip
+    assert [r["rule"] for r in res.values()] == ["none", "none", "vision-ntk+attn-scale"]
+    for name, r in res.items():
+        assert r["num_samples"] == 12 and r["num_reference"] == 8
+        assert np.isfinite(r["fid"]) and r["fid"] > 0 and np.isfinite(r["sfid"])
+        assert 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1
+        assert r["inception_score"] is None  # default weights have no logits layer
+        h, w = map(int, name.split("x"))
+        grid = Image.open(out / name / "grid.png")
+        assert grid.size == (3 * (w + 2) + 2, 3 * (h + 2) + 2)  # 8 images of batch 0 in 3x3
+        with np.load(r["reference_file"]) as f:  # cached statistics, ADM keys
+            assert f["pool"].shape == (8, 2048) and f["sigma_s"].shape == (2023, 2023)
+
+    on_disk = json.load(open(out / "results.json"))
+    assert on_disk["resolutions"]["320x320"]["fid"] == pytest.approx(res["320x320"]["fid"])
+    md = (out / "results.md").read_text()
+    assert "| model | 256x256 | 160x320 | 320x320 |" in md and "vision-ntk+attn-scale" in md
+    assert Image.open(out / "fid.png").size[0] > 200
+    assert str(out) in capsys.readouterr().out.strip().splitlines()[-1]
+
+    # 3) features made with other settings are never mixed in silently
+    with pytest.raises(SystemExit, match="other settings.*--overwrite"):
+        main([*argv[:-3], "--seed", "1", "--out", str(out), "--no_progress"])
+
+
+def test_errors_name_the_flag(tmp_path):
+    base = [*PIXEL, "--random_init", "--resolutions", "256x256", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit, match="give one reference"):
+        main(base)
+    with pytest.raises(SystemExit, match="--ref_source folder needs --ref_root"):
+        main([*base, "--ref_source", "folder"])
+    with pytest.raises(SystemExit, match=r"--height 250: use 240 or 256"):
+        main([*PIXEL, "--random_init", "--resolutions", "250x256", "--ref_source", "demo",
+              "--out", str(tmp_path)])  # fmt: skip
+    with pytest.raises(SystemExit, match="missing.npz: file not found"):
+        main([*base, "--ref_npz", str(tmp_path / "missing.npz"), "--num_samples", "4",
+              "--batch_size", "8", "--solver", "euler", "--num_steps", "1", "--no_progress"])  # fmt: skip
