@@ -379,14 +379,17 @@ def sample(args, vae=None) -> dict:
         sizes={},
     )
     n, bs = args.num_images, sampler.batch_size
-    total = len(sizes) * -(-n // bs)
-    bar = tqdm(total=total * bs, unit="img", disable=not args.progress, desc="sampling")
+    writes = jax.process_index() == 0  # on several hosts all sample, the first one writes
+    bar = tqdm(total=len(sizes) * n, unit="img", disable=not args.progress, desc="sampling")
     for size in sizes:
         (height, width), (h, w) = size, patches[size]
         name = sampling.size_name(height, width)
         size_dir = os.path.join(out_dir, name)
-        os.makedirs(size_dir, exist_ok=True)
-        npz = NpzStreamWriter(os.path.join(size_dir, f"samples_{name}.npz"), (n, height, width, 3))
+        if writes:
+            os.makedirs(size_dir, exist_ok=True)
+            npz = NpzStreamWriter(
+                os.path.join(size_dir, f"samples_{name}.npz"), (n, height, width, 3)
+            )
         grid, nfes, start_time = [], [], time.time()
         bar.set_description(f"sampling {name} ({rules[size]}, cfg {cfgs[size]:g})")
         for start in range(0, n, bs):
@@ -395,16 +398,19 @@ def sample(args, vae=None) -> dict:
                 h, w, ids, labels[ids], key, rule=rules[size], cfg_scale=cfgs[size], **opts
             )
             nfes.append(nfe)
+            bar.update(len(ids))
+            if not writes:
+                continue
             npz.write(images)
             if not args.no_png:
                 for i, img in zip(ids, images, strict=True):
                     Image.fromarray(img).save(os.path.join(size_dir, f"{i:06d}.png"))
             grid.extend(images[: max(0, args.grid_images - len(grid))])
-            bar.update(bs)
-        npz.close(arr_1=labels.astype(np.int64))
-        Image.fromarray(sampling.image_grid(np.stack(grid))).save(
-            os.path.join(size_dir, "grid.png")
-        )
+        if writes:
+            npz.close(arr_1=labels.astype(np.int64))
+            Image.fromarray(sampling.image_grid(np.stack(grid))).save(
+                os.path.join(size_dir, "grid.png")
+            )
         info["sizes"][name] = dict(
             height=height,
             width=width,
@@ -419,8 +425,9 @@ def sample(args, vae=None) -> dict:
         )
     bar.close()
     info["labels"] = labels.tolist()
-    with open(os.path.join(out_dir, "sample_info.json"), "w") as f:
-        json.dump(info, f, indent=2)
+    if writes:
+        with open(os.path.join(out_dir, "sample_info.json"), "w") as f:
+            json.dump(info, f, indent=2)
     summary = ", ".join(f"{k} ({v['rule']})" for k, v in info["sizes"].items())
     print(f"{n} images per size at {summary}; results in {out_dir}")
     return info

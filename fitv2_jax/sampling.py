@@ -348,6 +348,12 @@ def param_shardings(model: FiT, mesh):
     return tree_shardings(jax.eval_shape(init), mesh)
 
 
+def _to_global(x, sharding):
+    """A host array (the same on every host) placed as one global array with `sharding`."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
 def batch_devices(mesh) -> int:
     """How many ways the batch is split: the mesh's data x fsdp axes."""
     return int(mesh.shape["data"] * mesh.shape["fsdp"])
@@ -375,7 +381,7 @@ class Sampler:
         self.batch_size = -(-int(batch_size) // k) * k
         self._batch = lambda ndim: batch_sharding(mesh, ndim)
         base = FiT(**dict(model_cfg))
-        self.params = jax.device_put(params, param_shardings(base, mesh))
+        self.params = jax.tree.map(_to_global, params, param_shardings(base, mesh))
 
     def tokens(self, h, w, ids, labels, key, *, rule="auto", **opts):
         """(B, h*w, p*p*C) tokens and nfe; opts go to `generate`."""
@@ -389,10 +395,14 @@ class Sampler:
         model = model_for_size(self.model_cfg, h, w, resolve_rule(rule, self.model_cfg, h, w))
         p, c = model.patch_size, model.in_channels
         noise_key, sde_key = jax.random.split(key)
-        x0 = jax.device_put(initial_noise(noise_key, ids, h * w, p * p * c), self._batch(3))
-        y = jax.device_put(jnp.asarray(labels, jnp.int32), self._batch(1))
+        x0 = _to_global(initial_noise(noise_key, ids, h * w, p * p * c), self._batch(3))
+        y = _to_global(labels.astype(np.int32), self._batch(1))
         sde_key = jax.random.fold_in(sde_key, int(ids[0]))  # SDE noise per batch
         tokens, nfe = generate(model, self.params, sde_key, y, h, w, x0=x0, **opts)
+        if not tokens.is_fully_addressable:  # several hosts: every host gets the whole batch
+            from jax.experimental import multihost_utils
+
+            tokens = multihost_utils.process_allgather(tokens, tiled=True)
         return tokens[:n], int(nfe)
 
     def images(self, h, w, ids, labels, key, **kw):

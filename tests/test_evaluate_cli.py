@@ -66,6 +66,25 @@ def test_reference_npz_with_statistics_needs_no_inception(tmp_path):
     assert ref["num"] == 6 and ref["mu_s"].shape == (3,)
 
 
+def test_adm_reference_uses_its_statistics_and_its_images_pool(tmp_path, inception):
+    """ADM's layout: arr_0 images + precomputed mu/sigma/mu_s/sigma_s. The precomputed
+    statistics are used as they are; the pool features (precision/recall) come from the images."""
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (8, 32, 48, 3), dtype=np.uint8)
+    stats = dict(mu=np.arange(2048.0), sigma=np.eye(2048), mu_s=np.ones(2023),
+                 sigma_s=2 * np.eye(2023))  # fmt: skip
+    path = str(tmp_path / "VIRTUAL_test.npz")
+    np.savez(path, arr_0=images, **stats)
+    cache = str(tmp_path / "cache.npz")
+    ref = npz_reference(path, cache, inception, 8, False)
+    for k, v in stats.items():
+        np.testing.assert_array_equal(ref[k], v)
+    np.testing.assert_allclose(ref["pool"], inception(images)["pool"], rtol=1e-5, atol=1e-6)
+    again = npz_reference(path, cache, None, 8, False)  # cached: no Inception needed
+    np.testing.assert_array_equal(again["pool"], ref["pool"])
+    np.testing.assert_array_equal(again["mu"], stats["mu"])
+
+
 def test_three_resolutions_all_files_and_resume(tmp_path, inception, monkeypatch, capsys):
     out = tmp_path / "eval"
     argv = [*PIXEL, "--random_init", "--resolutions", SIZES, "--num_samples", "12",

@@ -22,6 +22,7 @@ FID with fewer samples than feature dimensions uses the exact low-rank form of t
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import math
 import os
@@ -166,8 +167,8 @@ def npz_reference(path: str, cache: str, inception, batch_size: int, progress: b
     ref = metrics.read_reference(path)
     if "mu" in ref and "pool" in ref:
         return dict(ref, num=len(ref["pool"]), path=path, cached=True)
-    if os.path.isfile(cache):
-        ref.update(metrics.read_reference(cache))
+    if os.path.isfile(cache):  # the file's own statistics win over the cached computed ones
+        ref = {**metrics.read_reference(cache), **ref}
         return dict(ref, num=len(ref["pool"]), path=path, cached=True)
     if IMAGES_KEY not in npz_keys(path):
         raise KeyError(f"--ref_npz {path}: needs 'arr_0' images or 'pool' features with mu/sigma")
@@ -420,6 +421,12 @@ def evaluate(
     from fitv2_jax.eval import metrics
 
     t_start = time.time()
+    if jax.process_count() > 1:
+        raise ValueError(
+            "evaluate runs on one host (with all its devices); on a multi-host slice run it on "
+            "one host, or sample with `python -m fitv2_jax.sample` on all hosts and score the "
+            ".npz files with `python -m fitv2_jax.evaluate_npz`."
+        )
     sizes = _as_sizes(resolutions)
     if (ref_npz is None) == (ref_source is None):
         raise ValueError("Give exactly one reference: ref_npz (--ref_npz) or ref_source.")
@@ -509,9 +516,9 @@ def evaluate(
         )  # fmt: skip
         if ref_npz_of is not None:
             path = ref_npz_of[size]
-            cache = os.path.join(
-                out_dir, "reference", os.path.basename(path).replace(".npz", "") + "_pool.npz"
-            )
+            stem = os.path.basename(path).replace(".npz", "")
+            tag = hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:8]
+            cache = os.path.join(out_dir, "reference", f"{stem}_{tag}_pool.npz")
             ref = npz_reference(path, cache, inception, batch_size, progress)
             ref_desc = os.path.basename(path)
         else:
