@@ -4,10 +4,15 @@ r"""Score a checkpoint at several resolutions in one command: FID, sFID, IS, pre
   python -m fitv2_jax.evaluate --config configs/fitv2_xl.py --checkpoint FiTv2_XL.safetensors \
       --vae /weights/sd-vae-ft-ema --ref_npz VIRTUAL_imagenet256_labeled.npz --num_samples 50000 \
       --resolutions 256x256,160x320,128x384,320x320,224x448,160x480 --out eval/xl
-  # a training run against real held-out images at each aspect ratio (the CPU demo):
-  python -m fitv2_jax.evaluate --config configs/tiny.py --checkpoint /tmp/run \
+  # a training run (its latest checkpoint) against real held-out images at each aspect ratio:
+  python -m fitv2_jax.evaluate --config configs/tiny.py --checkpoint /tmp/run --vae /weights/vae \
       --ref_source demo --ref_split heldout --num_samples 64 --solver euler --num_steps 32 \
       --resolutions 256x256,160x320,224x448 --out eval/run
+  # a smoke run: random pixel-space tiny model, 16 samples per resolution (about a minute):
+  python -m fitv2_jax.evaluate --config configs/tiny.py --random_init --config.latent=False \
+      --config.model.in_channels=3 --config.model.patch_size=16 --ref_source demo \
+      --ref_split heldout --num_ref 16 --num_samples 16 --batch_size 8 --solver euler \
+      --num_steps 4 --resolutions 256x256,160x320,320x320 --out /tmp/eval_smoke
 
 For each resolution the model samples --num_samples images batch by batch on all devices, the
 FID Inception turns them into features on the fly (no PNG per sample), and each batch's features

@@ -1,7 +1,7 @@
 r"""Generate images with a FiT/FiTv2 model at any sizes: PNGs, a grid and an ADM .npz per size.
 
-  # a smoke run with random weights (no files needed; pixel-space tiny model):
-  python -m fitv2_jax.sample --config configs/tiny.py --random_init \
+  # a smoke run with random weights (no files needed; the tiny model in pixel space):
+  python -m fitv2_jax.sample --config configs/tiny.py --random_init --config.latent=False \
       --config.model.in_channels=3 --config.model.patch_size=16 \
       --sizes 256x256,160x320,320x320 --num_images 8 --solver euler --num_steps 8
   # the official FiTv2-XL/2 checkpoint with the SD VAE, in and out of distribution:
@@ -10,7 +10,7 @@ r"""Generate images with a FiT/FiTv2 model at any sizes: PNGs, a grid and an ADM
       --labels 207,360,387,974 --num_images 16 --out samples/xl
 
 Sizes are HEIGHTxWIDTH in pixels and must be multiples of patch size x VAE downsampling (16 for
-the SD-VAE latent configs; the patch size for pixel-space configs, i.e. in_channels 3). The RoPE
+the SD-VAE latent configs; the patch size for pixel-space configs, config.latent=False). The RoPE
 extrapolation rule is chosen per size: `--rule auto` (default) uses plain RoPE for grids within
 the training context (256 tokens: 256x256, 160x320, 128x384) and VisionNTK + attention scale
 beyond it (320x320, 224x448, 160x480), as the paper does; a high-resolution model keeps the rule
@@ -21,7 +21,8 @@ uint8 N x H x W x 3, the input of `python -m fitv2_jax.evaluate_npz` and ADM's e
 the class labels), plus OUT/sample_info.json with every setting and the solver's evaluations.
 Sample i uses noise drawn from (seed, i): the same seed gives the same images for any batch size
 or device count (for the fixed-step solvers; dopri5's step size and the SDE noise depend on the
-batch). Batches are split over all devices (the config's mesh: data x fsdp axes).
+batch). Batches are split over all devices (--mesh data: params replicated; --mesh config: the
+config's mesh with FSDP-sharded params, for models too big for one device).
 """
 
 from __future__ import annotations
@@ -197,7 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(latest step) or WORKDIR/checkpoints/STEP",
     )
     src.add_argument(
-        "--random_init", action="store_true", help="random weights (smoke tests; no file needed)"
+        "--random_init",
+        action="store_true",
+        help="random weights, every layer non-zero (smoke tests; no file needed)",
     )
     g.add_argument(
         "--raw_params",
