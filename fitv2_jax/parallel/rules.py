@@ -4,7 +4,8 @@ Parameters carry logical names (`nn.with_logical_partitioning` in fitv2_jax.mode
 are constrained with `nn.with_logical_constraint`. A logical name may appear more than once: the
 first rule whose mesh axis is still unused in that array wins (flax semantics), so a kernel
 (lora, adaln) shards adaln over "tensor" and lora over "fsdp". A dimension that a mesh axis does
-not divide is left replicated (logged), so any config runs on any mesh.
+not divide moves to another dimension it divides, or is left replicated (logged), so any config
+runs on any mesh.
 """
 
 from __future__ import annotations
@@ -42,23 +43,35 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
+def _axis_size(mesh: Mesh, axes) -> int:
+    size = 1
+    for a in (axes,) if isinstance(axes, str) else tuple(axes):
+        size *= mesh.shape[a]
+    return size
+
+
 def _fit_spec(spec: PartitionSpec, shape, mesh: Mesh, name: str) -> PartitionSpec:
-    """Drops mesh axes that do not divide their dimension."""
-    fitted = []
-    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=False):
-        if axes is None:
-            fitted.append(None)
+    """Makes a spec valid for `shape`: a mesh axis that does not divide its dimension moves to the
+    largest other dimension it divides (e.g. FiTv2-XL's LoRA rank 288 on fsdp=64 moves to the 6D
+    output dimension), or is dropped (replicated) when none fits."""
+    dims: list[list[str]] = []
+    for axes in tuple(spec) + (None,) * (len(shape) - len(spec)):
+        dims.append([] if axes is None else ([axes] if isinstance(axes, str) else list(axes)))
+    spilled = []
+    for i, group in enumerate(dims):
+        while group and shape[i] % _axis_size(mesh, group):
+            spilled.append(group.pop())
+    for axis in spilled:
+        if mesh.shape[axis] == 1:
             continue
-        group = (axes,) if isinstance(axes, str) else tuple(axes)
-        size = 1
-        for a in group:
-            size *= mesh.shape[a]
-        if dim % size:
-            logging.info("sharding: %s dim %d not divisible by %s=%d; replicated", name, dim, group, size)
-            fitted.append(None)
+        order = sorted(range(len(shape)), key=lambda i: -shape[i])
+        for i in order:
+            if shape[i] % (_axis_size(mesh, dims[i]) * mesh.shape[axis]) == 0:
+                dims[i].append(axis)
+                break
         else:
-            fitted.append(axes)
-    return PartitionSpec(*fitted)
+            logging.info("sharding: %s %s not divisible by %s; replicated", name, shape, axis)
+    return PartitionSpec(*[None if not g else g[0] if len(g) == 1 else tuple(g) for g in dims])
 
 
 def tree_shardings(boxed_tree, mesh: Mesh, rules=LOGICAL_RULES):

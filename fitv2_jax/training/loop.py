@@ -233,53 +233,58 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
     tx_lr = learning_rate(tc, global_batch)
 
-    with _Preemption() as preemption:
-        while step < tc.total_steps:
-            try:
-                host_batch = next(data_it)
-            except StopIteration:
-                status = "data_exhausted"
-                print(
-                    f"The dataset ran out at step {step} (config.data.num_epochs); stopping.",
-                    flush=True,
-                )
-                break
-            batch = to_global_batch({k: host_batch[k] for k in BATCH_KEYS if k in host_batch}, mesh)
-            with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
-                state, metrics = step_fn(state, batch)
-            step += 1
-            pending.append(metrics)
-            window_steps += 1
-            window_flops += _flops_per_step(
-                config.model, global_batch, batch["x"].shape[1], flops_cache
-            )
-
-            last_step = step == tc.total_steps
-            save_now = step % tc.checkpoint_every == 0 or last_step or preemption.requested
-            if step % tc.log_every == 0 or save_now:
-                last_metrics = flush_metrics()  # raises on NaN/Inf before anything is saved
-                writer.write_scalars(step, last_metrics)
-                if main_process:
-                    eta = (tc.total_steps - step) / max(last_metrics["steps_per_sec"], 1e-9)
+    try:
+        with _Preemption() as preemption:
+            while step < tc.total_steps:
+                try:
+                    host_batch = next(data_it)
+                except StopIteration:
+                    status = "data_exhausted"
                     print(
-                        f"step {step}/{tc.total_steps} loss {last_metrics['loss']:.4f} "
-                        f"grad {last_metrics['grad_norm']:.3f} {last_metrics['steps_per_sec']:.2f} steps/s "
-                        f"{last_metrics['images_per_sec']:.1f} img/s {last_metrics['tokens_per_sec']:.0f} tok/s "
-                        f"{last_metrics['model_tflops_per_sec'] * 1e3:.2f} GFLOP/s "
-                        f"MFU {last_metrics['mfu']:.1%} ({peak_label}) ETA {eta / 60:.1f} min",
+                        f"The dataset ran out at step {step} (config.data.num_epochs); stopping.",
                         flush=True,
                     )
-            if save_now:
-                ckpt.save(step, state, data_it, config, force=True)
-            if tc.sample_every and step % tc.sample_every == 0:
-                _sample_grids(config, config.model, state.ema_params, step, workdir, writer)
-            if preemption.requested:
-                status = "preempted"
-                print(f"SIGTERM: saved step {step}; exiting.", flush=True)
-                break
-    if pending:
-        last_metrics = flush_metrics()
-    ckpt.close()
+                    break
+                batch = to_global_batch(
+                    {k: host_batch[k] for k in BATCH_KEYS if k in host_batch}, mesh
+                )
+                with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+                    state, metrics = step_fn(state, batch)
+                step += 1
+                pending.append(metrics)
+                window_steps += 1
+                window_flops += _flops_per_step(
+                    config.model, global_batch, batch["x"].shape[1], flops_cache
+                )
+
+                last_step = step == tc.total_steps
+                stop = preemption.requested  # read once: the signal may land mid-iteration
+                save_now = step % tc.checkpoint_every == 0 or last_step or stop
+                if step % tc.log_every == 0 or save_now:
+                    last_metrics = flush_metrics()  # raises on NaN/Inf before anything is saved
+                    writer.write_scalars(step, last_metrics)
+                    if main_process:
+                        eta = (tc.total_steps - step) / max(last_metrics["steps_per_sec"], 1e-9)
+                        print(
+                            f"step {step}/{tc.total_steps} loss {last_metrics['loss']:.4f} "
+                            f"grad {last_metrics['grad_norm']:.3f} {last_metrics['steps_per_sec']:.2f} steps/s "
+                            f"{last_metrics['images_per_sec']:.1f} img/s {last_metrics['tokens_per_sec']:.0f} tok/s "
+                            f"{last_metrics['model_tflops_per_sec'] * 1e3:.2f} GFLOP/s "
+                            f"MFU {last_metrics['mfu']:.1%} ({peak_label}) ETA {eta / 60:.1f} min",
+                            flush=True,
+                        )
+                if save_now:
+                    ckpt.save(step, state, data_it, config, force=True)
+                if tc.sample_every and step % tc.sample_every == 0:
+                    _sample_grids(config, config.model, state.ema_params, step, workdir, writer)
+                if stop:
+                    status = "preempted"
+                    print(f"SIGTERM: saved step {step}; exiting.", flush=True)
+                    break
+        if pending:
+            last_metrics = flush_metrics()
+    finally:
+        ckpt.close()  # completes any save in flight, also when a NaN or a crash ends the run
     writer.flush()
     if main_process:
         total = time.perf_counter() - run_start
