@@ -17,7 +17,9 @@ import fitv2_jax.benchmarks as _suites
 
 
 def available_suites() -> list[str]:
-    return sorted(m.name for m in pkgutil.iter_modules(_suites.__path__) if not m.name.startswith("_"))
+    return sorted(
+        m.name for m in pkgutil.iter_modules(_suites.__path__) if not m.name.startswith("_")
+    )
 
 
 def machine_line() -> str:

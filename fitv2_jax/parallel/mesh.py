@@ -18,7 +18,9 @@ from jax.sharding import Mesh
 AXES = ("data", "fsdp", "tensor")
 
 
-def resolve_shape(shape: Sequence[int], num_devices: int, what: str = "mesh.ici") -> tuple[int, ...]:
+def resolve_shape(
+    shape: Sequence[int], num_devices: int, what: str = "mesh.ici"
+) -> tuple[int, ...]:
     """Replaces one -1 by what is left of num_devices; checks the product."""
     shape = [int(s) for s in shape]
     if len(shape) != len(AXES):
