@@ -509,7 +509,8 @@ def evaluate(
             interval=None if cfg_interval is None else tuple(cfg_interval),
             doubled_state=cfg_state == "official",
         )  # fmt: skip
-        meta = dict(settings, rule=rule_of[size], cfg_scale=cfg_of[size], resolution=name)
+        meta = {k: v for k, v in settings.items() if k not in ("fid_method", "k")}  # scoring only
+        meta.update(rule=rule_of[size], cfg_scale=cfg_of[size], resolution=name)
         feats = sample_features(
             sampler, inception, *size, patches[size], labels, key, res_dir, meta, gen_opts,
             overwrite=overwrite, progress=progress,
