@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Train on every worker of a Cloud TPU VM slice (one process per host, jax.distributed).
+#
+#   export TPU_NAME=my-v5p-64 ZONE=us-east5-a          # (and PROJECT=... if not the default)
+#   SETUP=1 bash launch/tpu_pod.sh                     # once: copy this repo to all workers, install
+#   bash launch/tpu_pod.sh configs/fitv2_xl.py /mnt/bucket/fitv2_xl --config.data.path=/mnt/bucket/in1k_256
+#
+# WORKDIR must be a path every worker sees (a gcsfuse mount of a bucket, or NFS): checkpoints,
+# metrics.jsonl and tensorboard/ go there. Rerunning the same command resumes from the latest
+# checkpoint; a preempted slice gets SIGTERM, saves and exits 0, so just rerun after recreation.
+set -euo pipefail
+: "${TPU_NAME:?set TPU_NAME to the TPU VM name}"
+: "${ZONE:?set ZONE to the TPU zone}"
+GCLOUD=(gcloud compute tpus tpu-vm)
+PROJECT_FLAG=()
+[ -n "${PROJECT:-}" ] && PROJECT_FLAG=(--project "$PROJECT")
+REMOTE_DIR="${REMOTE_DIR:-fitv2-jax}"
+cd "$(dirname "$0")/.."
+
+if [ "${SETUP:-0}" = 1 ]; then
+  tar czf /tmp/fitv2-jax.tgz --exclude=.venv --exclude=.git --exclude=demo_out .
+  "${GCLOUD[@]}" scp /tmp/fitv2-jax.tgz "$TPU_NAME":/tmp/ --zone "$ZONE" --worker=all "${PROJECT_FLAG[@]}"
+  "${GCLOUD[@]}" ssh "$TPU_NAME" --zone "$ZONE" --worker=all "${PROJECT_FLAG[@]}" --command "
+    mkdir -p $REMOTE_DIR && tar xzf /tmp/fitv2-jax.tgz -C $REMOTE_DIR && cd $REMOTE_DIR &&
+    python3 -m venv .venv && .venv/bin/pip install -q -U pip &&
+    .venv/bin/pip install -q -e . 'jax[tpu]'"
+  echo "installed on every worker of $TPU_NAME in ~/$REMOTE_DIR"
+  exit 0
+fi
+
+CONFIG="${1:?usage: bash launch/tpu_pod.sh CONFIG WORKDIR [--config.a.b=value ...]}"
+WORKDIR="${2:?usage: bash launch/tpu_pod.sh CONFIG WORKDIR [--config.a.b=value ...]}"
+shift 2
+"${GCLOUD[@]}" ssh "$TPU_NAME" --zone "$ZONE" --worker=all "${PROJECT_FLAG[@]}" --command "
+  cd $REMOTE_DIR && .venv/bin/python -m fitv2_jax.train --config $CONFIG --workdir $WORKDIR \
+    --distributed=on $* 2>&1 | tee -a /tmp/fitv2_train.log"
