@@ -95,16 +95,19 @@ def extract_features(model, images: NpzImages, batch_size: int, desc: str) -> di
     from fitv2_jax.eval.metrics import RunningStatistics
 
     pools, logits = [], []
-    spatial = RunningStatistics(2023)
+    # Streaming statistics: only the float32 pool features (for precision/recall) grow with N.
+    pool_stats, spatial = RunningStatistics(2048), RunningStatistics(2023)
     total = -(-len(images) // batch_size)
     for batch in tqdm(images.batches(batch_size), total=total, desc=desc, unit="batch"):
         out = model(batch)
         pools.append(out["pool"])
+        pool_stats.update(out["pool"])
         spatial.update(out["spatial"])
         if out["logits"] is not None:
             logits.append(out["logits"])
     return {
         "pool": np.concatenate(pools),
+        "stats": pool_stats.result(),
         "spatial_stats": spatial.result(),
         "logits": np.concatenate(logits) if logits else None,
     }
@@ -134,7 +137,7 @@ def check_archive(path: str, role: str) -> NpzImages | None:
 
 def _statistics(path: str, role: str, model, batch_size: int) -> dict:
     """Everything one file contributes: pool features, (mu, sigma), (mu_s, sigma_s), logits."""
-    from fitv2_jax.eval.metrics import feature_statistics, read_reference
+    from fitv2_jax.eval.metrics import read_reference
 
     images = check_archive(path, role)
     pre = read_reference(path)
@@ -142,13 +145,13 @@ def _statistics(path: str, role: str, model, batch_size: int) -> dict:
         print(f"computing {role} batch activations ({len(images)} images {images.shape[1:3]})...")
         feats = extract_features(model, images, batch_size, role)
     else:
-        feats = {"pool": pre["pool"], "spatial_stats": None, "logits": None}
+        feats = {"pool": pre["pool"], "logits": None}
     print(f"computing/reading {role} batch statistics...")
     if "mu" in pre:
         stats, spatial_stats = (pre["mu"], pre["sigma"]), (pre["mu_s"], pre["sigma_s"])
         source = "precomputed"
     else:
-        stats, spatial_stats = feature_statistics(feats["pool"]), feats["spatial_stats"]
+        stats, spatial_stats = feats["stats"], feats["spatial_stats"]
         source = "computed"
     return {
         "pool": feats["pool"],

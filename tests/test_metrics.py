@@ -178,3 +178,17 @@ def test_statistics_files_round_trip_and_reject_partial_ones(tmp_path):
     np.savez(tmp_path / "badshape.npz", mu=mu, sigma=sigma[:3], mu_s=mu_s, sigma_s=sigma_s)
     with pytest.raises(ValueError, match="'sigma'"):
         read_reference(str(tmp_path / "badshape.npz"))
+
+
+def test_precision_recall_in_uneven_blocks_equal_brute_force_scipy():
+    rng = np.random.default_rng(9)
+    real, fake = rng.standard_normal((23, 16)), rng.standard_normal((31, 16)) + 1.0
+    # Oracle: full distance matrices from scipy, k-th neighbour by sorting.
+    r_real = np.sort(cdist(real, real, "sqeuclidean"), axis=1)[:, 3]
+    r_fake = np.sort(cdist(fake, fake, "sqeuclidean"), axis=1)[:, 3]
+    d = cdist(real, fake, "sqeuclidean")
+    want_p = np.mean((d <= r_real[:, None]).any(axis=0))
+    want_r = np.mean((d <= r_fake[None, :]).any(axis=1))
+    assert 0 < want_p < 1 and 0 < want_r < 1
+    got = precision_recall(real, fake, k=3, batch_size=7, fp16=False)
+    np.testing.assert_allclose(got, (want_p, want_r))

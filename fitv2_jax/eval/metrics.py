@@ -158,8 +158,9 @@ def _sq_norms(x):
 
 
 def _round16(x: np.ndarray) -> np.ndarray:
-    """Round float32 values to the nearest float16 (kept in float32: fast vectorised casts)."""
-    return x.astype(np.float16).astype(np.float32)
+    """Round float32 values to the nearest float16, in place (kept in float32: fast casts)."""
+    x[...] = x.astype(np.float16)
+    return x
 
 
 def pairwise_sq_distances(u: np.ndarray, v: np.ndarray, fp16: bool = True) -> np.ndarray:
@@ -167,22 +168,30 @@ def pairwise_sq_distances(u: np.ndarray, v: np.ndarray, fp16: bool = True) -> np
 
     ADM computes this in float16 and falls back to float32 when anything overflows; fp16=True
     emulates it: inputs, norms, products and each sum are rounded to float16 (the arithmetic
-    itself runs in float32, which float16 numpy arithmetic would only make slower).
+    itself runs in float32, which float16 numpy arithmetic would only make slower). In place
+    on one (Nu, Nv) buffer, so a block costs little more than its own size.
     """
     u32, v32 = np.asarray(u, np.float32), np.asarray(v, np.float32)
     if fp16:
         with np.errstate(over="ignore", invalid="ignore"):  # overflow -> float32 below
-            uf, vf = _round16(u32), _round16(v32)
-            d = _round16(_round16(_sq_norms(uf))[:, None] - 2 * _round16(uf @ vf.T))
-            d = np.maximum(_round16(d + _round16(_sq_norms(vf))[None, :]), 0.0)
+            uf, vf = _round16(u32.copy()), _round16(v32.copy())
+            d = _round16(uf @ vf.T)
+            d *= -2
+            d += _round16(_sq_norms(uf))[:, None]
+            _round16(d)
+            d += _round16(_sq_norms(vf))[None, :]
+            np.maximum(_round16(d), 0.0, out=d)
         if np.isfinite(d).all():
             return d
-    d = _sq_norms(u32)[:, None] - 2 * (u32 @ v32.T) + _sq_norms(v32)[None, :]
-    return np.maximum(d, 0.0).astype(np.float32)
+    d = u32 @ v32.T
+    d *= -2
+    d += _sq_norms(u32)[:, None]
+    d += _sq_norms(v32)[None, :]
+    return np.maximum(d, 0.0, out=d)
 
 
 def manifold_radii(
-    features: np.ndarray, k: int = 3, batch_size: int = 5000, fp16: bool = True
+    features: np.ndarray, k: int = 3, batch_size: int = 1000, fp16: bool = True
 ) -> np.ndarray:
     """(N,) squared distance from each point to its k-th nearest neighbour (itself is the 0th)."""
     n = len(features)
@@ -190,21 +199,18 @@ def manifold_radii(
         raise ValueError(f"precision/recall with k={k} needs more than {k} samples, got {n}")
     radii = np.zeros(n, np.float32)
     for i in range(0, n, batch_size):
-        rows = np.concatenate(
-            [
-                pairwise_sq_distances(
-                    features[i : i + batch_size], features[j : j + batch_size], fp16
-                )
-                for j in range(0, n, batch_size)
-            ],
-            axis=1,
-        )
-        radii[i : i + batch_size] = np.partition(rows, k, axis=1)[:, k]
+        rows = np.empty((min(batch_size, n - i), n), np.float32)
+        for j in range(0, n, batch_size):
+            rows[:, j : j + batch_size] = pairwise_sq_distances(
+                features[i : i + batch_size], features[j : j + batch_size], fp16
+            )
+        rows.partition(k, axis=1)
+        radii[i : i + batch_size] = rows[:, k]
     return radii
 
 
 def precision_recall(
-    real: np.ndarray, fake: np.ndarray, k: int = 3, batch_size: int = 5000, fp16: bool = True
+    real: np.ndarray, fake: np.ndarray, k: int = 3, batch_size: int = 1000, fp16: bool = True
 ) -> tuple[float, float]:
     """Improved precision and recall (Kynkaanniemi et al. 2019) as ADM computes them.
 
