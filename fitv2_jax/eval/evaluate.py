@@ -404,6 +404,7 @@ def evaluate(
     overwrite: bool = False,
     progress: bool = True,
     k: int = 3,
+    ref_cache_dir: str | None = None,
 ) -> dict:
     """Samples and scores `config`'s model at each resolution; returns the results dict (also
     written to out_dir, see the module docstring).
@@ -414,7 +415,8 @@ def evaluate(
     Reference: ref_npz (an ADM .npz for all resolutions, or a dict per resolution) or ref_source
     ('demo', 'folder', 'imagenet', 'tfds' with ref_root/ref_split, or a source object).
     vae: a loaded VAE for latent configs (default: load_vae(config.vae_path)). inception: a
-    loaded `Inception` (default `load_inception(inception_weights)`).
+    loaded `Inception` (default `load_inception(inception_weights)`). ref_cache_dir: where the
+    reference statistics are cached (default OUT/reference); share it across checkpoints.
     """
     import jax
 
@@ -485,7 +487,10 @@ def evaluate(
     labels = np.random.default_rng([seed, 1]).integers(0, num_classes, num_samples)
     key = jax.random.key(seed)
     out_dir = os.path.abspath(out_dir)
-    os.makedirs(os.path.join(out_dir, "reference"), exist_ok=True)
+    # reference statistics do not depend on the model: evaluations of several checkpoints can
+    # share one cache directory
+    ref_cache = os.path.abspath(ref_cache_dir or os.path.join(out_dir, "reference"))
+    os.makedirs(ref_cache, exist_ok=True)
     model_name = model_name or (
         os.path.basename(checkpoint.rstrip("/")) if checkpoint else "params"
     )
@@ -519,13 +524,13 @@ def evaluate(
             path = ref_npz_of[size]
             stem = os.path.basename(path).replace(".npz", "")
             tag = hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:8]
-            cache = os.path.join(out_dir, "reference", f"{stem}_{tag}_pool.npz")
+            cache = os.path.join(ref_cache, f"{stem}_{tag}_pool.npz")
             ref = npz_reference(path, cache, inception, batch_size, progress)
             ref_desc = os.path.basename(path)
         else:
             tag = "".join(c if c.isalnum() else "_" for c in source_desc)
             n_tag = "all" if num_ref is None else str(num_ref)
-            path = os.path.join(out_dir, "reference", f"{tag}_{name}_n{n_tag}.npz")
+            path = os.path.join(ref_cache, f"{tag}_{name}_n{n_tag}.npz")
             ref = source_reference(
                 source, *size, path, inception, num=num_ref, batch_size=batch_size,
                 description=source_desc, progress=progress,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import signal
 import time
@@ -88,44 +87,38 @@ def _warm_start(state: TrainState, config, model: FiT, shardings) -> TrainState:
 
 
 def _sample_grids(config, model_cfg, params, step: int, workdir: str, writer) -> None:
-    """Sample grids at several aspect ratios with the EMA params; PNGs in WORKDIR/samples."""
+    """Sample grids at several aspect ratios with the EMA params; PNGs in WORKDIR/samples.
+
+    The paper's rule per size: plain RoPE in distribution, VisionNTK + attention scale beyond."""
     from PIL import Image
 
-    from fitv2_jax.sampling import (
-        generate,
-        image_grid,
-        model_for_size,
-        patches_for,
-        to_uint8,
-        tokens_to_images,
-    )
+    from fitv2_jax import sampling
 
-    p = model_cfg.patch_size
-    down = 8 if config.latent else 1
-    train_side = int(math.isqrt(int(model_cfg.context_size)))
     vae = None
-    if config.latent:
+    if sampling.is_latent(config):
         if not config.vae_path:
             log.info("sample grids skipped: latent config without config.vae_path")
             return
         from fitv2_jax.models.vae import load_vae
 
         vae = load_vae(config.vae_path)
+    multiple = sampling.size_multiple(config, vae)
     os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
     labels = jnp.arange(8) % model_cfg.num_classes
     images = {}
     for height, width in config.train.sample_sizes:
-        h, w = patches_for(height, width, p * down)
-        rule = "none" if max(h, w) <= train_side else "vision-ntk+attn-scale"
-        model = model_for_size(model_cfg, h, w, rule)
-        tokens, _ = generate(
+        h, w = sampling.patches_for(height, width, multiple)
+        model = sampling.model_for_size(
+            model_cfg, h, w, sampling.resolve_rule("auto", model_cfg, h, w)
+        )
+        tokens, _ = sampling.generate(
             model, params, jax.random.key(step), labels, h, w,
             cfg_scale=config.train.sample_cfg_scale, method="euler", num_steps=config.train.sample_steps,
         )  # fmt: skip
-        x = tokens_to_images(tokens, h, w, p)
+        x = sampling.tokens_to_images(tokens, h, w, model_cfg.patch_size)
         if vae is not None:
-            x = np.asarray(vae.decode(jnp.asarray(x)))
-        grid = image_grid(to_uint8(x), cols=4)
+            x = vae.decode(jnp.asarray(x))
+        grid = sampling.image_grid(sampling.to_uint8(x), cols=4)
         Image.fromarray(grid).save(
             os.path.join(workdir, "samples", f"step{step:08d}_{height}x{width}.png")
         )
@@ -186,6 +179,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         peak, peak_label = matmul_peak_flops(1024), "measured matmul peak"
     num_devices = jax.device_count()
     flops_cache: dict[int, float] = {}
+    milestones = {int(s) for s in tc.keep_steps}  # saved even off the checkpoint_every grid
 
     step = start
     status = "done"
@@ -259,7 +253,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
                 last_step = step == tc.total_steps
                 stop = preemption.requested  # read once: the signal may land mid-iteration
-                save_now = step % tc.checkpoint_every == 0 or last_step or stop
+                save_now = (
+                    step % tc.checkpoint_every == 0 or step in milestones or last_step or stop
+                )
                 if step % tc.log_every == 0 or save_now:
                     last_metrics = flush_metrics()  # raises on NaN/Inf before anything is saved
                     writer.write_scalars(step, last_metrics)

@@ -1,0 +1,50 @@
+r"""The embedded default: a pixel-space FiTv2 (6 blocks, D=128, 4 heads, AdaLN-LoRA, QK-norm,
+2D RoPE) on crops of scikit-image's bundled photos at nine aspect ratios, 4x4 pixel patches, at
+most 64 tokens (32x32 px squares, up to 3:1 strips).
+
+Command (a 2-core laptop CPU, ~7 minutes of training at ~4 steps/s):
+  bash launch/demo.sh                  # = python -m fitv2_jax.demo --out demo_out
+Hardware: any CPU; everything installs from PyPI and runs offline.
+Reproduces: nothing published. What it shows: the training loss falls from ~1.3 to well below 1,
+FID against held-out crops falls from the early (step 200) to the final checkpoint at every
+aspect ratio, including 48x48 (144 tokens, 2.25x the training area, VisionNTK + attention scale)
+and 16x64 (an aspect ratio never trained on).
+"""
+
+from fitv2_jax.config_defaults import base_config, fitv2_model
+
+
+def get_config():
+    config = base_config()
+    config.model = fitv2_model(
+        hidden_size=128,
+        depth=6,
+        num_heads=4,
+        num_classes=7,
+        in_channels=3,
+        patch_size=4,
+        context_size=64,
+    )
+    config.latent = False
+    config.data.path = "demo_out/data"  # written by `python -m fitv2_jax.demo`
+    config.data.patch_size = 4
+    config.data.global_batch_size = 32
+    config.data.num_buckets = 3
+    config.train.update(
+        dict(
+            total_steps=1800,
+            learning_rate=1e-3,
+            warmup_steps=100,
+            ema_decay=0.995,  # the official 0.9999 averages over far more steps than we take
+            checkpoint_every=250,
+            keep_last=2,
+            keep_steps=(200,),  # the "early" checkpoint the demo scores against the final one
+            log_every=50,
+            sample_every=500,
+            sample_sizes=((32, 32), (24, 40), (16, 64), (48, 48)),
+            sample_steps=32,
+            sample_cfg_scale=1.5,
+        )
+    )
+    config.mesh.ici = (1, -1, 1)
+    return config
