@@ -88,31 +88,6 @@ def npz_keys(path: str) -> set[str]:
         return {n[:-4] for n in zf.namelist() if n.endswith(".npy")}
 
 
-def extract_features(model, images: NpzImages, batch_size: int, desc: str) -> dict:
-    """pool features (N, 2048), pool and spatial statistics, logits (N, 1008) or None."""
-    from tqdm.auto import tqdm
-
-    from fitv2_jax.eval.metrics import RunningStatistics
-
-    pools, logits = [], []
-    # Streaming statistics: only the float32 pool features (for precision/recall) grow with N.
-    pool_stats, spatial = RunningStatistics(2048), RunningStatistics(2023)
-    total = -(-len(images) // batch_size)
-    for batch in tqdm(images.batches(batch_size), total=total, desc=desc, unit="batch"):
-        out = model(batch)
-        pools.append(out["pool"])
-        pool_stats.update(out["pool"])
-        spatial.update(out["spatial"])
-        if out["logits"] is not None:
-            logits.append(out["logits"])
-    return {
-        "pool": np.concatenate(pools),
-        "stats": pool_stats.result(),
-        "spatial_stats": spatial.result(),
-        "logits": np.concatenate(logits) if logits else None,
-    }
-
-
 def check_archive(path: str, role: str) -> NpzImages | None:
     """Validate one input before any work: its images (returned) or, for a reference, its
     precomputed statistics and `pool` features. Errors name the file and the key."""
@@ -137,13 +112,14 @@ def check_archive(path: str, role: str) -> NpzImages | None:
 
 def _statistics(path: str, role: str, model, batch_size: int) -> dict:
     """Everything one file contributes: pool features, (mu, sigma), (mu_s, sigma_s), logits."""
-    from fitv2_jax.eval.metrics import read_reference
+    from fitv2_jax.eval.metrics import features_from_batches, read_reference
 
     images = check_archive(path, role)
     pre = read_reference(path)
     if images is not None:
         print(f"computing {role} batch activations ({len(images)} images {images.shape[1:3]})...")
-        feats = extract_features(model, images, batch_size, role)
+        total = -(-len(images) // batch_size)
+        feats = features_from_batches(model, images.batches(batch_size), total, desc=role)
     else:
         feats = {"pool": pre["pool"], "logits": None}
     print(f"computing/reading {role} batch statistics...")
@@ -239,6 +215,22 @@ def format_results(r: dict) -> str:
     )
 
 
+def _return_large_buffers_to_the_os() -> None:
+    """Serve allocations >= 64 KiB with mmap (glibc), so freed image batches leave the process.
+
+    With glibc's default adaptive threshold, batch-sized buffers come from the heap, which
+    fragments: resident memory then creeps up with the number of batches (~+160 MiB over 2000
+    images at 512x512), although nothing is kept. No-op off glibc.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m fitv2_jax.evaluate_npz",
@@ -287,6 +279,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.batch_size < 1:
         raise SystemExit("--batch_size must be at least 1")
     out = args.json or os.path.splitext(args.samples)[0] + ".eval.json"
+    _return_large_buffers_to_the_os()
     try:
         results = evaluate(
             args.ref,

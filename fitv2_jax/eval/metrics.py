@@ -5,6 +5,7 @@
     inception_score(logits, split_size=5000)             # ADM: consecutive splits of 5000
     precision_recall(ref_pool, sample_pool, k=3)         # (precision, recall)
 
+`features_from_batches(load_inception(), batches)` turns image batches into all of the above.
 Statistics files: `read_reference(path)` reads an ADM reference batch (`arr_0`, `mu`, `sigma`,
 `mu_s`, `sigma_s`); `write_statistics(path, ...)` writes ours in the same keys (plus the reference
 pool features under `pool`, so precision/recall work without the images).
@@ -60,6 +61,37 @@ class RunningStatistics:
         if self.n < 2:
             raise ValueError(f"a covariance needs at least 2 feature vectors, got {self.n}")
         return self.mean.copy(), self.m2 / (self.n - 1)
+
+
+def features_from_batches(model, batches, total: int | None = None, desc: str = "") -> dict:
+    """Run a feature extractor over image batches, keeping only what the metrics need.
+
+    model: callable images -> dict(pool, spatial, logits) (e.g. `load_inception()`); batches:
+    iterable of uint8 (B, H, W, 3). Returns pool (N, 2048) float32 (for precision/recall),
+    stats = (mu, sigma) and spatial_stats = (mu_s, sigma_s) accumulated in float64 without
+    keeping the spatial features, and logits (N, 1008) or None.
+    """
+    from tqdm.auto import tqdm
+
+    pools, logits, pool_stats, spatial_stats = [], [], None, None
+    for batch in tqdm(batches, total=total, desc=desc or None, unit="batch"):
+        out = model(batch)
+        if pool_stats is None:
+            pool_stats = RunningStatistics(out["pool"].shape[1])
+            spatial_stats = RunningStatistics(out["spatial"].shape[1])
+        pools.append(np.asarray(out["pool"], np.float32))
+        pool_stats.update(out["pool"])
+        spatial_stats.update(out["spatial"])
+        if out.get("logits") is not None:
+            logits.append(np.asarray(out["logits"], np.float32))
+    if pool_stats is None:
+        raise ValueError("no images to compute features from")
+    return {
+        "pool": np.concatenate(pools),
+        "stats": pool_stats.result(),
+        "spatial_stats": spatial_stats.result(),
+        "logits": np.concatenate(logits) if logits else None,
+    }
 
 
 # ----------------------------------------------------------------------------- FID
