@@ -228,3 +228,28 @@ def test_bf16_compute_stays_close():
     out = run_model(model.clone(dtype=jnp.bfloat16), params, inputs)
     assert out.dtype == np.float32
     assert np.abs(out - ref).max() / np.abs(ref).max() < 0.05
+
+
+def test_convert_cli_round_trip(tmp_path):
+    """official .safetensors -> Orbax Flax params -> official .safetensors is the identity."""
+    from safetensors.numpy import load_file, save_file
+
+    from fitv2_jax.models.convert import main as convert
+
+    cfg = load_config(os.path.join(CONFIGS, "tiny.py")).model
+    sd = random_state_dict(dict(cfg), seed=4)
+    save_file(sd, str(tmp_path / "official.safetensors"))
+    config_file = os.path.join(CONFIGS, "tiny.py")
+    convert(
+        [
+            "--config",
+            config_file,
+            "--input",
+            str(tmp_path / "official.safetensors"),
+            "--output",
+            str(tmp_path / "flax"),
+        ]
+    )
+    convert(["--config", config_file, "--direction", "to_torch", "--input", str(tmp_path / "flax"), "--output", str(tmp_path / "back.safetensors")])  # fmt: skip
+    back = load_file(str(tmp_path / "back.safetensors"))
+    assert set(back) == set(sd) and all(np.array_equal(back[k], sd[k]) for k in sd)

@@ -257,8 +257,9 @@ def main(argv=None) -> None:
 
     if args.direction == "to_flax":
         params = from_torch_state_dict(load_state_dict(args.input, args.key), model_config)
-        ocp.StandardCheckpointer().save(os.path.abspath(args.output), params)
-        ocp.StandardCheckpointer().wait_until_finished()
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(os.path.abspath(args.output), params)
+        checkpointer.wait_until_finished()
     else:
         from safetensors.numpy import save_file
 
