@@ -279,6 +279,19 @@ def test_resume_after_sigkill_is_exact_and_sigterm_saves(demo_px, tmp_path):
             f"step {step}: {resumed[step]} != {reference[step]}"
         )
 
+    # export: the EMA params of the finished run as an official-layout .safetensors
+    from safetensors.numpy import load_file
+
+    from fitv2_jax.models.convert import from_torch_state_dict
+    from fitv2_jax.training.loop import export_ema
+
+    exported = load_file(export_ema(ref_dir, str(tmp_path / "ema.safetensors")))
+    assert "blocks.1.attn.qkv.weight" in exported and "global_adaLN_modulation.1.weight" in exported
+    ckpt = Checkpoints(ref_dir, tiny_config(demo_px).train)
+    ema = ckpt.restore_params(ckpt.latest_step(), tiny_config(demo_px).model)
+    back = from_torch_state_dict(exported, tiny_config(demo_px).model)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), ema, back)
+
     # SIGTERM: saves the current step and exits 0
     term_dir = str(tmp_path / "term")
     long_cfg = _write_config(

@@ -60,7 +60,7 @@ def worker(args) -> dict:
     seconds = median_seconds(run, state, batch, repeats=args.repeats)
     s = summarize(config.model, tokens=inp["x"].shape[1])
     flops = 6.0 * (s["total_gmacs"] + s["attention_map_gmacs"]) * 1e9 * args.batch
-    peak = matmul_peak_flops(1024 if args.tokens <= 256 else 2048)
+    peak = matmul_peak_flops(2048, repeats=7)
     return dict(
         config=args.config, devices=n, mesh=dict(mesh.shape), batch=args.batch, tokens=int(inp["x"].shape[1]),
         step_ms=1e3 * seconds, tokens_per_s=args.batch * inp["x"].shape[1] / seconds,
