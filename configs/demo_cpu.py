@@ -2,7 +2,7 @@ r"""The embedded default: a pixel-space FiTv2 (6 blocks, D=128, 4 heads, AdaLN-L
 2D RoPE) on crops of scikit-image's bundled photos at nine aspect ratios, 4x4 pixel patches, at
 most 64 tokens (32x32 px squares, up to 3:1 strips).
 
-Command (a 2-core laptop CPU, ~7 minutes of training at ~4 steps/s):
+Command (a 2-core laptop CPU, 4-9 minutes of training at 4-8 steps/s):
   bash launch/demo.sh                  # = python -m fitv2_jax.demo --out demo_out
 Hardware: any CPU; everything installs from PyPI and runs offline.
 Reproduces: nothing published. What it shows: the training loss falls from ~1.3 to well below 1,

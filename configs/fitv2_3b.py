@@ -14,4 +14,5 @@ from fitv2_jax.config_defaults import base_config, fitv2_model
 def get_config():
     config = base_config()
     config.model = fitv2_model(hidden_size=2304, depth=40, num_heads=24)
+    config.train.total_steps = 1_000_000
     return config

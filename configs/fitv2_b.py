@@ -12,4 +12,5 @@ from fitv2_jax.config_defaults import base_config, fitv2_model
 def get_config():
     config = base_config()
     config.model = fitv2_model(hidden_size=768, depth=15, num_heads=12)
+    config.train.total_steps = 400_000  # the paper's ablation length
     return config

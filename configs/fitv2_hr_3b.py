@@ -23,4 +23,12 @@ def get_config():
         ori_max_pe_len=16,
         online_rope=True,
     )
+    config.train.update(
+        dict(
+            total_steps=200000,
+            warmup_steps=0,  # constant LR 1e-4 from the start (official post-training config)
+            trainable="post_training",  # x_embedder, every bias, all adaLN, final layer
+            reinit_trainable=True,  # the official code re-initialises that subset
+        )
+    )
     return config
