@@ -253,3 +253,30 @@ def test_convert_cli_round_trip(tmp_path):
     convert(["--config", config_file, "--direction", "to_torch", "--input", str(tmp_path / "flax"), "--output", str(tmp_path / "back.safetensors")])  # fmt: skip
     back = load_file(str(tmp_path / "back.safetensors"))
     assert set(back) == set(sd) and all(np.array_equal(back[k], sd[k]) for k in sd)
+
+
+@pytest.mark.parametrize("case", ["normal", "online_ntk_decoupled", "static_yarn_dec"])
+def test_packed_row_computes_each_image_as_if_alone(case):
+    """Several images in one row (segment ids, per-image t / y / size) == each image run alone."""
+    model, params, _ = _tiny_model_and_params(**RULE_CASES[case])
+    shapes, n, segments = [(2, 5), (3, 4), (1, 6)], 40, 4
+    rng = np.random.default_rng(8)
+    t = rng.uniform(0, 1, segments).astype(np.float32)
+    y = np.array([3, 1, 7, 10], np.int32)  # the last slot is unused (null class)
+    x = np.zeros((1, n, 16), np.float32)
+    grid = np.zeros((1, 2, n), np.int32)
+    seg = np.zeros((1, n), np.int32)
+    size = np.zeros((1, segments, 2), np.int32)
+    alone, start = [], 0
+    for k, (h, w) in enumerate(shapes):
+        xi, _, _, gi, mi, si = make_inputs([(h, w)], n=h * w, seed=10 + k)
+        alone.append(run_model(model, params, (xi, t[k : k + 1], y[k : k + 1], gi, mi, si))[0])
+        x[0, start : start + h * w], grid[0, :, start : start + h * w] = xi[0], gi[0]
+        seg[0, start : start + h * w], size[0, k] = k + 1, (h, w)
+        start += h * w
+    packed = run_model(model, params, (x, t[None], y[None], grid, seg, size))[0]
+    start = 0
+    for k, (h, w) in enumerate(shapes):
+        np.testing.assert_allclose(packed[start : start + h * w], alone[k], rtol=1e-5, atol=2e-5)
+        start += h * w
+    assert np.all(packed[start:] == 0)

@@ -35,6 +35,7 @@ from fitv2_jax.models.layers import (
     SwiGLU,
     TimestepEmbedder,
     modulate,
+    per_token,
 )
 from fitv2_jax.models.rope import RopeConfig, rope_cos_sin
 
@@ -79,7 +80,7 @@ class FiTBlock(nn.Module):
     dtype: Any
 
     @nn.compact
-    def __call__(self, x, c, segment_ids, cos, sin, global_adaln):
+    def __call__(self, x, c, segment_ids, cos, sin, global_adaln, seg_index):
         d = self.hidden_size
         mod = Modulation(
             d,
@@ -91,6 +92,8 @@ class FiTBlock(nn.Module):
             name="adaLN_modulation",
         )(c)
         mod = mod + global_adaln
+        if seg_index is not None:  # packed rows: each token takes its own image's modulation
+            mod = jnp.take_along_axis(mod, seg_index[..., None], axis=1)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
 
         h = modulate(Norm(self.norm_type, "embed", name="norm1")(x), shift_msa, scale_msa)
@@ -106,7 +109,7 @@ class FiTBlock(nn.Module):
             self.dtype,
             name="attn",
         )(h, segment_ids, cos, sin)
-        x = x + gate_msa[:, None, :] * h
+        x = x + per_token(gate_msa) * h
 
         h = modulate(Norm(self.norm_type, "embed", name="norm2")(x), shift_mlp, scale_mlp)
         hidden = mlp_hidden_size(d, self.mlp_ratio, self.use_swiglu, self.use_swiglu_large)
@@ -114,7 +117,7 @@ class FiTBlock(nn.Module):
             h = SwiGLU(hidden, d, self.ffn_bias, dtype=self.dtype, name="mlp")(h)
         else:
             h = GeluMlp(hidden, d, self.ffn_bias, dtype=self.dtype, name="mlp")(h)
-        x = x + gate_mlp[:, None, :] * h
+        x = x + per_token(gate_mlp) * h
         x = nn.with_logical_constraint(
             x, ("activation_batch", "activation_length", "activation_embed")
         )
@@ -132,7 +135,7 @@ class FinalLayer(nn.Module):
     dtype: Any
 
     @nn.compact
-    def __call__(self, x, c):
+    def __call__(self, x, c, seg_index=None):
         kind = "swiglu" if self.adaln_type == "swiglu" else "normal"
         mod = Modulation(
             self.hidden_size,
@@ -143,6 +146,8 @@ class FinalLayer(nn.Module):
             dtype=self.dtype,
             name="adaLN_modulation",
         )(c)
+        if seg_index is not None:
+            mod = jnp.take_along_axis(mod, seg_index[..., None], axis=1)
         shift, scale = jnp.split(mod, 2, axis=-1)
         x = modulate(Norm(self.norm_type, "embed", name="norm_final")(x), shift, scale)
         return Linear(
@@ -251,13 +256,26 @@ class FiT(nn.Module):
         h = nn.with_logical_constraint(
             h, ("activation_batch", "activation_length", "activation_embed")
         )
+        # Packed rows (several images per sequence): y, t (B, S) per image, mask = segment ids
+        # 1..S (0 = padding); conditioning is computed per image and gathered per token.
+        packed = y.ndim == 2
+        seg_index = None
+        if packed:
+            batch, segments = y.shape
+            seg_index = jnp.clip(segment_ids - 1, 0, segments - 1)
+            t, y = t.reshape(-1), y.reshape(-1)
+            force_drop = None if force_drop is None else force_drop.reshape(-1)
         c = TimestepEmbedder(self.hidden_size, dtype=dt, name="t_embedder")(t)
         c = c + LabelEmbedder(
             self.num_classes, self.hidden_size, self.class_dropout_prob, name="y_embedder"
         )(y, train, force_drop).astype(c.dtype)
+        if packed:
+            c = c.reshape(batch, segments, -1)
 
         use_rope = self.rel_pos_embed in ("rope", "xpos")
         if use_rope:
+            if packed and size is not None and size.ndim == 3:  # per-image sizes -> per token
+                size = jnp.take_along_axis(size, seg_index[..., None], axis=1)
             cos, sin = rope_cos_sin(self.rope_config(), grid, size)
         else:
             cos = sin = None
@@ -281,7 +299,7 @@ class FiT(nn.Module):
             block,
             variable_axes={"params": 0},
             split_rngs={"params": True, "dropout": True},
-            in_axes=(nn.broadcast,) * 5,
+            in_axes=(nn.broadcast,) * 6,
             length=self.depth,
             unroll=self.scan_unroll,
             metadata_params={nn.PARTITION_NAME: "layers"},
@@ -306,7 +324,7 @@ class FiT(nn.Module):
             dt,
             name="blocks",
         )
-        h, _ = blocks(h, c, segment_ids, cos, sin, global_adaln)
+        h, _ = blocks(h, c, segment_ids, cos, sin, global_adaln, seg_index)
         out = FinalLayer(
             self.hidden_size,
             self.patch_size**2 * self.out_channels,
@@ -315,7 +333,7 @@ class FiT(nn.Module):
             self.adaln_bias,
             dt,
             name="final_layer",
-        )(h, c)
+        )(h, c, seg_index)
         return (out * valid[..., None].astype(out.dtype)).astype(jnp.float32)
 
 

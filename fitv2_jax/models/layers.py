@@ -132,9 +132,14 @@ class Norm(nn.Module):
         return y.astype(dtype)
 
 
+def per_token(a):
+    """(B, D) per-sample conditioning -> (B, 1, D); (B, N, D) per-token (packed rows) unchanged."""
+    return a[:, None, :] if a.ndim == 2 else a
+
+
 def modulate(x, shift, scale):
-    """x: (B, N, D); shift, scale: (B, D)."""
-    return x * (1 + scale[:, None, :]) + shift[:, None, :]
+    """x: (B, N, D); shift, scale: (B, D) per sample or (B, N, D) per token."""
+    return x * (1 + per_token(scale)) + per_token(shift)
 
 
 def timestep_frequencies(t: jnp.ndarray, dim: int = 256, max_period: float = 10000.0):

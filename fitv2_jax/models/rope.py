@@ -172,12 +172,16 @@ class RopeConfig:
 
 
 def _test_lengths(cfg: RopeConfig, size: jnp.ndarray | None):
-    """(len_h, len_w) arrays of shape (B,) online or () static."""
+    """(len_h, len_w): shape (B, 1) online per sample, (B, N) online per token (size (B, N, 2),
+    packed rows), or () static."""
     if cfg.online_rope:
         if size is None:
             raise ValueError("online_rope=True needs `size` (B, 2) = (h, w) in patches.")
-        size = jnp.asarray(size, jnp.float32).reshape(size.shape[0], -1)[:, :2]
-        return size[:, 0], size[:, 1]
+        size = jnp.asarray(size, jnp.float32)
+        if size.ndim == 3 and size.shape[1] > 1:  # per token
+            return size[..., 0], size[..., 1]
+        size = size.reshape(size.shape[0], -1)[:, :2]
+        return size[:, :1], size[:, 1:2]
     return jnp.float32(cfg.max_pe_len_h), jnp.float32(cfg.max_pe_len_w)
 
 
@@ -194,9 +198,8 @@ def rope_cos_sin(
     """
     dim = cfg.head_dim // 2
     rule = cfg.custom_freqs
-    batch = grid.shape[0]
     if rule == "normal":
-        freqs_h = freqs_w = _base_freqs(cfg.theta, dim)[None]  # (1, D/2)
+        freqs_h = freqs_w = _base_freqs(cfg.theta, dim)
         factor = None
     else:
         len_h, len_w = _test_lengths(cfg, size)
@@ -206,19 +209,21 @@ def rope_cos_sin(
             s_w = jnp.maximum(len_w / ori, 1.0)
         else:
             s_h = s_w = jnp.maximum(jnp.maximum(len_h, len_w) / ori, 1.0)
-        freqs_h = axis_freqs(rule, cfg.theta, dim, s_h, ori).reshape(-1, dim // 2)
-        freqs_w = axis_freqs(rule, cfg.theta, dim, s_w, ori).reshape(-1, dim // 2)
+        # scale: () static, (B, 1) per sample or (B, N) per token -> freqs (1|B, 1|N, D/2)
+        freqs_h = axis_freqs(rule, cfg.theta, dim, s_h, ori)
+        freqs_w = axis_freqs(rule, cfg.theta, dim, s_w, ori)
         factor = magnitude(rule, len_h, len_w, ori)
+    if freqs_h.ndim == 1:  # static: one table for every token
+        freqs_h, freqs_w = freqs_h.reshape(1, 1, -1), freqs_w.reshape(1, 1, -1)
     pos_w = grid[:, 0].astype(jnp.float32)  # (B, N)
     pos_h = grid[:, 1].astype(jnp.float32)
-    angles = jnp.concatenate(
-        [pos_h[..., None] * freqs_h[:, None, :], pos_w[..., None] * freqs_w[:, None, :]], axis=-1
-    )  # (B, N, head_dim/2)
-    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    angles = jnp.concatenate([pos_h[..., None] * freqs_h, pos_w[..., None] * freqs_w], axis=-1)
+    cos, sin = jnp.cos(angles), jnp.sin(angles)  # (B, N, head_dim/2)
     if factor is not None:
-        factor = jnp.broadcast_to(jnp.asarray(factor, jnp.float32).reshape(-1), (batch,))
-        cos = cos * factor[:, None, None]
-        sin = sin * factor[:, None, None]
+        factor = jnp.asarray(factor, jnp.float32)
+        factor = factor.reshape(factor.shape[0], -1) if factor.ndim else factor.reshape(1, 1)
+        cos = cos * factor[..., None]
+        sin = sin * factor[..., None]
     return cos, sin
 
 

@@ -20,45 +20,76 @@ from fitv2_jax.flow.transport import interpolate, masked_loss, sample_timesteps,
 from fitv2_jax.models.fit import FiT
 from fitv2_jax.training.state import TrainState, ema_update
 
-BATCH_KEYS = ("x", "grid", "mask", "y", "size")
+BATCH_KEYS = ("x", "grid", "mask", "y", "size", "segment_ids")
 
 
-def per_sample_draws(key, index, shape, model: FiT, train_cfg):
-    """Time, noise and label-drop draws for each sample from fold_in(key, global sample index).
+def per_sample_draws(key, index, shape, model: FiT, train_cfg, segments: int = 0):
+    """Time, noise and label-drop draws for each row from fold_in(key, global row index).
 
-    Drawing per sample makes the step's randomness independent of how the batch is split into
-    microbatches or sharded, so gradient accumulation reproduces the full-batch step.
+    Drawing per row makes the step's randomness independent of how the batch is split into
+    microbatches or sharded, so gradient accumulation reproduces the full-batch step. Packed rows
+    (segments > 0) draw one t and one label drop per image: (B, S).
     """
+    t_shape = (segments,) if segments else ()
 
     def one(i):
         k_t, k_noise, k_drop = jax.random.split(jax.random.fold_in(key, i), 3)
         t = sample_timesteps(
-            k_t, (), train_cfg.time_sampler, train_cfg.time_mean, train_cfg.time_std
+            k_t, t_shape, train_cfg.time_sampler, train_cfg.time_mean, train_cfg.time_std
         )
         x0 = jax.random.normal(k_noise, shape, jnp.float32)
-        drop = jax.random.uniform(k_drop, ()) < model.class_dropout_prob
+        drop = jax.random.uniform(k_drop, t_shape) < model.class_dropout_prob
         return t, x0, drop
 
     return jax.vmap(one)(index)
 
 
+def segment_losses(pred, target, segment_ids, segments: int):
+    """Packed rows: the official masked loss per image. pred, target: (B, N, C); segment_ids (B, N)
+    with 1..S per image, 0 padding. Returns (losses (B, S), present (B, S) bool)."""
+    onehot = (segment_ids[..., None] == jnp.arange(1, segments + 1)).astype(
+        jnp.float32
+    )  # (B, N, S)
+    sq = jnp.sum(
+        jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)), axis=-1
+    )  # (B, N)
+    count = jnp.sum(onehot, axis=1)
+    losses = jnp.einsum("bn,bns->bs", sq, onehot) / (jnp.maximum(count, 1.0) * pred.shape[-1])
+    return losses, count > 0
+
+
 def loss_fn(model: FiT, params, batch: dict, key, train_cfg):
-    """Scalar loss (the official masked velocity MSE, mean over samples) and per-sample losses."""
-    x1, mask = batch["x"], batch["mask"]
-    t, x0, drop = per_sample_draws(key, batch["index"], x1.shape[1:], model, train_cfg)
-    x_t = interpolate(x0, x1, t)
+    """Scalar loss (the official masked velocity MSE, mean over images) and per-row losses.
+
+    Packed batches (with "segment_ids", y (B, S)) average the per-image losses over all images.
+    """
+    x1 = batch["x"]
+    packed = "segment_ids" in batch
+    segments = batch["y"].shape[1] if packed else 0
+    t, x0, drop = per_sample_draws(key, batch["index"], x1.shape[1:], model, train_cfg, segments)
+    ids = batch["segment_ids"] if packed else batch["mask"]
+    if packed:
+        seg_index = jnp.clip(ids - 1, 0, segments - 1)
+        t_tok = jnp.take_along_axis(t, seg_index, axis=1)[..., None]  # (B, N, 1)
+        x_t = t_tok * x1 + (1.0 - t_tok) * x0
+    else:
+        x_t = interpolate(x0, x1, t)
     out = model.apply(
         {"params": params},
         x_t,
         t,
         batch["y"],
         batch["grid"],
-        mask,
+        ids,
         batch.get("size"),
         force_drop=drop,
     )
     pred = out[..., : x1.shape[-1]]  # learn_sigma models: the velocity is the first p*p*C channels
-    per_sample = masked_loss(pred, velocity_target(x0, x1), mask)
+    if packed:
+        losses, present = segment_losses(pred, velocity_target(x0, x1), ids, segments)
+        per_row = jnp.sum(losses * present, axis=1) / jnp.maximum(jnp.sum(present, axis=1), 1)
+        return jnp.sum(losses * present) / jnp.maximum(jnp.sum(present), 1), per_row
+    per_sample = masked_loss(pred, velocity_target(x0, x1), batch["mask"])
     return jnp.mean(per_sample), per_sample
 
 
