@@ -9,27 +9,10 @@ Hardware: paper: 400K steps at batch 256, constant LR 1e-4, no warmup.
 Reproduces: FID-50K 2.90 at 512x512 (cfg 1.65), 4.87 at 320x640, 18.55 at 256x768 (VisionNTK).
 """
 
-from fitv2_jax.config_defaults import base_config, fitv2_model
+from fitv2_jax.config_defaults import base_config, fitv2_model, post_training
 
 
 def get_config():
     config = base_config()
-    config.model = fitv2_model(
-        hidden_size=1152,
-        depth=36,
-        num_heads=16,
-        context_size=1024,
-        custom_freqs="ntk-aware",
-        decouple=True,
-        ori_max_pe_len=16,
-        online_rope=True,
-    )
-    config.train.update(
-        dict(
-            total_steps=400000,
-            warmup_steps=0,  # constant LR 1e-4 from the start (official post-training config)
-            trainable="post_training",  # x_embedder, every bias, all adaLN, final layer
-            reinit_trainable=True,  # the official code re-initialises that subset
-        )
-    )
-    return config
+    config.model = fitv2_model(hidden_size=1152, depth=36, num_heads=16)
+    return post_training(config, total_steps=400_000)

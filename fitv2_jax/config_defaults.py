@@ -95,6 +95,31 @@ def mesh_defaults() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(ici=(1, -1, 1), dcn=(1, 1, 1)))
 
 
+def post_training(config: ml_collections.ConfigDict, total_steps: int) -> ml_collections.ConfigDict:
+    """High-resolution post-training (official configs/fitv2/config_fitv2_hr_*.yaml): 1024-token
+    context, online decoupled NTK-aware RoPE from the 16-patch training grid, constant LR without
+    warmup, only x_embedder / biases / adaLN / final layer train, re-initialised as the official
+    code does."""
+    config.model.update(
+        dict(
+            context_size=1024,
+            custom_freqs="ntk-aware",
+            decouple=True,
+            ori_max_pe_len=16,
+            online_rope=True,
+        )
+    )
+    config.train.update(
+        dict(
+            total_steps=total_steps,
+            warmup_steps=0,
+            trainable="post_training",
+            reinit_trainable=True,
+        )
+    )
+    return config
+
+
 def base_config() -> ml_collections.ConfigDict:
     from fitv2_jax.data.pipeline import default_config as data_defaults
 

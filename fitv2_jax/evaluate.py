@@ -51,17 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    g = p.add_argument_group("model")
-    g.add_argument("--config", required=True, help="config file, e.g. configs/fitv2_xl.py")
-    src = g.add_mutually_exclusive_group(required=True)
-    src.add_argument(
-        "--checkpoint",
-        help="official .safetensors/.bin, our exported .safetensors, a training workdir "
-        "(latest step) or WORKDIR/checkpoints/STEP",
-    )
-    src.add_argument("--random_init", action="store_true", help="random weights (smoke tests)")
-    g.add_argument("--raw_params", action="store_true", help="raw params instead of EMA")
-    g.add_argument("--vae", help="SD VAE for latent configs (default config.vae_path)")
+    from fitv2_jax.sample import add_model_args
+
+    g = add_model_args(p)
     g.add_argument("--name", help="model name in the tables (default: the checkpoint's name)")
     g = p.add_argument_group("resolutions")
     g.add_argument(

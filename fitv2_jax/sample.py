@@ -181,14 +181,9 @@ def make_mesh(config, kind: str = "data"):
     return create_mesh(config.mesh.ici, config.mesh.dcn)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from fitv2_jax.sampling import EXTRAPOLATION_RULES
-
-    p = argparse.ArgumentParser(
-        prog="python -m fitv2_jax.sample",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def add_model_args(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The "model" flags shared by sample and evaluate: --config, --checkpoint | --random_init,
+    --raw_params, --vae. Returns the group so callers can add to it."""
     g = p.add_argument_group("model")
     g.add_argument("--config", required=True, help="config file, e.g. configs/fitv2_xl.py")
     src = g.add_mutually_exclusive_group(required=True)
@@ -211,6 +206,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--vae",
         help="SD VAE for latent configs: diffusers folder or file (default config.vae_path)",
     )
+    return g
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from fitv2_jax.sampling import EXTRAPOLATION_RULES
+
+    p = argparse.ArgumentParser(
+        prog="python -m fitv2_jax.sample",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_model_args(p)
     g = p.add_argument_group("sizes and RoPE")
     g.add_argument(
         "--sizes",
