@@ -1,7 +1,7 @@
 r"""FiTv2-3B/2: 2971.9M params, 40 blocks, D=2304, 24 heads, AdaLN-LoRA r=576, 256-token context.
 
 Command (TPU v5p-128 or larger, FSDP):
-  bash launch/tpu_pod.sh configs/fitv2_3b.py gs://BUCKET/fitv2_3b
+  bash launch/tpu_pod.sh configs/fitv2_3b.py /mnt/bucket/fitv2_3b
   python -m fitv2_jax.train --config configs/fitv2_3b.py --dry_run --num_devices 64   # memory check
 Hardware: paper trained 1000K steps at batch 256; needs FSDP (params + Adam state ~48 GB in fp32).
 Reproduces: FID-50K 2.15 at 256x256 (cfg 1.5), 6.72 at 160x320, 13.73 at 128x384; 3.22 / 4.87 / 12.15

@@ -2,7 +2,7 @@ r"""FiTv2-3B/2 high-resolution post-training: 1024-token context, online decoupl
 
 Starts from the 256-token FiTv2-3B/2; trains the x_embedder, biases, adaLN and final layer only.
 Command:
-  bash launch/tpu_pod.sh configs/fitv2_hr_3b.py gs://BUCKET/fitv2_hr_3b \
+  bash launch/tpu_pod.sh configs/fitv2_hr_3b.py /mnt/bucket/fitv2_hr_3b \
       --config.train.init_from=/path/to/fitv2_3B.safetensors
 Hardware: paper: 200K steps at batch 256, constant LR 1e-4.
 Reproduces: FID-50K 2.41 at 512x512 (cfg 1.6), 4.54 at 320x640, 16.08 at 256x768.

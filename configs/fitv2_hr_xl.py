@@ -3,7 +3,7 @@ r"""FiTv2-XL/2 high-resolution post-training: 1024-token context, online decoupl
 Starts from the 256-token FiTv2-XL/2 and trains only the x_embedder, every bias, all adaLN weights
 and the final layer (95.0M of 671.0M), re-initialising that subset as the official code does.
 Command:
-  bash launch/tpu_pod.sh configs/fitv2_hr_xl.py gs://BUCKET/fitv2_hr_xl \
+  bash launch/tpu_pod.sh configs/fitv2_hr_xl.py /mnt/bucket/fitv2_hr_xl \
       --config.train.init_from=/path/to/fitv2_xl.safetensors
 Hardware: paper: 400K steps at batch 256, constant LR 1e-4, no warmup.
 Reproduces: FID-50K 2.90 at 512x512 (cfg 1.65), 4.87 at 320x640, 18.55 at 256x768 (VisionNTK).

@@ -1,7 +1,7 @@
 r"""FiTv2-XL/2: 671.0M params, 36 blocks, D=1152, 16 heads, AdaLN-LoRA r=288, 256-token context.
 
 Command (TPU v4-64 or v5p-64 pod slice, FSDP over all chips):
-  bash launch/tpu_pod.sh configs/fitv2_xl.py gs://BUCKET/fitv2_xl
+  bash launch/tpu_pod.sh configs/fitv2_xl.py /mnt/bucket/fitv2_xl
 Hardware: paper trained 2000K steps at global batch 256 on A100s (bf16); a v5p-64 slice is the
   intended TPU target.
 Reproduces: FID-50K 2.26 at 256x256 (cfg 1.5, dopri5, EMA weights), 5.50 at 160x320, 14.46 at 128x384;

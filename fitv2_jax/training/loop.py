@@ -176,7 +176,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     if peak <= 0:
         from fitv2_jax.benchmarks.timing import matmul_peak_flops
 
-        peak, peak_label = matmul_peak_flops(1024), "measured matmul peak"
+        # a 2048^2 matmul in the compute dtype: the practical peak of this device (set
+        # train.peak_flops_per_device to the datasheet figure for MFU as papers report it)
+        peak = matmul_peak_flops(2048, jnp.dtype(config.model.dtype), repeats=3)
+        peak_label = "measured matmul peak"
     num_devices = jax.device_count()
     flops_cache: dict[int, float] = {}
     milestones = {int(s) for s in tc.keep_steps}  # saved even off the checkpoint_every grid
