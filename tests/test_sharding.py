@@ -62,3 +62,13 @@ def test_fsdp_sharded_forward_equals_single_device():
     single = jax.device_put(jax.device_get(params), jax.devices()[0])
     ref = jax.jit(fwd)(single, *[jax.device_put(a, jax.devices()[0]) for a in inputs])
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+
+def test_hybrid_mesh_keeps_ici_axes_inside_a_slice():
+    """dcn (2, 1, 1) x ici (1, 4, 1) on 8 devices: data spans the two slices, fsdp stays inside one."""
+    mesh = create_mesh((1, 4, 1), dcn=(2, 1, 1))
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    ids = np.vectorize(lambda d: d.id)(mesh.devices)[:, :, 0]
+    assert sorted(ids[0]) == [0, 1, 2, 3] and sorted(ids[1]) == [4, 5, 6, 7]
+    with pytest.raises(ValueError, match="mesh.ici"):
+        create_mesh((1, 3, 1), dcn=(2, 1, 1))

@@ -40,6 +40,16 @@ def resolve_shape(
     return tuple(shape)
 
 
+def _hybrid_grid_in_order(ici, dcn, devices) -> np.ndarray:
+    """Hybrid layout for devices without slice_index (CPU, some GPU set-ups): consecutive blocks
+    of prod(ici) devices form the slices; axis i of the result has size dcn[i] * ici[i], slice
+    index major, so collectives over an ICI-only axis stay inside one block."""
+    n = len(AXES)
+    grid = np.asarray(devices).reshape(tuple(dcn) + tuple(ici))
+    order = [k for i in range(n) for k in (i, n + i)]  # (dcn_0, ici_0, dcn_1, ici_1, ...)
+    return grid.transpose(order).reshape([d * i for d, i in zip(dcn, ici, strict=True)])
+
+
 def create_mesh(
     ici: Sequence[int] = (1, -1, 1),
     dcn: Sequence[int] | None = None,
@@ -52,7 +62,10 @@ def create_mesh(
     per_slice = len(devices) // num_slices
     ici_shape = resolve_shape(ici, per_slice, "mesh.ici")
     if num_slices > 1:
-        grid = mesh_utils.create_hybrid_device_mesh(ici_shape, dcn, devices)
+        if all(hasattr(d, "slice_index") for d in devices):
+            grid = mesh_utils.create_hybrid_device_mesh(ici_shape, dcn, devices)
+        else:
+            grid = _hybrid_grid_in_order(ici_shape, dcn, devices)
     else:
         try:
             grid = mesh_utils.create_device_mesh(ici_shape, devices)
