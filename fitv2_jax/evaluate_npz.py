@@ -142,7 +142,7 @@ def _statistics(path: str, role: str, model, batch_size: int) -> dict:
 def evaluate(
     ref_path: str,
     sample_path: str,
-    batch_size: int = 32,
+    batch_size: int = 8,
     weights: str | None = None,
     k: int = 3,
     fp16_distances: bool = True,
@@ -244,7 +244,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("ref", help="reference batch .npz (ADM's VIRTUAL_*.npz or our statistics file)")
     p.add_argument("samples", help="sample batch .npz (arr_0: uint8 N x H x W x 3)")
     p.add_argument(
-        "--batch_size", type=int, default=32, help="images per Inception batch (default 32)"
+        "--batch_size",
+        type=int,
+        default=8,
+        help="images per Inception batch (default 8: on CPU as fast as 32, half the peak memory)",
     )
     p.add_argument(
         "--json", default=None, help="where to write the results (default: SAMPLES.eval.json)"
