@@ -354,12 +354,3 @@ def from_official_params(params: dict, **overrides) -> FiT:
     if params.get("ignore_keys") is not None:
         params["ignore_keys"] = tuple(params["ignore_keys"])
     return FiT(**{k: v for k, v in params.items() if k in FIELD_NAMES})
-
-
-def check_model_config(config: dict) -> None:
-    """Raises a ValueError naming any key of `config` that FiT does not know."""
-    unknown = sorted(k for k in config if k not in FIELD_NAMES)
-    if unknown:
-        raise ValueError(
-            f"Unknown model config names {unknown} (config.model); known: {list(FIELD_NAMES)}"
-        )

@@ -82,11 +82,6 @@ class Checkpoints:
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         return restored["state"]
 
-    def restore_config(self, step: int) -> dict:
-        return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))[
-            "config"
-        ]
-
     def restore_params(self, step: int, model_config, use_ema: bool = True, sharding=None):
         """Only the (EMA) params of a step, without optimizer state; numpy unless `sharding`."""
         from fitv2_jax.models.convert import abstract_params
