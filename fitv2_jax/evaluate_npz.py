@@ -6,8 +6,9 @@ Both files hold uint8 images (N, H, W, 3) under `arr_0`, of any height and width
 squashes them to 299x299 as ADM's does). A reference's precomputed `mu`, `sigma`, `mu_s`,
 `sigma_s` are used when present (its images are still read, for precision/recall); a statistics
 file written by `fitv2_jax.eval.metrics.write_statistics` may carry `pool` features instead of
-images. Images are streamed batch by batch out of the zip, so 50K samples at 512x512 never sit in
-memory at once. Prints Inception Score, FID, sFID, Precision and Recall in ADM's format and
+images. Images are streamed batch by batch out of the zip and pool features and logits wait in
+temporary files (`--tmp_dir`), so memory does not grow with the number of images: 50K samples at
+512x512 need what 200 do. Prints Inception Score, FID, sFID, Precision and Recall in ADM's format and
 writes them as JSON. The Inception Score needs weights with the 1008-way layer (`--weights
 pt_inception-2015-12-05-6726825d.pth` from pytorch-fid); the default weights have none.
 """
@@ -18,6 +19,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import zipfile
 from collections.abc import Iterator
 
@@ -26,15 +28,15 @@ import numpy as np
 IMAGES_KEY = "arr_0"
 
 
-class NpzImages:
-    """Streams a uint8 (N, H, W, 3) array out of an .npz member without loading it whole.
+class NpzArray:
+    """One array of an .npz, read in row batches without loading it whole.
 
     An .npz is a zip of .npy files: we read the member's .npy header, then its rows in batches.
     (np.load's mmap_mode does not apply to .npz members, and mapping pages would count them in
     the resident set anyway.)
     """
 
-    def __init__(self, path: str, key: str = IMAGES_KEY):
+    def __init__(self, path: str, key: str):
         self.path, self.key = path, key
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: file not found")
@@ -56,6 +58,31 @@ class NpzImages:
                 shape, fortran, dtype = header
                 self._offset = f.tell()
         self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+        if fortran:
+            raise ValueError(f"{path}: '{key}' is stored in Fortran order; save it C-contiguous")
+        if self.dtype.hasobject or not self.shape:
+            raise ValueError(f"{path}: '{key}' is not a numeric array (dtype {self.dtype})")
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def batches(self, batch_size: int) -> Iterator[np.ndarray]:
+        row_bytes = int(np.prod(self.shape[1:])) * self.dtype.itemsize
+        with zipfile.ZipFile(self.path) as zf, zf.open(f"{self.key}.npy") as f:
+            f.seek(self._offset)
+            for start in range(0, len(self), batch_size):
+                n = min(batch_size, len(self) - start)
+                buf = f.read(n * row_bytes)
+                if len(buf) != n * row_bytes:
+                    raise ValueError(f"{self.path}: '{self.key}' is truncated at row {start}")
+                yield np.frombuffer(buf, self.dtype).reshape(n, *self.shape[1:])
+
+
+class NpzImages(NpzArray):
+    """Streams uint8 (N, H, W, 3) images out of an .npz member (`arr_0` by default)."""
+
+    def __init__(self, path: str, key: str = IMAGES_KEY):
+        super().__init__(path, key)
         if self.dtype != np.uint8:
             raise ValueError(f"{path}: '{key}' has dtype {self.dtype}; expected uint8 images")
         if len(self.shape) != 4:
@@ -65,22 +92,6 @@ class NpzImages:
                 f"{path}: '{key}' has {self.shape[-1]} channels (shape {self.shape}); expected "
                 "RGB images (N, H, W, 3)"
             )
-        if fortran:
-            raise ValueError(f"{path}: '{key}' is stored in Fortran order; save it C-contiguous")
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def batches(self, batch_size: int) -> Iterator[np.ndarray]:
-        row_bytes = int(np.prod(self.shape[1:]))
-        with zipfile.ZipFile(self.path) as zf, zf.open(f"{self.key}.npy") as f:
-            f.seek(self._offset)
-            for start in range(0, len(self), batch_size):
-                n = min(batch_size, len(self) - start)
-                buf = f.read(n * row_bytes)
-                if len(buf) != n * row_bytes:
-                    raise ValueError(f"{self.path}: '{self.key}' is truncated at row {start}")
-                yield np.frombuffer(buf, np.uint8).reshape(n, *self.shape[1:])
 
 
 def npz_keys(path: str) -> set[str]:
@@ -98,10 +109,16 @@ def check_archive(path: str, role: str) -> NpzImages | None:
     if not zipfile.is_zipfile(path):
         raise ValueError(f"{path}: {role} is not an .npz archive (expected np.savez output)")
     keys = npz_keys(path)
-    pre = read_reference(path)  # checks mu/sigma/mu_s/sigma_s when present
+    pre = read_reference(path, with_pool=False)  # checks mu/sigma/mu_s/sigma_s when present
     if IMAGES_KEY in keys:
         return NpzImages(path)
-    if role == "reference" and "pool" in pre and "mu" in pre:
+    if role == "reference" and "pool" in keys and "mu" in pre:
+        pool = NpzArray(path, "pool")
+        if len(pool.shape) != 2 or pool.shape[1] != pre["mu"].shape[0]:
+            raise ValueError(
+                f"{path}: 'pool' has shape {pool.shape}; expected (N, {pre['mu'].shape[0]}) "
+                "features matching 'mu'"
+            )
         return None
     need = "'arr_0' (images), or 'pool' features with 'mu', 'sigma', 'mu_s', 'sigma_s'"
     raise KeyError(
@@ -110,18 +127,28 @@ def check_archive(path: str, role: str) -> NpzImages | None:
     )
 
 
-def _statistics(path: str, role: str, model, batch_size: int) -> dict:
-    """Everything one file contributes: pool features, (mu, sigma), (mu_s, sigma_s), logits."""
+def _statistics(path: str, role: str, model, batch_size: int, spill_dir: str) -> dict:
+    """Everything one file contributes: pool features, (mu, sigma), (mu_s, sigma_s), logits.
+
+    Pool features and logits go to FeatureFiles in spill_dir, so memory does not grow with N.
+    """
+    from fitv2_jax.eval.feature_file import FeatureFile
     from fitv2_jax.eval.metrics import features_from_batches, read_reference
 
     images = check_archive(path, role)
-    pre = read_reference(path)
+    pre = read_reference(path, with_pool=False)
     if images is not None:
         print(f"computing {role} batch activations ({len(images)} images {images.shape[1:3]})...")
         total = -(-len(images) // batch_size)
-        feats = features_from_batches(model, images.batches(batch_size), total, desc=role)
+        feats = features_from_batches(
+            model, images.batches(batch_size), total, desc=role, spill_dir=spill_dir
+        )
     else:
-        feats = {"pool": pre["pool"], "logits": None}
+        pool = NpzArray(path, "pool")
+        store = FeatureFile(os.path.join(spill_dir, f"{role}_pool.f32"), pool.shape[1])
+        for rows in pool.batches(1000):
+            store.append(rows)
+        feats = {"pool": store, "logits": None}
     print(f"computing/reading {role} batch statistics...")
     if "mu" in pre:
         stats, spatial_stats = (pre["mu"], pre["sigma"]), (pre["mu_s"], pre["sigma_s"])
@@ -147,8 +174,13 @@ def evaluate(
     k: int = 3,
     fp16_distances: bool = True,
     fid_method: str = "sqrtm",
+    tmp_dir: str | None = None,
 ) -> dict:
-    """ADM's five numbers for sample_path against ref_path (IS is None without logits)."""
+    """ADM's five numbers for sample_path against ref_path (IS is None without logits).
+
+    Pool features and logits are kept in a temporary directory under tmp_dir (default: the
+    system's), about 12 KB per image, and removed at the end.
+    """
     from fitv2_jax.eval import metrics
     from fitv2_jax.eval.inception import load_inception
 
@@ -160,24 +192,31 @@ def evaluate(
                 f"{path}: {len(images)} {role} images; precision/recall with --k {k} need at "
                 f"least {k + 1} (and FID needs thousands to mean much)"
             )
+    if tmp_dir is not None and not os.path.isdir(tmp_dir):
+        raise FileNotFoundError(f"--tmp_dir {tmp_dir}: no such directory")
     model = load_inception(weights, batch_size=batch_size)
-    ref = _statistics(ref_path, "reference", model, batch_size)
-    sample = _statistics(sample_path, "sample", model, batch_size)
-    for name in ("stats", "spatial_stats"):
-        if ref[name][0].shape != sample[name][0].shape:
-            raise ValueError(
-                f"{ref_path} and {sample_path}: {name} have different dimensions "
-                f"({ref[name][0].shape} vs {sample[name][0].shape})"
-            )
-    print("Computing evaluations...")
-    inception_score = None
-    if sample["logits"] is not None:
-        inception_score = metrics.inception_score(sample["logits"], split_size=5000)
-    fid = metrics.fid(*sample["stats"], *ref["stats"], method=fid_method)
-    sfid = metrics.fid(*sample["spatial_stats"], *ref["spatial_stats"], method=fid_method)
-    precision, recall = metrics.precision_recall(
-        ref["pool"], sample["pool"], k=k, fp16=fp16_distances
-    )
+    with tempfile.TemporaryDirectory(prefix="evaluate_npz_", dir=tmp_dir) as spill_dir:
+        ref = _statistics(ref_path, "reference", model, batch_size, spill_dir)
+        sample = _statistics(sample_path, "sample", model, batch_size, spill_dir)
+        for name in ("stats", "spatial_stats"):
+            if ref[name][0].shape != sample[name][0].shape:
+                raise ValueError(
+                    f"{ref_path} and {sample_path}: {name} have different dimensions "
+                    f"({ref[name][0].shape} vs {sample[name][0].shape})"
+                )
+        print("Computing evaluations...")
+        inception_score = None
+        if sample["logits"] is not None:
+            inception_score = metrics.inception_score(sample["logits"], split_size=5000)
+        fid = metrics.fid(*sample["stats"], *ref["stats"], method=fid_method)
+        sfid = metrics.fid(*sample["spatial_stats"], *ref["spatial_stats"], method=fid_method)
+        precision, recall = metrics.precision_recall(
+            ref["pool"], sample["pool"], k=k, fp16=fp16_distances
+        )
+        for part in (ref, sample):
+            for store in (part["pool"], part["logits"]):
+                if hasattr(store, "close"):
+                    store.close()
     return {
         "inception_score": inception_score,
         "fid": fid,
@@ -267,6 +306,12 @@ def _parser() -> argparse.ArgumentParser:
         help="precision/recall distances in float32 (ADM uses float16 unless it overflows)",
     )
     p.add_argument(
+        "--tmp_dir",
+        default=None,
+        help="where pool features and logits wait for the metrics (about 12 KB per image, "
+        "removed at the end; default: the system temp directory)",
+    )
+    p.add_argument(
         "--fid_method",
         choices=("sqrtm", "eigh"),
         default="sqrtm",
@@ -292,6 +337,7 @@ def main(argv: list[str] | None = None) -> dict:
             k=args.k,
             fp16_distances=not args.fp32_distances,
             fid_method=args.fid_method,
+            tmp_dir=args.tmp_dir,
         )
     except (FileNotFoundError, KeyError, ValueError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)

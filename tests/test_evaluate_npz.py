@@ -169,3 +169,51 @@ def test_bad_archives_are_rejected_naming_file_and_key(photos, tmp_path, arrays,
 def test_missing_file_is_named(photos, tmp_path):
     with pytest.raises(SystemExit, match="nope.npz: sample file not found"):
         evaluate_npz.main([photos["a"], str(tmp_path / "nope.npz")])
+
+
+def test_reference_pool_of_the_wrong_width_is_rejected(tmp_path):
+    d = 16
+    stats = write_statistics(
+        str(tmp_path / "stats.npz"),
+        np.zeros(d),
+        np.eye(d),
+        np.zeros(d),
+        np.eye(d),
+        pool=np.zeros((5, d + 1), np.float32),
+    )
+    with pytest.raises(SystemExit, match=r"stats\.npz: 'pool' has shape \(5, 17\); expected"):
+        evaluate_npz.main([stats, stats])
+
+
+def test_memory_does_not_grow_with_the_number_of_samples(tmp_path, capsys):
+    """10x the samples, the same peak of Python/numpy memory (numpy reports its buffers to
+    tracemalloc): images stream batch by batch, features wait on disk, metrics run in blocks.
+    Peak RSS at 512x512 (2000 vs 200 samples) is measured by `python -m fitv2_jax.bench --suite
+    eval --rss 200,2000`."""
+    import tracemalloc
+
+    from fitv2_jax.eval.inception import POOL_DIM, SPATIAL_DIM, load_inception
+
+    rng = np.random.default_rng(0)
+    pool = rng.standard_normal((40, POOL_DIM)).astype(np.float32)
+    mu, sigma = feature_statistics(pool)
+    ref = write_statistics(
+        str(tmp_path / "ref.npz"), mu, sigma, np.zeros(SPATIAL_DIM), np.eye(SPATIAL_DIM), pool=pool
+    )
+    photo = data.astronaut()
+    paths = {}
+    for n in (24, 240):  # whole batches of 8: one compiled shape
+        paths[n] = str(tmp_path / f"s{n}.npz")
+        np.savez(paths[n], arr_0=_crops(photo, n, 64, 96, n))
+    load_inception(None, batch_size=8)(np.zeros((8, 64, 96, 3), np.uint8))  # compile outside
+    peaks = {}
+    for n, path in paths.items():
+        tracemalloc.start()
+        try:
+            evaluate_npz.evaluate(ref, path, batch_size=8, fid_method="eigh")
+            peaks[n] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    capsys.readouterr()
+    # Holding the 240 samples would add 216 x 64 x 96 x 3 = 4.0 MB, their pool features 1.8 MB.
+    assert peaks[240] - peaks[24] < 256 * 1024, peaks

@@ -192,3 +192,88 @@ def test_precision_recall_in_uneven_blocks_equal_brute_force_scipy():
     assert 0 < want_p < 1 and 0 < want_r < 1
     got = precision_recall(real, fake, k=3, batch_size=7, fp16=False)
     np.testing.assert_allclose(got, (want_p, want_r))
+
+
+# ----------------------------------------------------------------------------- bounded memory
+
+
+def test_feature_file_round_trips_rows_and_slices(tmp_path):
+    from fitv2_jax.eval.feature_file import FeatureFile
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((53, 7))
+    store = FeatureFile(str(tmp_path / "f.f32"), 7)
+    for a, b in ((0, 1), (1, 20), (20, 20), (20, 53)):
+        store.append(x[a:b])  # float64 in, float32 stored
+    assert len(store) == 53 and store.shape == (53, 7)
+    want = x.astype(np.float32)
+    for s in (slice(0, 53), slice(5, 9), slice(50, 1000), slice(60, 70), slice(None)):
+        np.testing.assert_array_equal(store[s], want[s])
+    np.testing.assert_array_equal(np.asarray(store), want)
+    with pytest.raises(ValueError, match=r"\(B, 7\)"):
+        store.append(np.zeros((2, 6)))
+    with pytest.raises(TypeError, match="row slices"):
+        store[3]
+    store.close()
+
+
+def _feature_file(tmp_path, name, x):
+    from fitv2_jax.eval.feature_file import FeatureFile
+
+    store = FeatureFile(str(tmp_path / name), x.shape[1])
+    for i in range(0, len(x), 100):
+        store.append(x[i : i + 100])
+    return store
+
+
+def test_metrics_on_feature_files_equal_the_in_memory_ones(tmp_path):
+    rng = np.random.default_rng(5)
+    real = rng.standard_normal((310, 16)).astype(np.float32)
+    fake = (rng.standard_normal((270, 16)) * 1.3 + 0.2).astype(np.float32)
+    logits = (rng.standard_normal((230, 12)) * 3).astype(np.float32)
+    r, f, lg = (_feature_file(tmp_path, n, x) for n, x in (("r", real), ("f", fake), ("l", logits)))
+    for fp16 in (True, False):
+        want = precision_recall(real, fake, k=3, batch_size=64, fp16=fp16)
+        assert precision_recall(r, f, k=3, batch_size=64, fp16=fp16) == want
+        assert 0 < want[0] < 1 and 0 < want[1] < 1  # a case that can tell them apart
+    np.testing.assert_array_equal(manifold_radii(r, 3, 64), manifold_radii(real, 3, 10_000))
+    for kw in ({"split_size": 50}, {"splits": 7}):
+        assert inception_score(lg, **kw) == pytest.approx(inception_score(logits, **kw), rel=1e-12)
+    # The near-equal splits are np.array_split's.
+    x = logits.astype(np.float64)
+    p = np.exp(x - x.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    parts = np.array_split(p, 7)
+    want = np.mean([np.exp((q * (np.log(q) - np.log(q.mean(0)))).sum(1).mean()) for q in parts])
+    assert inception_score(logits, splits=7) == pytest.approx(want, rel=1e-9)
+
+
+def _peak_bytes(fn) -> int:
+    """Peak of numpy/Python allocations while fn runs (numpy reports its buffers to tracemalloc)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_precision_recall_and_inception_score_memory_does_not_grow_with_n(tmp_path):
+    """Features on disk, metrics in fixed blocks: 10x the samples, the same peak memory."""
+    rng = np.random.default_rng(9)
+    peaks = {}
+    for n in (400, 4000):
+        real = _feature_file(tmp_path, f"r{n}", rng.standard_normal((n, 64)).astype(np.float32))
+        fake = _feature_file(tmp_path, f"f{n}", rng.standard_normal((n, 64)).astype(np.float32))
+        logits = _feature_file(tmp_path, f"l{n}", rng.standard_normal((n, 100)).astype(np.float32))
+        peaks[n] = (
+            _peak_bytes(lambda r=real, f=fake: precision_recall(r, f, k=3, batch_size=200)),
+            _peak_bytes(lambda lg=logits: inception_score(lg, split_size=200)),
+        )
+    # What may grow: the (N,) radii and membership flags, 5 bytes per sample each set. An
+    # (batch, N) distance block, as ADM keeps, would add 200 x 3600 x 4 = 2.9 MB at n = 4000.
+    (pr_small, is_small), (pr_large, is_large) = peaks[400], peaks[4000]
+    assert pr_large - pr_small < 2 * 3600 * 5 + 16_384, peaks
+    assert is_large - is_small < 16_384, peaks

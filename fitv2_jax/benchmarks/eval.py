@@ -7,7 +7,7 @@ Inception: images/s at the given input size and batch size (resize included), me
 `--repeats` timed calls after one compile call. FID: seconds for one 2048-d FID by ADM's sqrtm
 and by the eigh route. RSS: each count runs `python -m fitv2_jax.evaluate_npz` in a fresh
 process on random uint8 samples at `--rss_size` (the same file as reference and samples) and
-reports its peak resident set (ru_maxrss), so streaming can be checked: 2000 samples should
+reports its own peak resident set (VmHWM), so streaming can be checked: 2000 samples should
 not need more memory than 200.
 """
 
@@ -61,35 +61,72 @@ def _fid(args) -> None:
         print(f"fid 2048-d method={method}: {statistics.median(times):.2f} s (value {value:.6f})")
 
 
+# Runs a module as __main__, then writes its own peak resident set (VmHWM, kB) to argv[1].
+# The wait4/getrusage ru_maxrss of a child is not its own peak: Linux carries the parent's
+# high-water mark across fork and exec into it, so a bench that has itself held 1.5 GB would
+# see >= 1.5 GB in every child. VmHWM belongs to the address space exec created.
+_PEAK_RSS_RUNNER = """
+import runpy, sys
+out, mod = sys.argv[1], sys.argv[2]
+sys.argv = [mod, *sys.argv[3:]]
+try:
+    runpy.run_module(mod, run_name="__main__", alter_sys=True)
+finally:
+    with open("/proc/self/status") as f:
+        kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    with open(out, "w") as f:
+        f.write(str(kb))
+"""
+
+
+def peak_rss_of_module(module: str, argv: list[str], quiet: bool = True) -> tuple[float, float]:
+    """(peak resident set in MiB, wall seconds) of `python -m module *argv` in a fresh process.
+
+    Linux only (reads /proc/self/status). Raises with the command line when it fails.
+    """
+    if not os.path.exists("/proc/self/status"):
+        raise SystemExit("peak-RSS measurement needs Linux (/proc/self/status)")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "peak_kb")
+        cmd = [sys.executable, "-c", _PEAK_RSS_RUNNER, out, module, *argv]
+        t = time.perf_counter()
+        pipe = subprocess.DEVNULL if quiet else None
+        proc = subprocess.run(cmd, stdout=pipe, stderr=subprocess.PIPE, text=True)
+        wall = time.perf_counter() - t
+        if proc.returncode:
+            raise RuntimeError(
+                f"python -m {module} {' '.join(argv)} failed with exit code {proc.returncode}:\n"
+                + proc.stderr[-3000:]
+            )
+        with open(out) as f:
+            return int(f.read()) / 1024, wall
+
+
+def write_random_npz(path: str, n: int, h: int, w: int, seed: int = 0) -> str:
+    """An ADM-style .npz of n random uint8 (h, w, 3) images, written without holding them all."""
+    rng = np.random.default_rng(seed)
+    arr = np.lib.format.open_memmap(path + ".npy", "w+", np.uint8, (n, h, w, 3))
+    for i in range(0, n, 100):
+        arr[i : i + 100] = rng.integers(0, 256, arr[i : i + 100].shape, np.uint8)
+    arr.flush()
+    del arr
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        zf.write(path + ".npy", "arr_0.npy")
+    os.remove(path + ".npy")
+    return path
+
+
 def _rss(args) -> None:
     h, w = (int(v) for v in args.rss_size.split("x"))
     with tempfile.TemporaryDirectory() as tmp:
         for n in (int(v) for v in args.rss.split(",")):
-            path = os.path.join(tmp, f"s{n}.npz")
-            rng = np.random.default_rng(n)
-            # Written in chunks so this process does not hold the whole array either.
-            arr = np.lib.format.open_memmap(path + ".npy", "w+", np.uint8, (n, h, w, 3))
-            for i in range(0, n, 100):
-                arr[i : i + 100] = rng.integers(0, 256, arr[i : i + 100].shape, np.uint8)
-            arr.flush()
-            del arr
-            with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-                zf.write(path + ".npy", "arr_0.npy")
-            os.remove(path + ".npy")
-            cmd = [sys.executable, "-m", "fitv2_jax.evaluate_npz", path, path]
-            cmd += ["--batch_size", str(args.batch_size), "--fid_method", "eigh"]
-            cmd += ["--json", os.path.join(tmp, f"s{n}.json")]
-            t = time.perf_counter()
-            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            # wait4 gives this child's own peak (RUSAGE_CHILDREN would be a max over all runs).
-            _, status, usage = os.wait4(proc.pid, 0)
-            proc.returncode = os.waitstatus_to_exitcode(status)
-            if proc.returncode:
-                raise SystemExit(f"{' '.join(cmd)} failed with exit code {proc.returncode}")
-            wall = time.perf_counter() - t
+            path = write_random_npz(os.path.join(tmp, f"s{n}.npz"), n, h, w, seed=n)
+            argv = [path, path, "--batch_size", str(args.batch_size), "--fid_method", "eigh"]
+            argv += ["--json", os.path.join(tmp, f"s{n}.json")]
+            peak, wall = peak_rss_of_module("fitv2_jax.evaluate_npz", argv)
             print(
                 f"evaluate_npz {n} samples {h}x{w} (as reference and samples), batch "
-                f"{args.batch_size}: peak RSS {usage.ru_maxrss / 1024:.0f} MiB, {wall:.0f} s; "
+                f"{args.batch_size}: peak RSS {peak:.0f} MiB, {wall:.0f} s; "
                 f"the arr_0 array is {n * h * w * 3 / 2**20:.0f} MiB",
                 flush=True,
             )

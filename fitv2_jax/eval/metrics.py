@@ -13,6 +13,7 @@ pool features under `pool`, so precision/recall work without the images).
 
 from __future__ import annotations
 
+import itertools
 import os
 import warnings
 
@@ -63,35 +64,59 @@ class RunningStatistics:
         return self.mean.copy(), self.m2 / (self.n - 1)
 
 
-def features_from_batches(model, batches, total: int | None = None, desc: str = "") -> dict:
+def features_from_batches(
+    model, batches, total: int | None = None, desc: str = "", spill_dir: str | None = None
+) -> dict:
     """Run a feature extractor over image batches, keeping only what the metrics need.
 
     model: callable images -> dict(pool, spatial, logits) (e.g. `load_inception()`); batches:
     iterable of uint8 (B, H, W, 3). Returns pool (N, 2048) float32 (for precision/recall),
     stats = (mu, sigma) and spatial_stats = (mu_s, sigma_s) accumulated in float64 without
-    keeping the spatial features, and logits (N, 1008) or None.
+    keeping the spatial features, and logits (N, 1008) or None. With `spill_dir`, pool and
+    logits are FeatureFiles there (`{desc}_pool.f32`, `{desc}_logits.f32`) instead of arrays,
+    so memory does not grow with N.
     """
     from tqdm.auto import tqdm
 
-    pools, logits, pool_stats, spatial_stats = [], [], None, None
+    from fitv2_jax.eval.feature_file import FeatureFile
+
+    def store(name: str, dim: int):
+        if spill_dir is None:
+            return _ArrayList()
+        return FeatureFile(os.path.join(spill_dir, f"{desc or 'features'}_{name}.f32"), dim)
+
+    pools = logits = pool_stats = spatial_stats = None
     for batch in tqdm(batches, total=total, desc=desc or None, unit="batch"):
         out = model(batch)
         if pool_stats is None:
             pool_stats = RunningStatistics(out["pool"].shape[1])
             spatial_stats = RunningStatistics(out["spatial"].shape[1])
-        pools.append(np.asarray(out["pool"], np.float32))
+            pools = store("pool", out["pool"].shape[1])
+            if out.get("logits") is not None:
+                logits = store("logits", out["logits"].shape[1])
+        pools.append(out["pool"])
         pool_stats.update(out["pool"])
         spatial_stats.update(out["spatial"])
-        if out.get("logits") is not None:
-            logits.append(np.asarray(out["logits"], np.float32))
+        if logits is not None:
+            logits.append(out["logits"])
     if pool_stats is None:
         raise ValueError("no images to compute features from")
     return {
-        "pool": np.concatenate(pools),
+        "pool": pools.result() if spill_dir is None else pools,
         "stats": pool_stats.result(),
         "spatial_stats": spatial_stats.result(),
-        "logits": np.concatenate(logits) if logits else None,
+        "logits": None if logits is None else logits.result() if spill_dir is None else logits,
     }
+
+
+class _ArrayList(list):
+    """In-memory twin of FeatureFile.append: float32 rows, concatenated at the end."""
+
+    def append(self, rows) -> None:
+        super().append(np.asarray(rows, np.float32))
+
+    def result(self) -> np.ndarray:
+        return np.concatenate(self)
 
 
 # ----------------------------------------------------------------------------- FID
@@ -156,25 +181,28 @@ def fid(
 # ----------------------------------------------------------------------------- IS
 
 
-def inception_score(logits: np.ndarray, splits: int = 10, split_size: int | None = None) -> float:
+def inception_score(logits, splits: int = 10, split_size: int | None = None) -> float:
     """Mean over splits of exp(E_x KL(p(y|x) || p(y))), p = softmax(logits).
 
-    logits: (N, C). ADM cuts consecutive splits of `split_size` = 5000 samples (10 splits for
-    50K); with split_size None the N samples are cut into `splits` near-equal parts instead.
-    Terms with p = 0 count as 0 (ADM would give nan there).
+    logits: (N, C) ndarray or FeatureFile. ADM cuts consecutive splits of `split_size` = 5000
+    samples (10 splits for 50K); with split_size None the N samples are cut into `splits`
+    near-equal parts instead (as np.array_split). One split is in memory at a time. Terms with
+    p = 0 count as 0 (ADM would give nan there).
     """
-    x = np.asarray(logits, np.float64)
-    x = x - x.max(axis=1, keepdims=True)
-    p = np.exp(x)
-    p /= p.sum(axis=1, keepdims=True)
+    n = len(logits)
     if split_size is None:
-        parts = np.array_split(p, splits)
+        size, extra = divmod(n, splits)
+        bounds = np.cumsum([0] + [size + (i < extra) for i in range(splits)])
     else:
-        parts = [p[i : i + split_size] for i in range(0, len(p), split_size)]
+        bounds = [*range(0, n, split_size), n]
     scores = []
-    for part in parts:
-        if len(part) == 0:
+    for a, b in itertools.pairwise(bounds):
+        if b <= a:
             continue
+        x = np.asarray(logits[a:b], np.float64)
+        x -= x.max(axis=1, keepdims=True)
+        part = np.exp(x)
+        part /= part.sum(axis=1, keepdims=True)
         marginal = part.mean(axis=0, keepdims=True)
         with np.errstate(divide="ignore", invalid="ignore"):
             kl = np.where(part > 0, part * (np.log(part) - np.log(marginal)), 0.0)
@@ -222,42 +250,45 @@ def pairwise_sq_distances(u: np.ndarray, v: np.ndarray, fp16: bool = True) -> np
     return np.maximum(d, 0.0, out=d)
 
 
-def manifold_radii(
-    features: np.ndarray, k: int = 3, batch_size: int = 1000, fp16: bool = True
-) -> np.ndarray:
-    """(N,) squared distance from each point to its k-th nearest neighbour (itself is the 0th)."""
+def manifold_radii(features, k: int = 3, batch_size: int = 1000, fp16: bool = True) -> np.ndarray:
+    """(N,) squared distance from each point to its k-th nearest neighbour (itself is the 0th).
+
+    features: (N, D) ndarray or FeatureFile. Each row block keeps only its k + 1 smallest
+    distances so far, merged block by block, so memory is O(batch_size^2), whatever N is.
+    """
     n = len(features)
     if n <= k:
         raise ValueError(f"precision/recall with k={k} needs more than {k} samples, got {n}")
     radii = np.zeros(n, np.float32)
     for i in range(0, n, batch_size):
-        rows = np.empty((min(batch_size, n - i), n), np.float32)
+        rows = features[i : i + batch_size]
+        nearest = np.full((len(rows), k + 1), np.inf, np.float32)
         for j in range(0, n, batch_size):
-            rows[:, j : j + batch_size] = pairwise_sq_distances(
-                features[i : i + batch_size], features[j : j + batch_size], fp16
-            )
-        rows.partition(k, axis=1)
-        radii[i : i + batch_size] = rows[:, k]
+            d = pairwise_sq_distances(rows, features[j : j + batch_size], fp16)
+            merged = np.concatenate([nearest, d], axis=1)
+            nearest = np.partition(merged, k, axis=1)[:, : k + 1]
+        radii[i : i + batch_size] = nearest.max(axis=1)
     return radii
 
 
 def precision_recall(
-    real: np.ndarray, fake: np.ndarray, k: int = 3, batch_size: int = 1000, fp16: bool = True
+    real, fake, k: int = 3, batch_size: int = 1000, fp16: bool = True
 ) -> tuple[float, float]:
     """Improved precision and recall (Kynkaanniemi et al. 2019) as ADM computes them.
 
-    real: (N1, D) reference features, fake: (N2, D) sample features. Precision is the share of
-    samples inside some real point's k-NN ball; recall the share of real points inside some
-    sample's k-NN ball (squared distances, ball boundary included). Distances are computed in
-    (batch_size x N) blocks, so memory is O(batch_size * N), not O(N^2).
+    real: (N1, D) reference features, fake: (N2, D) sample features (ndarrays or FeatureFiles).
+    Precision is the share of samples inside some real point's k-NN ball; recall the share of
+    real points inside some sample's k-NN ball (squared distances, ball boundary included).
+    Distances are computed in (batch_size x batch_size) blocks, so memory does not grow with N.
     """
     real_radii = manifold_radii(real, k, batch_size, fp16)
     fake_radii = manifold_radii(fake, k, batch_size, fp16)
     real_in = np.zeros(len(real), bool)
     fake_in = np.zeros(len(fake), bool)
     for i in range(0, len(real), batch_size):
+        rows = real[i : i + batch_size]
         for j in range(0, len(fake), batch_size):
-            d = pairwise_sq_distances(real[i : i + batch_size], fake[j : j + batch_size], fp16)
+            d = pairwise_sq_distances(rows, fake[j : j + batch_size], fp16)
             real_in[i : i + batch_size] |= (d <= fake_radii[None, j : j + batch_size]).any(axis=1)
             fake_in[j : j + batch_size] |= (d <= real_radii[i : i + batch_size, None]).any(axis=0)
     return float(fake_in.mean()), float(real_in.mean())
@@ -266,9 +297,10 @@ def precision_recall(
 # ----------------------------------------------------------------------------- files
 
 
-def read_reference(path: str) -> dict[str, np.ndarray]:
+def read_reference(path: str, with_pool: bool = True) -> dict[str, np.ndarray]:
     """The precomputed statistics (mu, sigma, mu_s, sigma_s) and `pool` features of a reference
-    .npz, whichever it has (images under `arr_0` are left on disk: stream them separately)."""
+    .npz, whichever it has (images under `arr_0` are left on disk: stream them separately; so is
+    `pool` with with_pool=False)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"reference file not found: {path}")
     out = {}
@@ -278,7 +310,7 @@ def read_reference(path: str) -> dict[str, np.ndarray]:
         if present and len(present) != len(STAT_KEYS):
             missing = [k for k in STAT_KEYS if k not in keys]
             raise ValueError(f"{path}: has {present} but lacks {missing}; needs all four or none")
-        for k in (*present, *(["pool"] if "pool" in keys else [])):
+        for k in (*present, *(["pool"] if with_pool and "pool" in keys else [])):
             out[k] = f[k]
     if "mu" in out:
         for mu, sigma in (("mu", "sigma"), ("mu_s", "sigma_s")):
