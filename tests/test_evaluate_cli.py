@@ -153,3 +153,47 @@ def test_errors_name_the_flag(tmp_path):
     with pytest.raises(SystemExit, match="missing.npz: file not found"):
         main([*base, "--ref_npz", str(tmp_path / "missing.npz"), "--num_samples", "4",
               "--batch_size", "8", "--solver", "euler", "--num_steps", "1", "--no_progress"])  # fmt: skip
+
+
+def test_sample_features_stream_many_samples_and_resume(tmp_path):
+    """More samples than feature dimensions: statistics accumulate over the saved batches, pool
+    features and logits go to disk, nothing is kept per batch; a resumed run gives the same."""
+    from fitv2_jax.eval.evaluate import PART, sample_features
+    from fitv2_jax.eval.inception import POOL_DIM, SPATIAL_DIM
+    from fitv2_jax.eval.metrics import feature_statistics
+
+    n, bs = 2100, 300  # n > POOL_DIM: the statistics path, not the few-samples one
+
+    class FakeSampler:
+        batch_size = bs
+
+        def images(self, ph, pw, ids, labels, key, **opts):
+            return ids.astype(np.uint8)[:, None, None, None] * np.ones((1, 4, 4, 3), np.uint8), 7
+
+    def fake_inception(images):  # deterministic per image: the first pixel seeds its features
+        rng = [np.random.default_rng(int(v)) for v in images[:, 0, 0, 0]]
+        return {
+            "pool": np.stack([r.standard_normal(POOL_DIM) for r in rng]).astype(np.float32),
+            "spatial": np.stack([r.standard_normal(SPATIAL_DIM) for r in rng]).astype(np.float32),
+            "logits": np.stack([r.standard_normal(10) for r in rng]).astype(np.float32),
+        }
+
+    labels = np.zeros(n, np.int64)
+    args = (FakeSampler(), fake_inception, 4, 4, (1, 1), labels, None, str(tmp_path), {}, {})
+    first = sample_features(*args, spill_dir=str(tmp_path), progress=False)
+    assert first["few"] is None and first["new_batches"] == 7 and first["nfe"] == [7] * 7
+    want = fake_inception(
+        np.arange(n).astype(np.uint8)[:, None, None, None] * np.ones((1, 4, 4, 3), np.uint8)
+    )
+    np.testing.assert_array_equal(first["pool"][:], want["pool"])
+    np.testing.assert_array_equal(first["logits"][:], want["logits"])
+    for got, key in ((first["stats"], "pool"), (first["spatial_stats"], "spatial")):
+        mu, sigma = feature_statistics(want[key])
+        np.testing.assert_allclose(got[0], mu, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(got[1], sigma, rtol=1e-9, atol=1e-12)
+
+    os.remove(tmp_path / "features" / PART.format(3))
+    again = sample_features(*args, spill_dir=str(tmp_path), progress=False)
+    assert (again["reused_batches"], again["new_batches"]) == (6, 1)
+    np.testing.assert_array_equal(again["pool"][:], want["pool"])
+    np.testing.assert_array_equal(again["stats"][1], first["stats"][1])

@@ -16,7 +16,10 @@ in OUT/reference/. Writes OUT/results.json, OUT/results.md (the paper's table la
 (FID by resolution) and OUT/HxW/grid.png.
 
 FID with fewer samples than feature dimensions uses the exact low-rank form of the trace term
-(`frechet_distance`), seconds instead of a 2048x2048 sqrtm; otherwise ADM's computation.
+(`frechet_distance`), seconds instead of a 2048x2048 sqrtm; otherwise ADM's computation on
+statistics accumulated batch by batch. Memory does not grow with the number of samples: spatial
+features are reduced on the fly, and sample pool features and logits wait in a temporary file
+for precision/recall and IS, which work on fixed-size blocks.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import hashlib
 import json
 import math
 import os
+import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -81,23 +85,22 @@ def cover_crop(img, height: int, width: int) -> np.ndarray:
     return np.asarray(img.crop((left, top, left + width, top + height)), np.uint8)
 
 
-def _features_of(inception, batches, total: int, desc: str, progress: bool) -> dict:
-    """Inception features of uint8 image batches: pool (N, 2048), spatial (N, 2023), logits."""
-    from tqdm.auto import tqdm
+def _features_of(inception, batches, num_batches: int, desc: str, progress: bool) -> dict:
+    """Pool features (N, 2048) and streamed statistics of uint8 image batches (see
+    `metrics.features_from_batches`; the spatial features are reduced to (mu_s, sigma_s) on the
+    fly, never kept)."""
+    from fitv2_jax.eval import metrics
 
-    pool, spatial, logits = [], [], []
-    with tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False) as bar:
+    def counted():
+        n = 0
         for images in batches:
-            out = inception(images)
-            pool.append(out["pool"])
-            spatial.append(out["spatial"])
-            if out["logits"] is not None:
-                logits.append(out["logits"])
-            bar.update(len(images))
-    return dict(
-        pool=np.concatenate(pool),
-        spatial=np.concatenate(spatial),
-        logits=np.concatenate(logits) if logits else None,
+            n += len(images)
+            yield images
+        if n < 2:
+            raise ValueError(f"{desc}: fewer than 2 usable images")
+
+    return metrics.features_from_batches(
+        inception, counted(), total=num_batches, desc=desc, progress=progress
     )
 
 
@@ -142,11 +145,9 @@ def source_reference(
             yield np.stack(buf)
 
     name = f"{height}x{width}"
-    feats = _features_of(inception, batches(), n, f"reference {name}", progress)
-    if len(feats["pool"]) < 2:
-        raise ValueError(f"reference {description}: fewer than 2 usable images")
-    mu, sigma = metrics.feature_statistics(feats["pool"])
-    mu_s, sigma_s = metrics.feature_statistics(feats["spatial"])
+    num_batches = -(-n // batch_size)
+    feats = _features_of(inception, batches(), num_batches, f"reference {name}", progress)
+    (mu, sigma), (mu_s, sigma_s) = feats["stats"], feats["spatial_stats"]
     metrics.write_statistics(
         path + ".partial.npz", mu, sigma, mu_s, sigma_s, pool=feats["pool"],
         resolution=name, source=description, skipped=skipped,
@@ -173,9 +174,9 @@ def npz_reference(path: str, cache: str, inception, batch_size: int, progress: b
     if IMAGES_KEY not in npz_keys(path):
         raise KeyError(f"--ref_npz {path}: needs 'arr_0' images or 'pool' features with mu/sigma")
     images = NpzImages(path)
-    feats = _features_of(inception, images.batches(batch_size), len(images), "reference", progress)
-    mu, sigma = metrics.feature_statistics(feats["pool"])
-    mu_s, sigma_s = metrics.feature_statistics(feats["spatial"])
+    num_batches = -(-len(images) // batch_size)
+    feats = _features_of(inception, images.batches(batch_size), num_batches, "reference", progress)
+    (mu, sigma), (mu_s, sigma_s) = feats["stats"], feats["spatial_stats"]
     metrics.write_statistics(cache + ".partial.npz", mu, sigma, mu_s, sigma_s, pool=feats["pool"])
     os.replace(cache + ".partial.npz", cache)
     computed = dict(mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s, pool=feats["pool"])
@@ -186,15 +187,21 @@ def npz_reference(path: str, cache: str, inception, batch_size: int, progress: b
 # ----------------------------------------------------------------------------- samples
 
 
-def _load_parts(feature_dir: str, num_batches: int) -> dict[int, dict]:
-    """The complete batch files already saved (a half-written file never has the final name)."""
+def _saved_parts(feature_dir: str, num_batches: int) -> dict[int, int]:
+    """{batch: its sample count} of the complete batch files already saved (a half-written
+    file never has the final name). Only the small `ids` member is read."""
     parts = {}
     for b in range(num_batches):
         path = os.path.join(feature_dir, PART.format(b))
         if os.path.isfile(path):
             with np.load(path) as f:
-                parts[b] = {k: f[k] for k in f.files}
+                parts[b] = len(f["ids"])
     return parts
+
+
+def _read_part(feature_dir: str, b: int) -> dict[str, np.ndarray]:
+    with np.load(os.path.join(feature_dir, PART.format(b))) as f:
+        return {k: f[k] for k in f.files}
 
 
 def _check_meta(feature_dir: str, meta: dict, overwrite: bool) -> None:
@@ -229,23 +236,35 @@ def sample_features(
     meta: dict,
     gen_opts: dict,
     *,
+    spill_dir: str,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
-    """Inception features of len(labels) samples at height x width, resumable batch by batch."""
+    """Inception features of len(labels) samples at height x width, resumable batch by batch.
+
+    Returns pool (N, 2048) and logits (N, 1008) or None as FeatureFiles in spill_dir, stats =
+    (mu, sigma) and spatial_stats = (mu_s, sigma_s) accumulated over the saved batches, and,
+    when N is at most the feature dimension (where `frechet_distance` uses the features
+    themselves), the features in memory as `few` = dict(pool, spatial). Memory does not grow
+    with N beyond that.
+    """
     from PIL import Image
     from tqdm.auto import tqdm
+
+    from fitv2_jax.eval.feature_file import FeatureFile
+    from fitv2_jax.eval.inception import POOL_DIM, SPATIAL_DIM
+    from fitv2_jax.eval.metrics import RunningStatistics
 
     n, bs = len(labels), sampler.batch_size
     num_batches = -(-n // bs)
     feature_dir = os.path.join(out_dir, "features")
     _check_meta(feature_dir, dict(meta, batch_size=bs, num_samples=n), overwrite)
-    parts = _load_parts(feature_dir, num_batches)
-    reused = len(parts)
+    saved = _saved_parts(feature_dir, num_batches)
+    reused = len(saved)
     name = f"{height}x{width}"
-    todo = [b for b in range(num_batches) if b not in parts]
+    todo = [b for b in range(num_batches) if b not in saved]
     bar = tqdm(total=n, desc=f"samples {name}", unit="img", disable=not progress, leave=False)
-    bar.update(sum(len(p["pool"]) for p in parts.values()))
+    bar.update(sum(saved.values()))
     for b in todo:
         ids = np.arange(b * bs, min((b + 1) * bs, n))
         images, nfe = sampler.images(*patches, ids, labels[ids], key, **gen_opts)
@@ -256,20 +275,43 @@ def sample_features(
         tmp = os.path.join(feature_dir, f".{PART.format(b)}.partial.npz")
         np.savez(tmp, **part)
         os.replace(tmp, os.path.join(feature_dir, PART.format(b)))
-        parts[b] = part
         if b == 0:
             Image.fromarray(sampling.image_grid(images[:GRID_IMAGES])).save(
                 os.path.join(out_dir, "grid.png")
             )
         bar.update(len(ids))
     bar.close()
-    ordered = [parts[b] for b in range(num_batches)]
-    has_logits = all("logits" in p for p in ordered)
+
+    # One pass over the saved batches, in order: statistics, features to disk.
+    tag = name.replace("x", "_")
+    pool = FeatureFile(os.path.join(spill_dir, f"{tag}_pool.f32"), POOL_DIM)
+    logits, nfe, few = None, [], n <= max(POOL_DIM, SPATIAL_DIM)
+    stats, spatial_stats = RunningStatistics(POOL_DIM), RunningStatistics(SPATIAL_DIM)
+    few_parts = {"pool": [], "spatial": []}
+    for b in range(num_batches):
+        part = _read_part(feature_dir, b)
+        pool.append(part["pool"])
+        stats.update(part["pool"])
+        spatial_stats.update(part["spatial"])
+        if b == 0 and "logits" in part:
+            logits = FeatureFile(
+                os.path.join(spill_dir, f"{tag}_logits.f32"), part["logits"].shape[1]
+            )
+        if logits is not None:
+            if "logits" not in part:  # a resumed run with other weights is refused by meta
+                raise ValueError(f"{feature_dir}: {PART.format(b)} has no logits, batch 0 has")
+            logits.append(part["logits"])
+        nfe.append(int(part["nfe"]))
+        if few:
+            few_parts["pool"].append(part["pool"])
+            few_parts["spatial"].append(part["spatial"])
     return dict(
-        pool=np.concatenate([p["pool"] for p in ordered]),
-        spatial=np.concatenate([p["spatial"] for p in ordered]),
-        logits=np.concatenate([p["logits"] for p in ordered]) if has_logits else None,
-        nfe=[int(p["nfe"]) for p in ordered],
+        pool=pool,
+        logits=logits,
+        stats=stats.result(),
+        spatial_stats=spatial_stats.result(),
+        few={k: np.concatenate(v) for k, v in few_parts.items()} if few else None,
+        nfe=nfe,
         reused_batches=reused,
         new_batches=len(todo),
     )
@@ -503,6 +545,9 @@ def evaluate(
         checkpoint=checkpoint, fid_method=fid_method, k=k,
     )  # fmt: skip
     results = dict(model=model_name, settings=settings, resolutions={})
+    # Sample pool features and logits wait here for the metrics (12 KB per sample), not in RAM;
+    # removed at the end (or, after a crash, by the finalizer at exit).
+    spill = tempfile.TemporaryDirectory(prefix="fitv2_eval_")
     for size in sizes:
         t0 = time.time()
         name = sampling.size_name(*size)
@@ -518,7 +563,7 @@ def evaluate(
         meta.update(rule=rule_of[size], cfg_scale=cfg_of[size], resolution=name)
         feats = sample_features(
             sampler, inception, *size, patches[size], labels, key, res_dir, meta, gen_opts,
-            overwrite=overwrite, progress=progress,
+            spill_dir=spill.name, overwrite=overwrite, progress=progress,
         )  # fmt: skip
         if ref_npz_of is not None:
             path = ref_npz_of[size]
@@ -536,8 +581,16 @@ def evaluate(
                 description=source_desc, progress=progress,
             )  # fmt: skip
             ref_desc = f"{source_desc} cover-cropped to {name}"
-        fid = frechet_distance(feats["pool"], ref["mu"], ref["sigma"], fid_method)
-        sfid = frechet_distance(feats["spatial"], ref["mu_s"], ref["sigma_s"], fid_method)
+        if feats["few"] is not None:  # exact low-rank form on the features themselves
+            fid = frechet_distance(feats["few"]["pool"], ref["mu"], ref["sigma"], fid_method)
+            sfid = frechet_distance(
+                feats["few"]["spatial"], ref["mu_s"], ref["sigma_s"], fid_method
+            )
+        else:
+            fid = metrics.fid(*feats["stats"], ref["mu"], ref["sigma"], method=fid_method)
+            sfid = metrics.fid(
+                *feats["spatial_stats"], ref["mu_s"], ref["sigma_s"], method=fid_method
+            )
         prec = rec = None
         if "pool" in ref and len(ref["pool"]) > k:
             prec, rec = metrics.precision_recall(ref["pool"], feats["pool"], k=k)
@@ -554,7 +607,12 @@ def evaluate(
             new_batches=feats["new_batches"], grid=os.path.join(res_dir, "grid.png"),
             seconds=round(time.time() - t0, 2),
         )  # fmt: skip
+        for store in (feats["pool"], feats["logits"]):
+            if store is not None:
+                store.close()
+                os.remove(store.path)
         _write_reports(results, out_dir)  # after every resolution: partial results are kept
+    spill.cleanup()
     results["seconds"] = round(time.time() - t_start, 2)
     _write_reports(results, out_dir)
     fid_chart(results, os.path.join(out_dir, "fid.png"))

@@ -65,14 +65,20 @@ class RunningStatistics:
 
 
 def features_from_batches(
-    model, batches, total: int | None = None, desc: str = "", spill_dir: str | None = None
+    model,
+    batches,
+    total: int | None = None,
+    desc: str = "",
+    spill_dir: str | None = None,
+    progress: bool = True,
 ) -> dict:
     """Run a feature extractor over image batches, keeping only what the metrics need.
 
     model: callable images -> dict(pool, spatial, logits) (e.g. `load_inception()`); batches:
     iterable of uint8 (B, H, W, 3). Returns pool (N, 2048) float32 (for precision/recall),
     stats = (mu, sigma) and spatial_stats = (mu_s, sigma_s) accumulated in float64 without
-    keeping the spatial features, and logits (N, 1008) or None. With `spill_dir`, pool and
+    keeping the spatial features, and logits (N, 1008) or None (a progress bar over `total`
+    batches unless progress=False). With `spill_dir`, pool and
     logits are FeatureFiles there (`{desc}_pool.f32`, `{desc}_logits.f32`) instead of arrays,
     so memory does not grow with N.
     """
@@ -86,7 +92,8 @@ def features_from_batches(
         return FeatureFile(os.path.join(spill_dir, f"{desc or 'features'}_{name}.f32"), dim)
 
     pools = logits = pool_stats = spatial_stats = None
-    for batch in tqdm(batches, total=total, desc=desc or None, unit="batch"):
+    bar = tqdm(batches, total=total, desc=desc or None, unit="batch", disable=not progress)
+    for batch in bar:
         out = model(batch)
         if pool_stats is None:
             pool_stats = RunningStatistics(out["pool"].shape[1])
