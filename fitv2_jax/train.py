@@ -1,11 +1,12 @@
 r"""Train FiT/FiTv2: `python -m fitv2_jax.train --config configs/X.py --workdir DIR`.
 
   # resume is automatic: rerunning the same command continues from DIR's latest checkpoint
-  python -m fitv2_jax.train --config configs/fitv2_xl.py --workdir gs://bucket/xl \
+  python -m fitv2_jax.train --config configs/fitv2_xl.py --workdir /gcs/bucket/xl \
       --config.data.path=/data/in1k_latents_256 --config.data.global_batch_size=256
   # compile the real step ahead of time on N fake devices and report memory and collectives
   python -m fitv2_jax.train --config configs/fitv2_3b.py --dry_run --num_devices 64
 
+WORKDIR must be a path every host sees (a gcsfuse mount of a bucket, or NFS), not a gs:// URL.
 Config values are overridden with --config.a.b=value. Multi-host: launch one process per host
 (launch/tpu_pod.sh, launch/gpu_slurm.sh); jax.distributed is initialised when --distributed=on, or
 with auto when SLURM or a TPU pod is detected.

@@ -377,3 +377,16 @@ def test_training_on_packed_rows(demo_px, tmp_path):
     config.mesh.ici = (1, -1, 1)
     result = train_and_evaluate(config, str(tmp_path))
     assert result["status"] == "done" and np.isfinite(result["loss"])
+
+
+def test_url_workdir_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    """gs:// would send checkpoints to the bucket (Orbax) but config.json and metrics to a local
+    "gs:" directory; refuse it and name the fix."""
+    from fitv2_jax.training.loop import train_and_evaluate
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(
+        ValueError, match=r"--workdir gs://bucket/run: URLs are not supported.*gcsfuse"
+    ):
+        train_and_evaluate(None, "gs://bucket/run")
+    assert not os.path.exists(tmp_path / "gs:")

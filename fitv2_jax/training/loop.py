@@ -131,6 +131,15 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     plus {"step", "status"} with status "done", "preempted" or "data_exhausted"."""
     from fitv2_jax.training.writers import create_writer
 
+    if "://" in str(workdir):
+        # os.makedirs would quietly make a local "gs:" directory for config.json and metrics
+        # while Orbax wrote checkpoints to the bucket: a resume elsewhere would miss half the run.
+        raise ValueError(
+            f"--workdir {workdir}: URLs are not supported (config.json, metrics.jsonl, TensorBoard "
+            "and sample grids are written through the local filesystem). Mount the bucket on "
+            "every host (e.g. `gcsfuse --implicit-dirs BUCKET /gcs/BUCKET`) and pass the mount "
+            "path, e.g. --workdir /gcs/BUCKET/run."
+        )
     os.makedirs(workdir, exist_ok=True)
     tc = config.train
     main_process = jax.process_index() == 0
