@@ -68,7 +68,7 @@ class FeatureFile:
         return out if dtype is None else out.astype(dtype)
 
     def close(self) -> None:
-        if self._fd >= 0:
+        if getattr(self, "_fd", -1) >= 0:  # (also when __init__ failed before opening)
             os.close(self._fd)
             self._fd = -1
 
