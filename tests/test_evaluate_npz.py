@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from skimage import data
-from test_inception import _reference_resize, _TorchvisionFIDInception
+from test_inception import _reference_resize, _torch_features, _TorchvisionFIDInception
 
 from fitv2_jax import evaluate_npz
 from fitv2_jax.eval.inception import default_weights_path
@@ -68,18 +68,8 @@ def test_self_score_is_zero_fid_and_full_precision_recall(photos, capsys, tmp_pa
 
 def _torch_pool_spatial(images):
     net = torch.jit.load(default_weights_path(), map_location="cpu").eval()
-    x = np.stack([_reference_resize(im, 299, 299) for im in images])
-    x = torch.from_numpy((x - 128.0) / 128.0).permute(0, 3, 1, 2).contiguous()
-    layers = net.net.layers
-    with torch.no_grad():
-        pool = net(x).numpy()
-        h = x
-        for name in ("conv", "conv_1", "conv_2", "pool0", "conv_3", "conv_4", "pool1"):
-            h = getattr(layers, name)(h)
-        for name in ("mixed", "mixed_1", "mixed_2", "mixed_3", "mixed_4", "mixed_5"):
-            h = getattr(layers, name)(h)
-        spatial = layers.mixed_6.conv(h)[:, :7].permute(0, 2, 3, 1).reshape(len(x), -1).numpy()
-    return pool.astype(np.float64), spatial.astype(np.float64)
+    feats = _torch_features(net, images)
+    return feats["pool"].astype(np.float64), feats["spatial"].astype(np.float64)
 
 
 def _oracle_fid(x, y):
