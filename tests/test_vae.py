@@ -70,6 +70,15 @@ def assert_close(got, want, rel=1e-4):
     assert err <= rel * np.abs(want).max(), (err, np.abs(want).max())
 
 
+def assert_matches_diffusers(vae, m, x, z):
+    """Our encode mean of images x and decode of latents z equal diffusers' AutoencoderKL m."""
+    with torch.no_grad():
+        mean_t = np_nhwc(m.encode(t_nchw(x)).latent_dist.mean)
+        dec_t = np_nhwc(m.decode(t_nchw(z)).sample)
+    assert_close(vae.encode(x) / SCALE, mean_t)
+    assert_close(vae.decode(z * SCALE), dec_t)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
     """On the shared 2-core machine one torch thread leaves the other core to XLA."""
@@ -96,11 +105,7 @@ def test_parity_with_diffusers(small, h, w, batch):
     vae = load_vae(d, **OPTS, max_pixels=2 * 256 * 256)
     x = photo(h, w, batch)
     z = np.random.RandomState(h + w).randn(batch, h // 8, w // 8, 4).astype(np.float32)
-    with torch.no_grad():
-        mean_t = np_nhwc(m.encode(t_nchw(x)).latent_dist.mean)
-        dec_t = np_nhwc(m.decode(t_nchw(z)).sample)
-    assert_close(vae.encode(x) / SCALE, mean_t)
-    assert_close(vae.decode(z * SCALE), dec_t)
+    assert_matches_diffusers(vae, m, x, z)
 
 
 def test_parity_full_kl_f8_single_file(tmp_path):
@@ -112,11 +117,7 @@ def test_parity_full_kl_f8_single_file(tmp_path):
     assert vae.module.block_out_channels == (128, 256, 512, 512)
     x = photo(64, 64)
     z = np.random.RandomState(0).randn(1, 8, 8, 4).astype(np.float32)
-    with torch.no_grad():
-        mean_t = np_nhwc(m.encode(t_nchw(x)).latent_dist.mean)
-        dec_t = np_nhwc(m.decode(t_nchw(z)).sample)
-    assert_close(vae.encode(x) / SCALE, mean_t)
-    assert_close(vae.decode(z * SCALE), dec_t)
+    assert_matches_diffusers(vae, m, x, z)
 
 
 def test_round_trip_photo(small):
