@@ -99,9 +99,10 @@ def npz_keys(path: str) -> set[str]:
         return {n[:-4] for n in zf.namelist() if n.endswith(".npy")}
 
 
-def check_archive(path: str, role: str) -> NpzImages | None:
-    """Validate one input before any work: its images (returned) or, for a reference, its
-    precomputed statistics and `pool` features. Errors name the file and the key."""
+def check_archive(path: str, role: str) -> tuple[NpzImages | None, dict[str, np.ndarray]]:
+    """Validate one input before any work. Returns its images (None for a reference made of
+    `pool` features) and its precomputed statistics (`read_reference`, without the pool).
+    Errors name the file and the key."""
     from fitv2_jax.eval.metrics import read_reference
 
     if not os.path.isfile(path):
@@ -111,7 +112,7 @@ def check_archive(path: str, role: str) -> NpzImages | None:
     keys = npz_keys(path)
     pre = read_reference(path, with_pool=False)  # checks mu/sigma/mu_s/sigma_s when present
     if IMAGES_KEY in keys:
-        return NpzImages(path)
+        return NpzImages(path), pre
     if role == "reference" and "pool" in keys and "mu" in pre:
         pool = NpzArray(path, "pool")
         if len(pool.shape) != 2 or pool.shape[1] != pre["mu"].shape[0]:
@@ -119,7 +120,7 @@ def check_archive(path: str, role: str) -> NpzImages | None:
                 f"{path}: 'pool' has shape {pool.shape}; expected (N, {pre['mu'].shape[0]}) "
                 "features matching 'mu'"
             )
-        return None
+        return None, pre
     need = "'arr_0' (images), or 'pool' features with 'mu', 'sigma', 'mu_s', 'sigma_s'"
     raise KeyError(
         f"{path}: no {need if role == 'reference' else repr(IMAGES_KEY)} in the {role} "
@@ -127,16 +128,23 @@ def check_archive(path: str, role: str) -> NpzImages | None:
     )
 
 
-def _statistics(path: str, role: str, model, batch_size: int, spill_dir: str) -> dict:
+def _statistics(
+    path: str,
+    role: str,
+    images: NpzImages | None,
+    pre: dict,
+    model,
+    batch_size: int,
+    spill_dir: str,
+) -> dict:
     """Everything one file contributes: pool features, (mu, sigma), (mu_s, sigma_s), logits.
 
-    Pool features and logits go to FeatureFiles in spill_dir, so memory does not grow with N.
+    images, pre: what `check_archive` returned for it. Pool features and logits go to
+    FeatureFiles in spill_dir, so memory does not grow with N.
     """
     from fitv2_jax.eval.feature_file import FeatureFile
-    from fitv2_jax.eval.metrics import features_from_batches, read_reference
+    from fitv2_jax.eval.metrics import features_from_batches
 
-    images = check_archive(path, role)
-    pre = read_reference(path, with_pool=False)
     if images is not None:
         print(f"computing {role} batch activations ({len(images)} images {images.shape[1:3]})...")
         total = -(-len(images) // batch_size)
@@ -185,8 +193,10 @@ def evaluate(
     from fitv2_jax.eval.inception import load_inception
 
     # Fail on a bad archive before spending time on the other one.
+    inputs = {}
     for path, role in ((ref_path, "reference"), (sample_path, "sample")):
-        images = check_archive(path, role)
+        inputs[role] = check_archive(path, role)
+        images = inputs[role][0]
         if images is not None and len(images) <= k:
             raise ValueError(
                 f"{path}: {len(images)} {role} images; precision/recall with --k {k} need at "
@@ -196,8 +206,8 @@ def evaluate(
         raise FileNotFoundError(f"--tmp_dir {tmp_dir}: no such directory")
     model = load_inception(weights, batch_size=batch_size)
     with tempfile.TemporaryDirectory(prefix="evaluate_npz_", dir=tmp_dir) as spill_dir:
-        ref = _statistics(ref_path, "reference", model, batch_size, spill_dir)
-        sample = _statistics(sample_path, "sample", model, batch_size, spill_dir)
+        ref = _statistics(ref_path, "reference", *inputs["reference"], model, batch_size, spill_dir)
+        sample = _statistics(sample_path, "sample", *inputs["sample"], model, batch_size, spill_dir)
         for name in ("stats", "spatial_stats"):
             if ref[name][0].shape != sample[name][0].shape:
                 raise ValueError(
