@@ -209,7 +209,7 @@ def test_feature_file_round_trips_rows_and_slices(tmp_path):
     want = x.astype(np.float32)
     for s in (slice(0, 53), slice(5, 9), slice(50, 1000), slice(60, 70), slice(None)):
         np.testing.assert_array_equal(store[s], want[s])
-    np.testing.assert_array_equal(np.asarray(store), want)
+    np.testing.assert_array_equal(store[:], want)
     with pytest.raises(ValueError, match=r"\(B, 7\)"):
         store.append(np.zeros((2, 6)))
     with pytest.raises(TypeError, match="row slices"):

@@ -79,7 +79,7 @@ finally:
 """
 
 
-def peak_rss_of_module(module: str, argv: list[str], quiet: bool = True) -> tuple[float, float]:
+def peak_rss_of_module(module: str, argv: list[str]) -> tuple[float, float]:
     """(peak resident set in MiB, wall seconds) of `python -m module *argv` in a fresh process.
 
     Linux only (reads /proc/self/status). Raises with the command line when it fails.
@@ -90,8 +90,7 @@ def peak_rss_of_module(module: str, argv: list[str], quiet: bool = True) -> tupl
         out = os.path.join(tmp, "peak_kb")
         cmd = [sys.executable, "-c", _PEAK_RSS_RUNNER, out, module, *argv]
         t = time.perf_counter()
-        pipe = subprocess.DEVNULL if quiet else None
-        proc = subprocess.run(cmd, stdout=pipe, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         wall = time.perf_counter() - t
         if proc.returncode:
             raise RuntimeError(

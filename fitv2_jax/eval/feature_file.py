@@ -4,7 +4,7 @@
     store.append(batch_pool)            # (B, 2048), any float dtype; stored as float32
     store[i : i + 1000]                 # (<=1000, 2048) float32 ndarray, read from the file
 
-The metrics in `metrics.py` only take `len(x)`, `x.shape` and row slices of their feature
+The metrics in `metrics.py` only take `len(x)` and row slices of their feature
 arguments, so they accept an ndarray or a FeatureFile alike. Reads are plain `pread`s into a
 fresh array, not a memory map: mapped pages would count in the resident set as they are touched.
 """
@@ -27,10 +27,6 @@ class FeatureFile:
     @property
     def shape(self) -> tuple[int, int]:
         return (self._n, self.dim)
-
-    @property
-    def dtype(self) -> np.dtype:
-        return np.dtype(np.float32)
 
     def __len__(self) -> int:
         return self._n
@@ -61,11 +57,6 @@ class FeatureFile:
                 raise OSError(f"{self.path}: file is shorter than its {self._n} rows")
             view, offset = view[got:], offset + got
         return out
-
-    def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        """The whole matrix in memory (for small N and for tests)."""
-        out = self[:]
-        return out if dtype is None else out.astype(dtype)
 
     def close(self) -> None:
         if getattr(self, "_fd", -1) >= 0:  # (also when __init__ failed before opening)
