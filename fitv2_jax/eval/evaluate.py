@@ -496,7 +496,7 @@ def evaluate(
     for path in set((ref_npz_of or {}).values()):  # fail before hours of sampling
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--ref_npz {path}: file not found")
-        metrics.read_reference(path)
+        metrics.read_reference(path, with_pool=False)  # validates the statistics only
 
     source, source_desc = ref_source, None
     if isinstance(ref_source, str):
