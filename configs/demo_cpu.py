@@ -11,7 +11,7 @@ aspect ratio, including 48x48 (144 tokens, 2.25x the training area, VisionNTK + 
 and 16x64 (an aspect ratio never trained on).
 """
 
-from fitv2_jax.config_defaults import base_config, fitv2_model
+from fitv2_jax.config.defaults import base_config, fitv2_model
 
 
 def get_config():

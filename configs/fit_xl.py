@@ -7,7 +7,7 @@ Command:
 Reproduces: FID-50K 4.21 at 256x256 (cfg 1.5), 5.48 at 160x320, 16.59 at 128x384.
 """
 
-from fitv2_jax.config_defaults import base_config, fitv2_model
+from fitv2_jax.config.defaults import base_config, fitv2_model
 
 
 def get_config():

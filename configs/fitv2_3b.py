@@ -8,7 +8,7 @@ Reproduces: FID-50K 2.15 at 256x256 (cfg 1.5), 6.72 at 160x320, 13.73 at 128x384
   at 320x320 / 224x448 / 160x480.
 """
 
-from fitv2_jax.config_defaults import base_config, fitv2_model
+from fitv2_jax.config.defaults import base_config, fitv2_model
 
 
 def get_config():

@@ -6,7 +6,7 @@ Hardware: a single 8-chip host; the paper's ablation model.
 Reproduces: FID-50K 26.03 at 256x256 after 400K steps without CFG (FiT-B/2: 36.36); 16.52 at 2000K.
 """
 
-from fitv2_jax.config_defaults import base_config, fitv2_model
+from fitv2_jax.config.defaults import base_config, fitv2_model
 
 
 def get_config():

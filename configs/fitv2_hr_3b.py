@@ -8,7 +8,7 @@ Hardware: paper: 200K steps at batch 256, constant LR 1e-4.
 Reproduces: FID-50K 2.41 at 512x512 (cfg 1.6), 4.54 at 320x640, 16.08 at 256x768.
 """
 
-from fitv2_jax.config_defaults import base_config, fitv2_model, post_training
+from fitv2_jax.config.defaults import base_config, fitv2_model, post_training
 
 
 def get_config():

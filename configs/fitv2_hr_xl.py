@@ -9,7 +9,7 @@ Hardware: paper: 400K steps at batch 256, constant LR 1e-4, no warmup.
 Reproduces: FID-50K 2.90 at 512x512 (cfg 1.65), 4.87 at 320x640, 18.55 at 256x768 (VisionNTK).
 """
 
-from fitv2_jax.config_defaults import base_config, fitv2_model, post_training
+from fitv2_jax.config.defaults import base_config, fitv2_model, post_training
 
 
 def get_config():

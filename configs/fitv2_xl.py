@@ -8,7 +8,7 @@ Reproduces: FID-50K 2.26 at 256x256 (cfg 1.5, dopri5, EMA weights), 5.50 at 160x
   3.55 / 5.54 / 13.55 at 320x320 / 224x448 / 160x480 with VisionNTK + attention scale.
 """
 
-from fitv2_jax.config_defaults import base_config, fitv2_model
+from fitv2_jax.config.defaults import base_config, fitv2_model
 
 
 def get_config():

@@ -5,7 +5,7 @@ Command (any CPU, seconds):
 Hardware: a laptop CPU. Reproduces: nothing published; every code path of FiTv2-XL/2 at toy size.
 """
 
-from fitv2_jax.config_defaults import base_config, fitv2_model
+from fitv2_jax.config.defaults import base_config, fitv2_model
 
 
 def get_config():

@@ -8,35 +8,33 @@ r"""Train FiT/FiTv2: `python -m fitv2_jax.train --config configs/X.py --workdir 
 
 WORKDIR must be a path every host sees (a gcsfuse mount of a bucket, or NFS), not a gs:// URL.
 Config values are overridden with --config.a.b=value. Multi-host: launch one process per host
-(launch/tpu_pod.sh, launch/gpu_slurm.sh); jax.distributed is initialised when --distributed=on, or
-with auto when SLURM or a TPU pod is detected.
+(launch/tpu_pod.sh, launch/gpu_slurm.sh); jax.distributed is initialised with --distributed=on,
+or with auto when SLURM or a TPU pod is detected.
 """
 
 import os
-import sys
 
-from absl import app, flags
+import jax
+from absl import flags
 from ml_collections import config_flags
 
+from fitv2_jax.cli.app import run
+from fitv2_jax.training.dry_run import dry_run
+from fitv2_jax.training.loop import train
+from fitv2_jax.utils.errors import UserError
+
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file(
-    "config", None, "Config file, e.g. configs/fitv2_xl.py.", lock_config=False
-)
-flags.DEFINE_string(
-    "workdir", None, "Run directory: checkpoints, metrics.jsonl, tensorboard/, samples/."
-)
-flags.DEFINE_bool(
-    "dry_run",
-    False,
-    "AOT-compile one train step on --num_devices fake CPU devices and report memory.",
-)
-flags.DEFINE_integer("num_devices", 8, "Fake devices for --dry_run.")
-flags.DEFINE_integer(
-    "dry_run_batch", 0, "Global batch for --dry_run (0: config.data.global_batch_size)."
-)
-flags.DEFINE_enum(
-    "distributed", "auto", ["auto", "on", "off"], "Call jax.distributed.initialize()."
-)
+config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/fitv2_xl.py",
+                                lock_config=False)  # fmt: skip
+flags.DEFINE_string("workdir", None, "run directory: checkpoints, metrics.jsonl, tensorboard/, "
+                    "samples/")  # fmt: skip
+flags.DEFINE_bool("dry_run", False, "AOT-compile one train step on --num_devices fake CPU "
+                  "devices and report memory")  # fmt: skip
+flags.DEFINE_integer("num_devices", 8, "fake devices for --dry_run")
+flags.DEFINE_integer("dry_run_batch", None, "global batch for --dry_run (default: "
+                     "config.data.global_batch_size)")  # fmt: skip
+flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"], "call jax.distributed.initialize()")
+flags.mark_flags_as_required(["config"])
 
 
 def _want_distributed(mode: str) -> bool:
@@ -49,29 +47,21 @@ def _want_distributed(mode: str) -> bool:
 
 
 def main(argv):
-    del argv
-    if FLAGS.config is None:
-        sys.exit("--config is required, e.g. --config configs/tiny.py (see README.md).")
+    if len(argv) > 1:
+        raise UserError(f"unexpected arguments {argv[1:]}; flags look like --workdir DIR")
     if FLAGS.dry_run:
-        flag = f"--xla_force_host_platform_device_count={FLAGS.num_devices}"
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
-        os.environ["JAX_PLATFORMS"] = "cpu"
-        from fitv2_jax.training.dry_run import dry_run
-
-        dry_run(FLAGS.config, FLAGS.dry_run_batch or None)
+        jax.config.update("jax_platforms", "cpu")  # before any device is touched
+        jax.config.update("jax_num_cpu_devices", FLAGS.num_devices)
+        dry_run(FLAGS.config, FLAGS.dry_run_batch)
         return
     if not FLAGS.workdir:
-        sys.exit("--workdir is required: the run directory for checkpoints and metrics.")
-    import jax
-
+        raise UserError("--workdir is required: the run directory for checkpoints and metrics")
     if _want_distributed(FLAGS.distributed):
         jax.distributed.initialize()
-    from fitv2_jax.training.loop import train_and_evaluate
-
-    result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    result = train(FLAGS.config, FLAGS.workdir)
     if result["status"] == "preempted":
-        sys.exit(0)
+        print("preempted: rerun the same command to resume")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

@@ -6,5 +6,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/_venv.sh
-ensure_venv
+ensure_venv demo
 exec "$VENV/bin/python" -m fitv2_jax.demo "$@"

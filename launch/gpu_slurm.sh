@@ -4,7 +4,7 @@
 #   sbatch --nodes=4 launch/gpu_slurm.sh configs/fitv2_xl.py /shared/runs/fitv2_xl \
 #       --config.data.path=/shared/in1k_latents_256
 #
-# Install once on the shared filesystem: python3 -m venv .venv && .venv/bin/pip install -e . 'jax[cuda12]'
+# Install once on the shared filesystem: python3 -m venv .venv && .venv/bin/pip install -e '.[eval]' 'jax[cuda12]'
 # WORKDIR must be on a filesystem all nodes share. Rerunning resumes from the latest checkpoint;
 # SLURM's SIGTERM before the time limit (use --signal=TERM@120) saves and exits 0.
 #SBATCH --job-name=fitv2

@@ -1,16 +1,25 @@
-"""evaluate_npz: ADM's evaluator as a CLI, on small .npz files of real photos."""
+"""evaluate_npz: ADM's evaluator without TensorFlow (`eval.npz_scores` and the command), on
+small .npz files of real photos."""
 
 import json
+import re
+import tracemalloc
 
 import numpy as np
 import pytest
 import torch
+from cli import error_line, run_cli
 from skimage import data
 from test_inception import _reference_resize, _torch_features, _TorchvisionFIDInception
 
-from fitv2_jax import evaluate_npz
-from fitv2_jax.eval.inception import default_weights_path
-from fitv2_jax.eval.metrics import feature_statistics, write_statistics
+from fitv2_jax.data.npz import NpzImages
+from fitv2_jax.eval.features import load_inception
+from fitv2_jax.eval.metrics import feature_statistics
+from fitv2_jax.eval.npz_scores import format_results, score_npz_files
+from fitv2_jax.eval.reference import write_statistics
+from fitv2_jax.models.inception import POOL_DIM, SPATIAL_DIM
+from fitv2_jax.utils.errors import UserError
+from fitv2_jax.weights.inception import default_weights_path
 
 
 def _crops(img, n, h, w, seed):
@@ -36,14 +45,16 @@ def photos(tmp_path_factory):
     return {"dir": d, "a": a, "b": b, "square": square, "wide": wide}
 
 
-def _run(capsys, *argv):
-    results = evaluate_npz.main([*argv, "--batch_size", "8", "--fid_method", "eigh"])
-    return results, capsys.readouterr().out
+def _score(ref, samples, **kw):
+    return score_npz_files(ref, samples, batch_size=8, fid_method="eigh", **kw)
 
 
-def test_self_score_is_zero_fid_and_full_precision_recall(photos, capsys, tmp_path):
+def test_self_score_is_zero_fid_and_full_precision_recall(photos, tmp_path):
+    """Through the command: ADM's printout and the JSON file."""
     out_json = str(tmp_path / "self.json")
-    r, out = _run(capsys, photos["a"], photos["a"], "--json", out_json)
+    proc = run_cli("evaluate_npz", photos["a"], photos["a"], "--out", out_json, "--batch_size",
+                   "8", "--fid_method", "eigh")  # fmt: skip
+    r, out = json.load(open(out_json)), proc.stdout
     # Float error only: 8 samples give rank-7 covariances in 2048-d, and the square roots of the
     # ~2000 zero eigenvalues (float noise ~1e-12 each) add up to ~1e-4; distinct sets give > 50.
     assert abs(r["fid"]) < 2e-3 and abs(r["sfid"]) < 2e-3
@@ -61,9 +72,7 @@ def test_self_score_is_zero_fid_and_full_precision_recall(photos, capsys, tmp_pa
     ]
     assert float(lines[i + 1].split(": ")[1]) == r["fid"]
     assert out_json in lines[-1]
-    saved = json.load(open(out_json))
-    assert saved["inception_score"] is None and saved["fid"] == r["fid"]
-    assert saved["num_samples"] == saved["num_reference"] == 8
+    assert r["inception_score"] is None and r["num_samples"] == r["num_reference"] == 8
 
 
 def _torch_pool_spatial(images):
@@ -82,8 +91,8 @@ def _oracle_fid(x, y):
     return diff @ diff + np.trace(s1) + np.trace(s2) - 2 * nuclear.sum()
 
 
-def test_fid_equals_independent_computation_on_torch_features(photos, capsys):
-    r, _ = _run(capsys, photos["a"], photos["b"], "--json", str(photos["dir"] / "ab.json"))
+def test_fid_equals_independent_computation_on_torch_features(photos):
+    r = _score(photos["a"], photos["b"])
     pool_a, spatial_a = _torch_pool_spatial(photos["square"])
     pool_b, spatial_b = _torch_pool_spatial(photos["wide"])
     want_fid, want_sfid = _oracle_fid(pool_b, pool_a), _oracle_fid(spatial_b, spatial_a)
@@ -98,13 +107,13 @@ def test_fid_equals_independent_computation_on_torch_features(photos, capsys):
     ref = write_statistics(
         str(photos["dir"] / "stats.npz"), mu, sigma, mu_s, sigma_s, pool=pool_a.astype(np.float32)
     )
-    r2, _ = _run(capsys, ref, photos["b"], "--json", str(photos["dir"] / "ab2.json"))
+    r2 = _score(ref, photos["b"])
     assert r2["reference_statistics"] == "precomputed"
     np.testing.assert_allclose(r2["fid"], want_fid, rtol=1e-4)
     np.testing.assert_allclose([r2["precision"], r2["recall"]], [r["precision"], r["recall"]])
 
 
-def test_inception_score_with_pytorch_fid_layout_weights(photos, capsys, tmp_path):
+def test_inception_score_with_pytorch_fid_layout_weights(photos, tmp_path):
     # A random network in pytorch-fid's .pth layout (the real file is not redistributable):
     # the CLI's IS must equal numpy's IS on torch's logits (without the fc bias, as ADM).
     torch.manual_seed(1)
@@ -120,18 +129,18 @@ def test_inception_score_with_pytorch_fid_layout_weights(photos, capsys, tmp_pat
     weights = str(tmp_path / "pt_inception-random.pth")
     torch.save(net.state_dict(), weights, _use_new_zipfile_serialization=False)
 
-    r, out = _run(capsys, photos["a"], photos["b"], "--weights", weights)
+    r = _score(photos["a"], photos["b"], inception_weights=weights)
     p = np.exp(logits - logits.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
     want = np.exp(np.mean(np.sum(p * (np.log(p) - np.log(p.mean(0))), axis=1)))
     assert want > 1.5
     np.testing.assert_allclose(r["inception_score"], want, rtol=1e-3)
-    assert f"Inception Score: {r['inception_score']}" in out
+    assert f"Inception Score: {r['inception_score']}" in format_results(r)
 
 
 def test_npz_images_stream_in_batches_equal_to_np_load(photos):
     for path, key in ((photos["a"], "square"), (photos["b"], "wide")):
-        reader = evaluate_npz.NpzImages(path)
+        reader = NpzImages(path)
         batches = list(reader.batches(3))
         assert [len(b) for b in batches] == [3, 3, 2]
         np.testing.assert_array_equal(np.concatenate(batches), photos[key])
@@ -147,18 +156,24 @@ def test_npz_images_stream_in_batches_equal_to_np_load(photos):
         ({"arr_0": np.zeros((3, 8, 8, 3), np.uint8)}, r"bad\.npz: 3 (reference|sample) images"),
     ],
 )
-def test_bad_archives_are_rejected_naming_file_and_key(photos, tmp_path, arrays, message, capsys):
+def test_bad_archives_are_rejected_naming_file_and_key(photos, tmp_path, arrays, message):
     bad = str(tmp_path / "bad.npz")
     np.savez(bad, **arrays)
-    with pytest.raises(SystemExit, match=message):
-        evaluate_npz.main([photos["a"], bad])
-    with pytest.raises(SystemExit, match=message):
-        evaluate_npz.main([bad, photos["a"]])
+    with pytest.raises(UserError, match=message):
+        _score(photos["a"], bad)
+    with pytest.raises(UserError, match=message):
+        _score(bad, photos["a"])
 
 
-def test_missing_file_is_named(photos, tmp_path):
-    with pytest.raises(SystemExit, match="nope.npz: sample file not found"):
-        evaluate_npz.main([photos["a"], str(tmp_path / "nope.npz")])
+def test_command_errors_are_one_line_and_inputs_are_never_overwritten(photos, tmp_path):
+    proc = run_cli("evaluate_npz", photos["a"], tmp_path / "nope.npz", check=False)
+    assert "nope.npz: sample file not found" in error_line(proc)
+    before = open(photos["a"], "rb").read()
+    proc = run_cli("evaluate_npz", photos["a"], photos["b"], "--out", photos["a"], check=False)
+    assert re.search("--out .*square.npz is one of the input files", error_line(proc))
+    assert open(photos["a"], "rb").read() == before
+    proc = run_cli("evaluate_npz", photos["a"], photos["b"], "--json", "x.json", check=False)
+    assert "--json was renamed: use --out" in error_line(proc)
 
 
 def test_reference_pool_of_the_wrong_width_is_rejected(tmp_path):
@@ -171,8 +186,8 @@ def test_reference_pool_of_the_wrong_width_is_rejected(tmp_path):
         np.eye(d),
         pool=np.zeros((5, d + 1), np.float32),
     )
-    with pytest.raises(SystemExit, match=r"stats\.npz: 'pool' has shape \(5, 17\); expected"):
-        evaluate_npz.main([stats, stats])
+    with pytest.raises(UserError, match=r"stats\.npz: 'pool' has shape \(5, 17\); expected"):
+        _score(stats, stats)
 
 
 def test_memory_does_not_grow_with_the_number_of_samples(tmp_path, capsys):
@@ -180,10 +195,6 @@ def test_memory_does_not_grow_with_the_number_of_samples(tmp_path, capsys):
     tracemalloc): images stream batch by batch, features wait on disk, metrics run in blocks.
     Peak RSS at 512x512 (2000 vs 200 samples) is measured by `python -m fitv2_jax.bench --suite
     eval --rss 200,2000`."""
-    import tracemalloc
-
-    from fitv2_jax.eval.inception import POOL_DIM, SPATIAL_DIM, load_inception
-
     rng = np.random.default_rng(0)
     pool = rng.standard_normal((40, POOL_DIM)).astype(np.float32)
     mu, sigma = feature_statistics(pool)
@@ -200,7 +211,7 @@ def test_memory_does_not_grow_with_the_number_of_samples(tmp_path, capsys):
     for n, path in paths.items():
         tracemalloc.start()
         try:
-            evaluate_npz.evaluate(ref, path, batch_size=8, fid_method="eigh")
+            _score(ref, path)
             peaks[n] = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()

@@ -9,13 +9,11 @@ import pytest
 import torch
 from skimage import data
 
-from fitv2_jax.eval.inception import (
-    default_weights_path,
-    load_inception,
-    load_inception_params,
-    tf1_resize_bilinear,
-)
-from fitv2_jax.eval.torch_pickle import load_torch_file
+from fitv2_jax.eval.features import Inception, load_inception
+from fitv2_jax.models.inception import tf1_resize_bilinear
+from fitv2_jax.utils.errors import UserError
+from fitv2_jax.weights.inception import default_weights_path, load_inception_params
+from fitv2_jax.weights.torch_files import load_torch_file
 
 
 @pytest.fixture(scope="module")
@@ -161,8 +159,21 @@ def test_torch_file_reader_refuses_code(tmp_path):
 
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr("archive/data.pkl", buf.getvalue())
-    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+    with pytest.raises(UserError, match="evil.pt: not a readable torch weights file.*refusing"):
         load_torch_file(path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_torch_file_storages_of_every_float_dtype(tmp_path, dtype):
+    """torch.save of float32 / float16 / bfloat16 tensors reads back without torch, equal to
+    torch's own float32 conversion (a transposed view keeps its strides)."""
+    w = torch.randn(3, 5).to(dtype)
+    path = str(tmp_path / "w.bin")
+    torch.save({"a.weight": w, "a.t": w.t(), "step": 7}, path)
+    tree = load_torch_file(path)
+    for name, want in (("a.weight", w), ("a.t", w.t())):
+        np.testing.assert_array_equal(np.asarray(tree[name], np.float32), want.float().numpy())
+    assert tree["step"] == 7
 
 
 class _ConvBN(torch.nn.Module):
@@ -302,8 +313,6 @@ def test_pytorch_fid_pth_layout_gives_same_features_and_logits(tmp_path):
 
     params, has_logits = load_inception_params(path)
     assert has_logits
-    from fitv2_jax.eval.inception import Inception
-
     ours = Inception(params, has_logits, batch_size=2)(
         x.permute(0, 2, 3, 1).numpy() * 128.0 + 128.0
     )

@@ -12,9 +12,8 @@ from fitv2_jax.eval.metrics import (
     manifold_radii,
     pairwise_sq_distances,
     precision_recall,
-    read_reference,
-    write_statistics,
 )
+from fitv2_jax.eval.reference import read_reference, write_statistics
 
 
 def test_running_statistics_equal_numpy_cov_on_the_concatenation():

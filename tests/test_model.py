@@ -2,17 +2,22 @@
 
 import os
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+from cli import run_cli
 from numpy_fit import forward as oracle_forward
 from numpy_fit import official_shapes, random_state_dict
+from safetensors.numpy import load_file, save_file
 
-from fitv2_jax.config_file import load_config
+from fitv2_jax.config.files import load_config
 from fitv2_jax.models.convert import from_torch_state_dict, to_torch_state_dict
 from fitv2_jax.models.fit import FiT, from_official_params
 from fitv2_jax.models.summary import summarize, trainable_subset_params
+from fitv2_jax.weights.fit import load_fit_params
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 
@@ -230,27 +235,23 @@ def test_bf16_compute_stays_close():
     assert np.abs(out - ref).max() / np.abs(ref).max() < 0.05
 
 
-def test_convert_cli_round_trip(tmp_path):
-    """official .safetensors -> Orbax Flax params -> official .safetensors is the identity."""
-    from safetensors.numpy import load_file, save_file
-
-    from fitv2_jax.models.convert import main as convert
-
+def test_official_file_folder_and_torch_pickle_load_the_same_and_export_round_trips(tmp_path):
+    """An official state dict as .safetensors, as a Hugging Face folder (model_ema.safetensors)
+    and as a torch pickle (.bin, read without torch) gives the same params; the export command
+    writes it back unchanged."""
     cfg = load_config(os.path.join(CONFIGS, "tiny.py")).model
     sd = random_state_dict(dict(cfg), seed=4)
-    save_file(sd, str(tmp_path / "official.safetensors"))
-    config_file = os.path.join(CONFIGS, "tiny.py")
-    convert(
-        [
-            "--config",
-            config_file,
-            "--input",
-            str(tmp_path / "official.safetensors"),
-            "--output",
-            str(tmp_path / "flax"),
-        ]
-    )
-    convert(["--config", config_file, "--direction", "to_torch", "--input", str(tmp_path / "flax"), "--output", str(tmp_path / "back.safetensors")])  # fmt: skip
+    official = str(tmp_path / "official.safetensors")
+    save_file(sd, official)
+    (tmp_path / "hf").mkdir()
+    save_file(sd, str(tmp_path / "hf" / "model_ema.safetensors"))
+    torch.save({"ema": {k: torch.from_numpy(v) for k, v in sd.items()}}, str(tmp_path / "m.bin"))
+    want = flax.traverse_util.flatten_dict(from_torch_state_dict(sd, cfg))
+    for path in (official, str(tmp_path / "hf"), str(tmp_path / "m.bin")):
+        got = flax.traverse_util.flatten_dict(load_fit_params(path, cfg))
+        assert set(got) == set(want) and all(np.array_equal(got[k], want[k]) for k in want)
+    run_cli("export", "--config", "configs/tiny.py", "--checkpoint", official, "--out",
+            tmp_path / "back.safetensors")  # fmt: skip
     back = load_file(str(tmp_path / "back.safetensors"))
     assert set(back) == set(sd) and all(np.array_equal(back[k], sd[k]) for k in sd)
 

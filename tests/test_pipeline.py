@@ -8,25 +8,26 @@ import grain
 import numpy as np
 import pytest
 
+from fitv2_jax.config.defaults import data_defaults
 from fitv2_jax.data.bucketing import BatchPlan, choose_buckets, variant_weights
-from fitv2_jax.data.pipeline import default_config, make_train_iterator, to_global_batch
+from fitv2_jax.data.encoders import PixelEncoder
+from fitv2_jax.data.pipeline import make_train_iterator, to_global_batch
 from fitv2_jax.data.records import PreparedDataset, decode_record
-from fitv2_jax.prepare import build_parser, prepare
+from fitv2_jax.data.shard_writer import PrepareSettings, prepare_split
+from fitv2_jax.data.sources import open_source
 
 
 @pytest.fixture(scope="module")
 def demo_ds(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("demo"))
-    argv = ["--source", "demo", "--demo-crops", "8", "--out", out, "--max-tokens", "64"]
-    argv += ["--patch-size", "2", "--num-shards", "3", "--no-progress"]
-    args = build_parser().parse_args(argv)
-    args.process_index, args.process_count = 0, 1
-    prepare(args)
+    settings = PrepareSettings(out=out, max_tokens=64, patch_size=2, num_shards=3,
+                               process_index=0, process_count=1, progress=False)  # fmt: skip
+    prepare_split(open_source("demo", demo_crops=8), PixelEncoder(), settings)
     return out
 
 
 def _cfg(path, **kw):
-    cfg = default_config()
+    cfg = data_defaults()
     cfg.update(path=path, global_batch_size=8, read_threads=1, prefetch=2, **kw)
     return cfg
 

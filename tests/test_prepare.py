@@ -2,19 +2,24 @@
 
 import io
 import os
-import sys
 
+import grain
+import jax
 import numpy as np
 import pytest
+from cli import error_line, run_cli
 from PIL import Image
 
-from fitv2_jax.data.encoders import VaeEncoder
-from fitv2_jax.data.pipeline import default_config, make_train_iterator
+from fitv2_jax.config.defaults import data_defaults
+from fitv2_jax.data.encoders import PixelEncoder, VaeEncoder
+from fitv2_jax.data.pipeline import make_train_iterator
 from fitv2_jax.data.records import PreparedDataset, decode_record
-from fitv2_jax.prepare import build_parser, main, prepare
+from fitv2_jax.data.shard_writer import PrepareSettings, prepare_split
+from fitv2_jax.data.sources import open_source
+from fitv2_jax.models.vae import random_vae
 
-PX = ["--max-tokens", "64", "--patch-size", "2", "--no-progress"]
-HOST0 = ["--process-index", "0", "--process-count", "1"]
+PX = ["--max_tokens", "64", "--patch_size", "2", "--noprogress"]
+HOST0 = ["--process_index", "0", "--process_count", "1"]
 
 
 def _img(path, arr, mode=None, fmt=None, **kw):
@@ -50,13 +55,18 @@ def bad_tree(tmp_path_factory):
     return str(root)
 
 
-def _args(*argv):
-    return build_parser().parse_args(list(argv))
+def _prepare(root, out, encoder=None, **kw):
+    """The library call the command makes: 64 tokens of 2x2 pixel patches on host 0 of 1."""
+    settings = dict(out=out, max_tokens=64, patch_size=2, progress=False, process_index=0,
+                    process_count=1, source_kind="folder", source_root=root)  # fmt: skip
+    settings.update(kw)
+    return prepare_split(open_source("folder", root), encoder or PixelEncoder(),
+                         PrepareSettings(**settings))  # fmt: skip
 
 
 def test_bad_inputs_are_counted_and_the_pipeline_sees_exactly_the_written_ones(bad_tree, tmp_path):
     out = str(tmp_path / "ds")
-    s = prepare(_args("--source", "folder", "--root", bad_tree, "--out", out, *PX, *HOST0))
+    s = _prepare(bad_tree, out)
     a = s["all_shards_this_host"]
     assert (a["read"], a["written"], a["skipped"]) == (12, 8, 4)
     assert a["skipped_by_reason"] == {"too_small": 2, "corrupt": 1, "truncated": 1}
@@ -64,7 +74,7 @@ def test_bad_inputs_are_counted_and_the_pipeline_sees_exactly_the_written_ones(b
 
     ds = PreparedDataset(out)
     assert len(ds) == 8 and ds.meta["num_classes"] == 3
-    cfg = default_config()
+    cfg = data_defaults()
     cfg.update(path=out, global_batch_size=1, num_epochs=1)
     it = make_train_iterator(cfg, process_index=0, process_count=1, seed=0)
     seen = [(int(b["index"][0]), int(b["y"][0])) for b in it]
@@ -74,9 +84,7 @@ def test_bad_inputs_are_counted_and_the_pipeline_sees_exactly_the_written_ones(b
 
 def test_stored_pixels_match_pil_resize_and_both_flips(bad_tree, tmp_path):
     out = str(tmp_path / "ds")
-    prepare(_args("--source", "folder", "--root", bad_tree, "--out", out, *PX, *HOST0))
-    import grain
-
+    _prepare(bad_tree, out)
     src = grain.sources.ArrayRecordDataSource(PreparedDataset(out).shards)
     recs = {r["key"]: r for r in (decode_record(src[i]) for i in range(len(src)))}
     r = recs["a/good.jpg"]
@@ -95,11 +103,12 @@ def test_stored_pixels_match_pil_resize_and_both_flips(bad_tree, tmp_path):
     assert recs["a/extreme.png"]["variants"] == ["resize"]  # 10 px side: no crop variant
 
 
-def test_resume_redoes_only_half_written_shards(bad_tree, tmp_path, capsys):
+def test_resume_redoes_only_half_written_shards(bad_tree, tmp_path):
+    """Through the command: a rerun rewrites only the shard whose marker file is missing."""
     out = str(tmp_path / "ds")
-    argv = ["--source", "folder", "--root", bad_tree, "--out", out, "--num-shards", "3"]
-    first = main([*argv, *PX, *HOST0])
-    assert first["shards_written_now"] == 3
+    argv = ["--source", "folder", "--root", bad_tree, "--out", out, "--num_shards", "3"]
+    first = run_cli("prepare", *argv, *PX, *HOST0).stdout
+    assert "3 written now, 0 already done" in first
     stem = os.path.join(out, "train-00001-of-00003")
     os.remove(stem + ".json")  # as if killed while writing shard 1
     with open(stem + ".array_record", "wb") as f:
@@ -108,56 +117,56 @@ def test_resume_redoes_only_half_written_shards(bad_tree, tmp_path, capsys):
         f.write(b"stale")
     with pytest.raises(ValueError, match="unfinished.*train-00001-of-00003"):
         PreparedDataset(out)
-    again = main([*argv, *PX, *HOST0])
-    assert (again["shards_written_now"], again["shards_already_done"]) == (1, 2)
-    assert again["all_shards_this_host"] == first["all_shards_this_host"]
+    again = run_cli("prepare", *argv, *PX, *HOST0).stdout
+    assert "1 written now, 2 already done" in again
     assert not os.path.exists(stem + ".array_record.tmp")
     assert len(PreparedDataset(out)) == 8
-    text = capsys.readouterr().out
-    assert "images read 12, written 8, skipped 4" in text
-    assert text.strip().splitlines()[-1] == f"prepared dataset: {out} (split train)"
+    assert "images read 12, written 8, skipped 4" in again
+    assert again.strip().splitlines()[-1] == f"prepared dataset: {out} (split train)"
 
 
 def test_hosts_write_disjoint_shards(bad_tree, tmp_path):
     out = str(tmp_path / "ds")
-    argv = ["--source", "folder", "--root", bad_tree, "--out", out, "--num-shards", "3", *PX]
-    h0 = main([*argv, "--process-index", "0", "--process-count", "2"])
+    h0 = _prepare(bad_tree, out, num_shards=3, process_index=0, process_count=2)
     assert h0["shards_this_host"] == 2  # shards 0 and 2
     with pytest.raises(ValueError, match="1 of 3 train shards are unfinished"):
         PreparedDataset(out)
-    h1 = main([*argv, "--process-index", "1", "--process-count", "2"])
+    h1 = _prepare(bad_tree, out, num_shards=3, process_index=1, process_count=2)
     assert h1["shards_this_host"] == 1
     assert h0["all_shards_this_host"]["read"] + h1["all_shards_this_host"]["read"] == 12
     assert len(PreparedDataset(out)) == 8
 
 
-def test_cli_errors_name_the_flag_or_path(tmp_path, capsys, monkeypatch):
-    with pytest.raises(SystemExit) as e:
-        main(["--source", "folder", "--root", str(tmp_path / "missing"), "--out", str(tmp_path)])
-    assert "missing" in str(e.value)
-    with pytest.raises(SystemExit) as e:
-        main(["--help"])
-    assert e.value.code == 0 and "--source" in capsys.readouterr().out
-    monkeypatch.setitem(sys.modules, "fitv2_jax.models.vae", None)  # not importable
-    with pytest.raises(SystemExit, match="--vae needs fitv2_jax.models.vae"):
-        main(["--source", "demo", "--out", str(tmp_path / "o"), "--vae", "w", *HOST0])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--source", "folder", "--root", "{tmp}/missing"], "missing"),
+        (["--source", "demo", "--max-tokens", "64"], "--max-tokens was renamed: use --max_tokens"),
+        (["--source", "demo", "--patch_size", "0"], "--patch_size 0: give a positive number"),
+        (["--source", "demo", "--vae", "{tmp}/w"], "w: VAE weights not found"),
+    ],
+    ids=["root", "renamed", "patch", "vae"],
+)
+def test_cli_errors_name_the_flag_or_path(tmp_path, args, message):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    proc = run_cli("prepare", *args, "--out", tmp_path / "o", *HOST0, check=False)
+    assert message in error_line(proc)
+    assert not (tmp_path / "o").exists()  # nothing written by a failed start
+
+
+def test_help_lists_the_flags():
+    proc = run_cli("prepare", "--help")
+    assert proc.returncode == 0 and "--max_tokens" in proc.stdout and "--source" in proc.stdout
 
 
 def test_latent_records_encode_each_flip_separately(tmp_path):
-    import grain
-    import jax
-
-    from fitv2_jax.models.vae import random_vae
-
     vae = random_vae(jax.random.key(0))
     root = tmp_path / "imgs"
     rng = np.random.default_rng(1)
     for name in ("x", "y"):  # same size: both images and both flips share one encoder call
         _img(str(root / "k" / f"{name}.png"), rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
     out = str(tmp_path / "lat")
-    args = _args("--source", "folder", "--root", str(root), "--out", out, "--max-tokens", "16")
-    args.process_index, args.process_count, args.progress = 0, 1, False
-    prepare(args, encoder=VaeEncoder(vae=vae))
+    _prepare(str(root), out, encoder=VaeEncoder(vae), max_tokens=16)
     ds = PreparedDataset(out)
     assert ds.meta["encoder"]["kind"] == "latents" and ds.meta["encoder"]["downsample"] == 8
     src = grain.sources.ArrayRecordDataSource(ds.shards)
@@ -173,13 +182,10 @@ def test_latent_records_encode_each_flip_separately(tmp_path):
 
 
 def test_decode_threads_do_not_change_the_records(bad_tree, tmp_path):
-    import grain
-
     outs = []
-    for workers in ("1", "3"):
+    for workers in (1, 3):
         out = str(tmp_path / f"w{workers}")
-        argv = ["--source", "folder", "--root", bad_tree, "--out", out, "--workers", workers]
-        prepare(_args(*argv, *PX, *HOST0))
+        _prepare(bad_tree, out, workers=workers)
         src = grain.sources.ArrayRecordDataSource(PreparedDataset(out).shards)
         outs.append([src[i] for i in range(len(src))])
     assert outs[0] == outs[1] and len(outs[0]) == 8

@@ -8,19 +8,20 @@ import pytest
 from ml_collections import ConfigDict
 
 from fitv2_jax import sampling
-from fitv2_jax.config_file import load_config
-from fitv2_jax.sample import NpzStreamWriter, split_config_overrides
+from fitv2_jax.config.files import load_config
+from fitv2_jax.data.npz import NpzStreamWriter
+from fitv2_jax.utils.errors import UserError
 
 
 def test_patches_for_and_nearest_valid_sizes():
     assert sampling.patches_for(256, 160, 16) == (16, 10)
     assert sampling.patches_for(320, 320, 16) == (20, 20)
-    with pytest.raises(ValueError, match=r"--height 250: use 240 or 256") as e:
+    with pytest.raises(ValueError, match=r"height 250: use 240 or 256") as e:
         sampling.patches_for(250, 320, 16)
-    assert "--width" not in str(e.value)
-    with pytest.raises(ValueError, match=r"--width 8: use 16 or 32"):
+    assert "width" not in str(e.value)
+    with pytest.raises(ValueError, match=r"width 8: use 16 or 32"):
         sampling.patches_for(256, 8, 16)
-    with pytest.raises(ValueError, match="--height 0"):
+    with pytest.raises(ValueError, match="height 0"):
         sampling.patches_for(0, 16, 16)
 
 
@@ -39,7 +40,7 @@ def test_auto_rule_is_the_papers_choice():
     assert sampling.resolve_rule("auto", hr, 32, 32) == "vision-ntk"
     assert sampling.resolve_rule("auto", hr, 16, 48) == "vision-ntk"
     assert sampling.resolve_rule("yarn", base, 20, 20) == "yarn"
-    with pytest.raises(ValueError, match="Unknown extrapolation rule 'ntk-foo'"):
+    with pytest.raises(ValueError, match="unknown RoPE extrapolation rule 'ntk-foo'"):
         sampling.resolve_rule("ntk-foo", base, 16, 16)
 
 
@@ -129,8 +130,11 @@ def test_npz_stream_writer_gives_a_normal_npz(tmp_path):
         w.write(data[:3])
 
 
-def test_config_override_flags_are_split_out():
-    rest, ov = split_config_overrides(
-        ["--config", "c.py", "--config.model.patch_size=16", "--config.latent", "False", "--x"]
-    )
-    assert rest == ["--config", "c.py", "--x"] and ov == ["model.patch_size=16", "latent=False"]
+def test_config_overrides_are_typed_by_the_field_as_on_the_command_line():
+    c = load_config("configs/tiny.py", ["latent=false", "model.max_pe_len_h=32", "seed=3"])
+    assert c.latent is False and c.model.max_pe_len_h == 32 and c.seed == 3
+    assert load_config("configs/tiny.py", ["--config.latent=True"]).latent is True
+    with pytest.raises(UserError, match="laten"):
+        load_config("configs/tiny.py", ["laten=false"])
+    with pytest.raises(UserError, match="configs/nope.py"):
+        load_config("configs/nope.py")

@@ -13,42 +13,39 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
+from cli import run_cli
 from jax.sharding import PartitionSpec
+from safetensors.numpy import load_file
 
-from fitv2_jax.config_defaults import base_config, fitv2_model
+from fitv2_jax.config.defaults import base_config, fitv2_model
+from fitv2_jax.config.files import load_config
+from fitv2_jax.data.encoders import PixelEncoder
 from fitv2_jax.data.pipeline import make_train_iterator, to_global_batch
+from fitv2_jax.data.shard_writer import PrepareSettings, prepare_split
+from fitv2_jax.data.sources import open_source
+from fitv2_jax.flow.transport import masked_loss
+from fitv2_jax.models.convert import from_torch_state_dict, is_post_training_param
 from fitv2_jax.models.fit import FiT
 from fitv2_jax.parallel.mesh import create_mesh
 from fitv2_jax.parallel.rules import LOGICAL_RULES
 from fitv2_jax.training.checkpoint import Checkpoints
-from fitv2_jax.training.partial import is_post_training_param
+from fitv2_jax.training.dry_run import dry_run
+from fitv2_jax.training.loop import NonFiniteLossError, train
 from fitv2_jax.training.state import init_state, make_optimizer, state_shardings
-from fitv2_jax.training.step import BATCH_KEYS, make_train_step
+from fitv2_jax.training.step import BATCH_KEYS, make_train_step, segment_losses
+from fitv2_jax.weights.checkpoints import restore_run_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="session")
 def demo_px(tmp_path_factory):
-    from fitv2_jax.prepare import main as prepare
-
     out = str(tmp_path_factory.mktemp("demo_px"))
-    prepare(
-        [
-            "--source",
-            "demo",
-            "--out",
-            out,
-            "--max-tokens",
-            "64",
-            "--patch-size",
-            "2",
-            "--demo-crops",
-            "12",
-        ]
-    )
+    prepare_split(open_source("demo", demo_crops=12), PixelEncoder(),
+                  PrepareSettings(out=out, max_tokens=64, patch_size=2, progress=False))  # fmt: skip
     return out
 
 
@@ -172,8 +169,6 @@ def test_restore_onto_fewer_devices(demo_px, tmp_path):
 
 
 def test_nan_loss_stops_without_saving_the_bad_state(demo_px, tmp_path):
-    from fitv2_jax.training.loop import NonFiniteLossError, train_and_evaluate
-
     # warmup makes step 1's update 0 and step 2's finite; the loss explodes from step 3 on
     config = tiny_config(
         demo_px,
@@ -185,7 +180,7 @@ def test_nan_loss_stops_without_saving_the_bad_state(demo_px, tmp_path):
     )
     config.mesh.ici = (1, -1, 1)
     with pytest.raises(NonFiniteLossError, match="last good checkpoint is step"):
-        train_and_evaluate(config, str(tmp_path))
+        train(config, str(tmp_path))
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     saved = Checkpoints(str(tmp_path), config.train).all_steps()
     assert saved and max(saved) <= rows[-1]["step"]
@@ -203,7 +198,7 @@ def _write_config(path, data_path, **train):
     path.write_text(
         textwrap.dedent(
             f"""
-            from fitv2_jax.config_defaults import base_config, fitv2_model
+            from fitv2_jax.config.defaults import base_config, fitv2_model
 
             def get_config():
                 c = base_config()
@@ -279,16 +274,12 @@ def test_resume_after_sigkill_is_exact_and_sigterm_saves(demo_px, tmp_path):
             f"step {step}: {resumed[step]} != {reference[step]}"
         )
 
-    # export: the EMA params of the finished run as an official-layout .safetensors
-    from safetensors.numpy import load_file
-
-    from fitv2_jax.models.convert import from_torch_state_dict
-    from fitv2_jax.training.loop import export_ema
-
-    exported = load_file(export_ema(ref_dir, str(tmp_path / "ema.safetensors")))
+    # export (the command, with the run's own config.json): the EMA params of the finished run
+    # as an official-layout .safetensors
+    run_cli("export", "--checkpoint", ref_dir, "--out", tmp_path / "ema.safetensors")
+    exported = load_file(str(tmp_path / "ema.safetensors"))
     assert "blocks.1.attn.qkv.weight" in exported and "global_adaLN_modulation.1.weight" in exported
-    ckpt = Checkpoints(ref_dir, tiny_config(demo_px).train)
-    ema = ckpt.restore_params(ckpt.latest_step(), tiny_config(demo_px).model)
+    ema = restore_run_params(ref_dir, tiny_config(demo_px).model)
     back = from_torch_state_dict(exported, tiny_config(demo_px).model)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), ema, back)
 
@@ -322,8 +313,6 @@ def test_kill_during_async_save_leaves_no_restorable_checkpoint(tmp_path):
     )
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
-    import ml_collections
-
     ckpt = Checkpoints(
         str(tmp_path),
         ml_collections.ConfigDict(dict(keep_last=3, keep_steps=(), async_checkpoint=False)),
@@ -335,9 +324,6 @@ def test_kill_during_async_save_leaves_no_restorable_checkpoint(tmp_path):
 
 
 def test_dry_run_reports_sharded_state_and_collectives():
-    from fitv2_jax.config_file import load_config
-    from fitv2_jax.training.dry_run import dry_run
-
     config = load_config(os.path.join(ROOT, "configs", "tiny.py"))
     config.model.context_size = 16
     report = dry_run(config, global_batch=8)
@@ -349,9 +335,6 @@ def test_dry_run_reports_sharded_state_and_collectives():
 
 
 def test_segment_losses_equal_each_images_masked_loss():
-    from fitv2_jax.flow.transport import masked_loss
-    from fitv2_jax.training.step import segment_losses
-
     rng = np.random.default_rng(0)
     pred, target = rng.standard_normal((2, 2, 12, 3)).astype(np.float32)
     seg = np.array([[1, 1, 1, 2, 2, 2, 2, 2, 3, 0, 0, 0], [1] * 12])
@@ -368,25 +351,21 @@ def test_segment_losses_equal_each_images_masked_loss():
 
 
 def test_training_on_packed_rows(demo_px, tmp_path):
-    from fitv2_jax.training.loop import train_and_evaluate
-
     config = tiny_config(demo_px, total_steps=3, checkpoint_every=3)
     config.data.packing = True
     config.data.pack_length = 64
     config.data.pack_max_segments = 4
     config.mesh.ici = (1, -1, 1)
-    result = train_and_evaluate(config, str(tmp_path))
+    result = train(config, str(tmp_path))
     assert result["status"] == "done" and np.isfinite(result["loss"])
 
 
 def test_url_workdir_is_refused_before_anything_is_written(tmp_path, monkeypatch):
     """gs:// would send checkpoints to the bucket (Orbax) but config.json and metrics to a local
     "gs:" directory; refuse it and name the fix."""
-    from fitv2_jax.training.loop import train_and_evaluate
-
     monkeypatch.chdir(tmp_path)
     with pytest.raises(
         ValueError, match=r"--workdir gs://bucket/run: URLs are not supported.*gcsfuse"
     ):
-        train_and_evaluate(None, "gs://bucket/run")
+        train(None, "gs://bucket/run")
     assert not os.path.exists(tmp_path / "gs:")

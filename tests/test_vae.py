@@ -16,7 +16,8 @@ from safetensors.torch import save_file  # noqa: E402
 from skimage import data as skdata  # noqa: E402
 from skimage.transform import resize  # noqa: E402
 
-from fitv2_jax.models.vae import load_vae, random_vae, tile_starts  # noqa: E402
+from fitv2_jax.models.vae import random_vae, tile_starts  # noqa: E402
+from fitv2_jax.weights.vae import load_vae  # noqa: E402
 
 # Four levels (downsampling 8) at small widths keep compile and torch time low; the real widths
 # and two resnets per block are checked once, at 64x64.

@@ -1,7 +1,7 @@
 """Data pipeline benchmark: padding efficiency (bucketing, packing, pad-to-max) on an
 ImageNet-like size distribution at 256 and 1024 max tokens, and the pipeline's examples/s.
 
-    python -m fitv2_jax.bench --suite data [--images 20000] [--batch 256] [--repeats 3]
+    python -m fitv2_jax.bench --suite data [--images 20000] [--batch_size 256] [--repeats 3]
 
 ImageNet-like sizes (an assumption, stated): 75% of images have a 500-px long side, the rest a
 long side uniform in [200, 1600]; aspect ratios (long/short) are 4:3 45%, 3:2 15%, 1:1 10%,
@@ -11,16 +11,26 @@ long side uniform in [200, 1600]; aspect ratios (long/short) are 4:3 45%, 3:2 15
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import tempfile
 import time
 
+import grain
 import numpy as np
+from absl import flags
+from array_record.python.array_record_module import ArrayRecordWriter
 
+from fitv2_jax.cli import flags as cli
+from fitv2_jax.config.defaults import data_defaults
 from fitv2_jax.data.bucketing import BatchPlan, choose_buckets, variant_weights
+from fitv2_jax.data.pipeline import make_train_iterator
 from fitv2_jax.data.preprocess import crop_side, target_size
+from fitv2_jax.data.records import array_name, encode_record, shard_stem
+from fitv2_jax.utils.errors import UserError
+from fitv2_jax.utils.files import write_json_atomic
+
+FLAGS = flags.FLAGS
 
 ASPECTS = [(4 / 3, 0.45), (1.5, 0.15), (1.0, 0.10), (16 / 9, 0.05), (1.25, 0.10), (None, 0.15)]
 
@@ -54,8 +64,6 @@ def token_table(sizes: np.ndarray, max_tokens: int, patch: int = 2, down: int = 
 
 def packing_efficiency(tokens: np.ndarray, probs, length, batch, max_segments, seed=0) -> float:
     """Valid / total tokens of Grain's first-fit packer on these token counts (x is 1-wide)."""
-    import grain
-
     rng = np.random.default_rng(seed)
     choice = (rng.random(len(tokens))[:, None] > np.cumsum(probs, 1)).sum(1)
     lens = tokens[np.arange(len(tokens)), np.minimum(choice, tokens.shape[1] - 1)]
@@ -79,10 +87,6 @@ def packing_efficiency(tokens: np.ndarray, probs, length, batch, max_segments, s
 
 def _write_fake_latents(path: str, tokens: np.ndarray, max_tokens: int, n: int) -> None:
     """A prepared latent dataset of n records with these token counts (random latents)."""
-    from array_record.python.array_record_module import ArrayRecordWriter
-
-    from fitv2_jax.data.records import array_name, encode_record, shard_stem, write_json_atomic
-
     rng = np.random.default_rng(0)
     os.makedirs(path, exist_ok=True)
     stem = os.path.join(path, shard_stem("train", 0, 1))
@@ -127,57 +131,74 @@ def _write_fake_latents(path: str, tokens: np.ndarray, max_tokens: int, n: int) 
     write_json_atomic(os.path.join(path, "dataset.json"), meta)
 
 
-def main(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(prog="python -m fitv2_jax.bench --suite data", description=__doc__)
-    p.add_argument("--images", type=int, default=100000, help="synthetic ImageNet-like images")
-    p.add_argument("--batch", type=int, default=256, help="global batch (images or rows)")
-    p.add_argument("--pack-images", type=int, default=10000, help="images run through the packer")
-    p.add_argument("--num-buckets", type=int, default=8)
-    p.add_argument("--window", type=int, default=0, help="batches per sort window (0 = epoch)")
-    p.add_argument("--records", type=int, default=2048, help="records for the examples/s run")
-    p.add_argument("--steps", type=int, default=20, help="batches timed per repeat")
-    p.add_argument("--repeats", type=int, default=3)
-    args = p.parse_args(argv)
+def define_flags(module_name: str) -> None:
+    m = module_name
+    flags.DEFINE_integer("images", 100000, "synthetic ImageNet-like images", module_name=m)
+    flags.DEFINE_integer("batch_size", 256, "global batch (images or rows)", module_name=m)
+    flags.DEFINE_integer("pack_images", 10000, "images run through the packer", module_name=m)
+    flags.DEFINE_integer("num_buckets", 8, "bucket lengths chosen", module_name=m)
+    flags.DEFINE_integer("window", 0, "batches per sort window (0 = epoch)", module_name=m)
+    flags.DEFINE_integer("records", 2048, "records for the examples/s run", module_name=m)
+    flags.DEFINE_integer("steps", 20, "batches timed per repeat", module_name=m)
+    flags.DEFINE_integer("repeats", 3, "timed runs of the pipeline, median reported",
+                         module_name=m)  # fmt: skip
+    for old, new in (("batch", "batch_size"), ("pack-images", "pack_images"),
+                     ("num-buckets", "num_buckets")):  # fmt: skip
+        cli.define_renamed(old, new)
 
-    sizes = imagenet_like_sizes(args.images)
+
+def _padding_efficiency(sizes: np.ndarray) -> None:
+    batch = FLAGS.batch_size
     print(
-        f"padding efficiency (valid / padded tokens), {args.images} ImageNet-like images "
-        f"({args.pack_images} for packing), global batch {args.batch}, Algorithm-1 variants "
+        f"padding efficiency (valid / padded tokens), {FLAGS.images} ImageNet-like images "
+        f"({FLAGS.pack_images} for packing), global batch {batch}, Algorithm-1 variants "
         "at random; required: >= 0.97 with bucketing or packing"
     )
     print("max_tokens | pad-to-max | bucketing (buckets) | packing: rows of max_tokens, 4x")
     for max_tokens in (256, 1024):
         tok = token_table(sizes, max_tokens)
         probs = variant_weights(tok, "random")
-        pad = BatchPlan(tok, args.batch, (max_tokens,), args.window, 0).efficiency()
-        buckets = choose_buckets(tok.reshape(-1), probs.reshape(-1), args.num_buckets, 8)
-        bucket = BatchPlan(tok, args.batch, buckets, args.window, 0).efficiency()
-        sub = slice(0, args.pack_images)  # the packer runs in Python: a subset suffices
-        pack1 = packing_efficiency(tok[sub], probs[sub], max_tokens, args.batch, 16)
-        pack4 = packing_efficiency(tok[sub], probs[sub], 4 * max_tokens, args.batch // 4, 16)
+        pad = BatchPlan(tok, batch, (max_tokens,), FLAGS.window, 0).efficiency()
+        buckets = choose_buckets(tok.reshape(-1), probs.reshape(-1), FLAGS.num_buckets, 8)
+        bucket = BatchPlan(tok, batch, buckets, FLAGS.window, 0).efficiency()
+        sub = slice(0, FLAGS.pack_images)  # the packer runs in Python: a subset suffices
+        pack1 = packing_efficiency(tok[sub], probs[sub], max_tokens, batch, 16)
+        pack4 = packing_efficiency(tok[sub], probs[sub], 4 * max_tokens, max(batch // 4, 1), 16)
         print(f"{max_tokens:10d} | {pad:10.4f} | {bucket:.4f} {buckets} | {pack1:.4f}, {pack4:.4f}")
 
-    from fitv2_jax.data.pipeline import default_config, make_train_iterator
 
+def _pipeline_rates(sizes: np.ndarray) -> None:
+    batch, repeats = FLAGS.batch_size, FLAGS.repeats
     with tempfile.TemporaryDirectory() as d:
-        tok = token_table(sizes[: args.records], 256)
-        _write_fake_latents(d, tok, 256, args.records)
+        tok = token_table(sizes[: FLAGS.records], 256)
+        _write_fake_latents(d, tok, 256, FLAGS.records)
         for packing in (False, True):
-            cfg = default_config()
-            cfg.update(path=d, global_batch_size=args.batch, packing=packing, read_threads=2)
+            cfg = data_defaults()
+            cfg.update(path=d, global_batch_size=batch, packing=packing, read_threads=2)
             rates = []
-            for r in range(args.repeats):
+            for r in range(repeats):
                 it = make_train_iterator(cfg, process_index=0, process_count=1, seed=r)
                 next(it)  # warm-up: thread start, first reads
                 t0 = time.perf_counter()
                 n = 0
-                for _ in range(args.steps):
+                for _ in range(FLAGS.steps):
                     b = next(it)
                     n += int(b["mask"].shape[0]) if not packing else int((b["index"] >= 0).sum())
                 rates.append(n / (time.perf_counter() - t0))
             mode = "packing" if packing else "bucketing"
             print(
                 f"pipeline {mode}: {statistics.median(rates):.0f} examples/s "
-                f"(median of {args.repeats}; 256-token SD-VAE latents, batch {args.batch}, "
-                f"{cfg.read_threads} read threads, this CPU)"
+                f"(median of {repeats}; 256-token SD-VAE latents, batch {batch}, "
+                f"{cfg.read_threads} read threads, this CPU)",
+                flush=True,
             )
+
+
+def main() -> None:
+    names = ("images", "batch_size", "pack_images", "num_buckets", "records", "steps", "repeats")
+    bad = [f"--{k} {FLAGS[k].value}" for k in names if FLAGS[k].value < 1]
+    if bad or FLAGS.window < 0:
+        raise UserError(f"{', '.join(bad) or '--window'}: give positive numbers (--window >= 0)")
+    sizes = imagenet_like_sizes(FLAGS.images)
+    _padding_efficiency(sizes)
+    _pipeline_rates(sizes)

@@ -13,7 +13,6 @@ not need more memory than 200.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import subprocess
@@ -23,30 +22,61 @@ import time
 import zipfile
 
 import numpy as np
+from absl import flags
+
+from fitv2_jax.eval.features import load_inception
+from fitv2_jax.eval.metrics import feature_statistics, fid
+from fitv2_jax.utils.errors import UserError
+
+FLAGS = flags.FLAGS
 
 
-def _inception(args) -> None:
-    from fitv2_jax.eval.inception import load_inception
+def define_flags(module_name: str) -> None:
+    m = module_name
+    flags.DEFINE_string("size", "256x256", "Inception input HxW", module_name=m)
+    flags.DEFINE_integer("batch_size", 32, "images per Inception call (and per batch of the "
+                         "peak-RSS runs)", module_name=m)  # fmt: skip
+    flags.DEFINE_integer("repeats", 5, "timed Inception calls, median reported", module_name=m)
+    flags.DEFINE_integer("fid_repeats", 1, "timed FIDs per method; 0 skips the FID timing",
+                         module_name=m)  # fmt: skip
+    flags.DEFINE_list("rss", [], "sample counts for the peak-RSS runs of evaluate_npz, e.g. "
+                      "200,2000", module_name=m)  # fmt: skip
+    flags.DEFINE_string("rss_size", "512x512", "HxW of the peak-RSS samples", module_name=m)
+    flags.DEFINE_string("inception", None, "Inception weights file (default: evaluate_npz's "
+                        "default_1.pt)", module_name=m)  # fmt: skip
 
-    h, w = (int(v) for v in args.size.split("x"))
-    model = load_inception(batch_size=args.batch_size)
-    images = np.random.default_rng(0).integers(0, 256, (args.batch_size, h, w, 3), np.uint8)
+
+def _hw(flag: str) -> tuple[int, int]:
+    value = FLAGS[flag].value
+    try:
+        h, w = (int(v) for v in value.lower().split("x"))
+    except ValueError as e:
+        raise UserError(f"--{flag} {value}: give HEIGHTxWIDTH, e.g. 256x256") from e
+    if h < 1 or w < 1:
+        raise UserError(f"--{flag} {value}: give positive sizes")
+    return h, w
+
+
+def _inception() -> None:
+    h, w = _hw("size")
+    batch, repeats = FLAGS.batch_size, FLAGS.repeats
+    model = load_inception(FLAGS.inception, batch_size=batch)
+    images = np.random.default_rng(0).integers(0, 256, (batch, h, w, 3), np.uint8)
     model(images)  # compile
     times = []
-    for _ in range(args.repeats):
+    for _ in range(repeats):
         t = time.perf_counter()
         model(images)
         times.append(time.perf_counter() - t)
     med = statistics.median(times)
     print(
-        f"inception {h}x{w} batch={args.batch_size}: {args.batch_size / med:.2f} images/s "
-        f"(median of {args.repeats}: {med:.3f} s per batch)"
+        f"inception {h}x{w} batch={batch}: {batch / med:.2f} images/s "
+        f"(median of {repeats}: {med:.3f} s per batch)",
+        flush=True,
     )
 
 
-def _fid(args) -> None:
-    from fitv2_jax.eval.metrics import feature_statistics, fid
-
+def _fid() -> None:
     rng = np.random.default_rng(0)
     # Full-rank 2048-d statistics, as from a real 10K-50K sample set.
     a = rng.standard_normal((4096, 2048))
@@ -54,11 +84,14 @@ def _fid(args) -> None:
     stats += feature_statistics(a[2048:])
     for method in ("sqrtm", "eigh"):
         times = []
-        for _ in range(args.fid_repeats):
+        for _ in range(FLAGS.fid_repeats):
             t = time.perf_counter()
             value = fid(*stats, method=method)
             times.append(time.perf_counter() - t)
-        print(f"fid 2048-d method={method}: {statistics.median(times):.2f} s (value {value:.6f})")
+        print(
+            f"fid 2048-d method={method}: {statistics.median(times):.2f} s (value {value:.6f})",
+            flush=True,
+        )
 
 
 # Runs a module as __main__, then writes its own peak resident set (VmHWM, kB) to argv[1].
@@ -85,7 +118,7 @@ def peak_rss_of_module(module: str, argv: list[str]) -> tuple[float, float]:
     Linux only (reads /proc/self/status). Raises with the command line when it fails.
     """
     if not os.path.exists("/proc/self/status"):
-        raise SystemExit("peak-RSS measurement needs Linux (/proc/self/status)")
+        raise UserError("--rss: peak-RSS measurement needs Linux (/proc/self/status)")
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "peak_kb")
         cmd = [sys.executable, "-c", _PEAK_RSS_RUNNER, out, module, *argv]
@@ -115,38 +148,37 @@ def write_random_npz(path: str, n: int, h: int, w: int, seed: int = 0) -> str:
     return path
 
 
-def _rss(args) -> None:
-    h, w = (int(v) for v in args.rss_size.split("x"))
+def _rss(counts: list[int]) -> None:
+    h, w = _hw("rss_size")
+    batch = FLAGS.batch_size
     with tempfile.TemporaryDirectory() as tmp:
-        for n in (int(v) for v in args.rss.split(",")):
+        for n in counts:
             path = write_random_npz(os.path.join(tmp, f"s{n}.npz"), n, h, w, seed=n)
-            argv = [path, path, "--batch_size", str(args.batch_size), "--fid_method", "eigh"]
-            argv += ["--json", os.path.join(tmp, f"s{n}.json")]
+            argv = [path, path, "--batch_size", str(batch), "--fid_method", "eigh"]
+            argv += ["--out", os.path.join(tmp, f"s{n}.json")]
+            if FLAGS.inception:
+                argv += ["--inception", os.path.abspath(FLAGS.inception)]
             peak, wall = peak_rss_of_module("fitv2_jax.evaluate_npz", argv)
             print(
                 f"evaluate_npz {n} samples {h}x{w} (as reference and samples), batch "
-                f"{args.batch_size}: peak RSS {peak:.0f} MiB, {wall:.0f} s; "
+                f"{batch}: peak RSS {peak:.0f} MiB, {wall:.0f} s; "
                 f"the arr_0 array is {n * h * w * 3 / 2**20:.0f} MiB",
                 flush=True,
             )
             os.remove(path)
 
 
-def main(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(prog="python -m fitv2_jax.bench --suite eval", description=__doc__)
-    p.add_argument("--size", default="256x256", help="Inception input HxW")
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--fid_repeats", type=int, default=1, help="0 skips the FID timing")
-    p.add_argument(
-        "--rss",
-        default="",
-        help="comma-separated sample counts for the peak-RSS runs, e.g. 200,2000",
-    )
-    p.add_argument("--rss_size", default="512x512", help="HxW of the peak-RSS samples")
-    args = p.parse_args(argv)
-    _inception(args)
-    if args.fid_repeats:
-        _fid(args)
-    if args.rss:
-        _rss(args)
+def main() -> None:
+    if FLAGS.batch_size < 1 or FLAGS.repeats < 1 or FLAGS.fid_repeats < 0:
+        raise UserError("--batch_size and --repeats must be >= 1, --fid_repeats >= 0")
+    try:
+        counts = [int(v) for v in FLAGS.rss]
+    except ValueError as e:
+        raise UserError(f"--rss {','.join(FLAGS.rss)}: give sample counts, e.g. 200,2000") from e
+    if any(n < 1 for n in counts):
+        raise UserError(f"--rss {','.join(FLAGS.rss)}: give positive sample counts")
+    _inception()
+    if FLAGS.fid_repeats:
+        _fid()
+    if counts:
+        _rss(counts)

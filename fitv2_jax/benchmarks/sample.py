@@ -9,10 +9,7 @@ velocity evaluation), reports the median over repeats (compilation excluded) of
 and the images/s that the evaluation rate implies at the official 250 evaluations per image.
 """
 
-import argparse
 import functools
-import importlib.util
-import json
 import os
 import statistics
 import time
@@ -20,22 +17,33 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 from tqdm import tqdm
 
+from fitv2_jax.cli import flags as cli
+from fitv2_jax.config.files import load_config
 from fitv2_jax.data.tokens import make_grid
 from fitv2_jax.flow import guidance, solvers
-from fitv2_jax.models.fit import FiT
+from fitv2_jax.models.build import build_model
+from fitv2_jax.utils.errors import UserError
+from fitv2_jax.utils.files import write_json_atomic
 
-DEFAULT_CONFIGS = "configs/tiny.py,configs/fitv2_b.py"
+FLAGS = flags.FLAGS
 
 
-def load_config(path: str):
-    if not os.path.isfile(path):
-        raise SystemExit(f"--configs: no such config file {path!r} (run from the repo root)")
-    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+def define_flags(module_name: str) -> None:
+    m = module_name
+    flags.DEFINE_list("configs", ["configs/tiny.py", "configs/fitv2_b.py"],
+                      "comma-separated config files (run from the repo root)",
+                      module_name=m)  # fmt: skip
+    flags.DEFINE_integer("batch_size", 2, "images per batch", module_name=m)
+    flags.DEFINE_integer("side", 16, "patch grid side (16 -> 256 tokens)", module_name=m)
+    flags.DEFINE_integer("steps", 10, "Euler steps per image", module_name=m)
+    flags.DEFINE_float("cfg_scale", 1.5, "guidance scale (> 1 = on)", module_name=m)
+    flags.DEFINE_integer("repeats", 3, "timed runs, median reported", module_name=m)
+    flags.DEFINE_string("out", None, "also write the results to this JSON file", module_name=m)
+    for old, new in (("batch", "batch_size"), ("cfg-scale", "cfg_scale"), ("json", "out")):
+        cli.define_renamed(old, new)
 
 
 def _median_seconds(fn, repeats: int, desc: str) -> float:
@@ -48,13 +56,13 @@ def _median_seconds(fn, repeats: int, desc: str) -> float:
     return statistics.median(times)
 
 
-def bench_config(path: str, args) -> dict:
+def bench_config(path: str) -> dict:
     mcfg = load_config(path).model
-    model = FiT(**mcfg)
+    model = build_model(mcfg)
     p, c = mcfg.patch_size, mcfg.in_channels
-    h = w = args.side
+    h = w = FLAGS.side
     n = h * w
-    b = args.batch
+    b = FLAGS.batch_size
     grid = jnp.broadcast_to(jnp.asarray(make_grid(h, w)), (b, 2, n))
     mask = jnp.ones((b, n), jnp.float32)
     y = jax.random.randint(jax.random.key(1), (b,), 0, mcfg.num_classes)
@@ -71,7 +79,7 @@ def bench_config(path: str, args) -> dict:
             y,
             grid,
             mask,
-            cfg_scale=args.cfg_scale,
+            cfg_scale=FLAGS.cfg_scale,
             null_label=mcfg.num_classes,
             patch_size=p,
             in_channels=c,
@@ -80,56 +88,40 @@ def bench_config(path: str, args) -> dict:
 
     # params are jit arguments, not closed-over constants (no 0.5 GB constants in the program)
     one_eval = jax.jit(lambda prm, x, t: velocity_fn(prm)(x, t))
-    solve = jax.jit(lambda prm, x: solvers.euler(velocity_fn(prm), x, args.steps)[0])
-    name = os.path.basename(path)[:-3]
-    sec_eval = _median_seconds(lambda: one_eval(params, z, t), args.repeats, f"{name} eval")
-    sec_solve = _median_seconds(lambda: solve(params, z), args.repeats, f"{name} solve")
+    solve = jax.jit(lambda prm, x: solvers.euler(velocity_fn(prm), x, FLAGS.steps)[0])
+    name = os.path.basename(path).removesuffix(".py")
+    sec_eval = _median_seconds(lambda: one_eval(params, z, t), FLAGS.repeats, f"{name} eval")
+    sec_solve = _median_seconds(lambda: solve(params, z), FLAGS.repeats, f"{name} solve")
     n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
     return {
         "config": path,
         "params_M": n_params / 1e6,
         "tokens": n,
         "batch": b,
-        "cfg_scale": args.cfg_scale,
+        "cfg_scale": FLAGS.cfg_scale,
         "evals_per_s": 1.0 / sec_eval,
-        "euler_steps": args.steps,
+        "euler_steps": FLAGS.steps,
         "images_per_s": b / sec_solve,
         "images_per_s_at_250_evals": b / (250 * sec_eval),
     }
 
 
-def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m fitv2_jax.bench --suite sample",
-        description="Velocity evaluations/s and images/s of FiT sampling with CFG (random "
-        "weights) at 256 tokens. Run from the repo root.",
-    )
-    parser.add_argument(
-        "--configs", default=DEFAULT_CONFIGS, help=f"comma-separated files ({DEFAULT_CONFIGS})"
-    )
-    parser.add_argument("--batch", type=int, default=2, help="images per batch (default 2)")
-    parser.add_argument("--side", type=int, default=16, help="patch grid side (16 -> 256 tokens)")
-    parser.add_argument("--steps", type=int, default=10, help="Euler steps per image (10)")
-    parser.add_argument("--cfg-scale", type=float, default=1.5, help="guidance (1.5; > 1 = on)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs, median reported")
-    parser.add_argument("--json", help="also write the results to this JSON file")
-    args = parser.parse_args(argv)
-    if min(args.batch, args.side, args.steps, args.repeats) < 1:
-        parser.error("--batch, --side, --steps and --repeats must be >= 1")
+def main() -> None:
+    if min(FLAGS.batch_size, FLAGS.side, FLAGS.steps, FLAGS.repeats) < 1:
+        raise UserError("--batch_size, --side, --steps and --repeats must be >= 1")
     results = []
-    for path in args.configs.split(","):
-        r = bench_config(path.strip(), args)
+    for path in FLAGS.configs:
+        r = bench_config(path.strip())
         results.append(r)
         print(
             f"sample {r['config']} ({r['params_M']:.1f}M params) {r['tokens']} tokens batch "
-            f"{r['batch']} cfg {r['cfg_scale']}, median of {args.repeats}: "
+            f"{r['batch']} cfg {r['cfg_scale']}, median of {FLAGS.repeats}: "
             f"{r['evals_per_s']:.3f} guided evals/s, {r['images_per_s']:.4f} images/s with "
             f"{r['euler_steps']} Euler steps ({r['images_per_s_at_250_evals']:.5f} at 250 evals)",
             flush=True,
         )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-        print(f"results written to {args.json}")
+    if FLAGS.out:
+        write_json_atomic(FLAGS.out, results, indent=2)
+        print(f"results written to {FLAGS.out}")
     else:
-        print("done (pass --json FILE to keep the numbers)")
+        print("done (pass --out FILE to keep the numbers)")

@@ -26,21 +26,13 @@ class PixelEncoder:
 
 
 class VaeEncoder:
-    """Latent datasets: `fitv2_jax.models.vae` encodes [-1, 1] images to scaled latents."""
+    """Latent datasets: a loaded `fitv2_jax.models.vae.VAE` encodes [-1, 1] images to scaled
+    latents. path: where the VAE was loaded from (recorded in dataset.json)."""
 
     kind = "latents"
     stored_as = "float"
 
-    def __init__(self, path: str | None = None, dtype: str = "float32", vae=None):
-        if vae is None:
-            try:
-                from fitv2_jax.models.vae import load_vae
-            except ImportError as e:
-                raise ImportError(
-                    "--vae needs fitv2_jax.models.vae (load_vae), which could not be imported: "
-                    f"{e}. Prepare a pixel-space dataset (omit --vae) until it is available."
-                ) from e
-            vae = load_vae(path)
+    def __init__(self, vae, path: str | None = None, dtype: str = "float32"):
         self.vae, self.path, self.dtype = vae, path, np.dtype(dtype)
         self.downsample = int(vae.module.downsample_factor)
         self.channels = int(vae.module.latent_channels)

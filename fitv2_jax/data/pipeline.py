@@ -33,43 +33,15 @@ or inside an Orbax Composite `grain.checkpoint.CheckpointSave(it)` /
 from __future__ import annotations
 
 import grain
-import ml_collections
+import jax
 import numpy as np
+from absl import flags
+from jax.sharding import NamedSharding, PartitionSpec
 
 from fitv2_jax.data.bucketing import BatchPlan, choose_buckets, variant_weights
 from fitv2_jax.data.encoders import to_model_input
 from fitv2_jax.data.records import PreparedDataset, array_name, decode_record
 from fitv2_jax.data.tokens import make_grid, patchify
-
-
-def default_config() -> ml_collections.ConfigDict:
-    """config.data defaults (copy into experiment configs and override)."""
-    return ml_collections.ConfigDict(
-        dict(
-            path="",  # directory written by `python -m fitv2_jax.prepare`
-            split="train",
-            global_batch_size=256,  # images per step over all hosts (rows when packing)
-            patch_size=2,  # must match the prepared dataset
-            variant="random",  # Algorithm 1: "random" (p = 1/2 when both), "resize", "crop"
-            flip=True,  # random horizontal flip (both flips are stored)
-            num_epochs=0,  # 0 = repeat forever
-            # bucketing
-            buckets=(),  # static sequence lengths; () = chosen from the data (num_buckets)
-            num_buckets=8,  # compiled step shapes
-            bucket_multiple=8,  # auto buckets are multiples of this
-            bucket_window=0,  # batches per length-sort window; 0 = the whole epoch
-            # packing
-            packing=False,
-            pack_length=0,  # tokens per packed row; 0 = the dataset's max_tokens
-            pack_max_segments=8,
-            pack_bins=0,  # rows packed at once; 0 = 4 x per-host batch
-            # loading
-            read_threads=2,
-            prefetch=4,
-            worker_count=0,  # >0: Grain multiprocess prefetch with this many processes
-            worker_buffer_size=2,
-        )
-    )
 
 
 class _Reader:
@@ -246,8 +218,6 @@ def make_train_iterator(cfg, *, process_index: int, process_count: int, seed: in
         it_ds = it_ds.map(_FinishPacked(cfg.pack_max_segments, ds.meta["num_classes"]))
         it_ds = it_ds.batch(local_batch, drop_remainder=True)
     if cfg.worker_count > 0:
-        from absl import flags
-
         if not flags.FLAGS.is_parsed():  # Grain workers read absl flags; outside an absl app
             flags.FLAGS.mark_as_parsed()  # (scripts, tests) their defaults are what we want
         it_ds = it_ds.mp_prefetch(
@@ -264,9 +234,6 @@ def to_global_batch(batch: dict, mesh, sharding=None) -> dict:
     sharding: a NamedSharding or PartitionSpec for the leading (batch) axis; default: the batch
     split over the mesh's "data" and "fsdp" axes (all axes if it has neither).
     """
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec
-
     if sharding is None:
         axes = tuple(a for a in mesh.axis_names if a in ("data", "fsdp")) or tuple(mesh.axis_names)
         sharding = PartitionSpec(axes)

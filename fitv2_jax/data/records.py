@@ -69,13 +69,6 @@ def shard_stem(split: str, index: int, count: int) -> str:
     return f"{split}-{index:05d}-of-{count:05d}"
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
 class PreparedDataset:
     """A finished prepared dataset: its metadata, shard files and per-record token counts.
 

@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from fitv2_jax.data.images import load_rgb
+from fitv2_jax.utils.errors import MissingFileError, UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
@@ -48,7 +49,7 @@ class Item:
 
 def _require_dir(path: str, what: str) -> None:
     if not os.path.isdir(path):
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{what} not found: {path!r} does not exist or is not a directory; "
             "check the path (--root) or create it."
         )
@@ -82,7 +83,7 @@ class ImageFolderSource:
                 self.problems["empty_class_folder"].append(c)
             self._files += [(os.path.join(c, f), index[c]) for f in files]
         if not self._files:
-            raise ValueError(
+            raise UserError(
                 f"no images found under {root!r}: expected class folders holding image files "
                 f"({', '.join(IMAGE_EXTENSIONS)})."
             )
@@ -114,7 +115,7 @@ class LabeledFilesSource:
             else:
                 self.problems["unlabeled_file"].append(f)
         if not self._files:
-            raise ValueError(f"no labelled images found in {root!r} (check the labels file).")
+            raise UserError(f"no labelled images found in {root!r} (check the labels file).")
 
     @property
     def num_classes(self) -> int:
@@ -131,7 +132,7 @@ class LabeledFilesSource:
 def read_labels_file(path: str, class_names: list[str]) -> dict[str, int]:
     """`<file> <wnid or int>` lines, or Kaggle's LOC_val_solution.csv -> {file or stem: label}."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"labels file not found: {path!r} (flag --val-labels).")
+        raise MissingFileError(f"labels file not found: {path!r} (flag --val_labels).")
     index = {c: i for i, c in enumerate(class_names)}
     out: dict[str, int] = {}
 
@@ -140,7 +141,7 @@ def read_labels_file(path: str, class_names: list[str]) -> dict[str, int]:
             return int(tok)
         if tok in index:
             return index[tok]
-        raise ValueError(f"{path}:{lineno}: unknown class {tok!r} (not a train/ class folder)")
+        raise UserError(f"{path}:{lineno}: unknown class {tok!r} (not a train/ class folder)")
 
     with open(path, newline="") as f:
         if path.endswith(".csv"):  # ImageId,PredictionString ("n01751748 x y x y ...")
@@ -169,8 +170,8 @@ def imagenet_source(root: str, split: str = "train", val_labels: str | None = No
     if any(os.path.isdir(os.path.join(split_dir, d)) for d in os.listdir(split_dir)):
         return ImageFolderSource(split_dir, class_names)
     if val_labels is None:
-        raise ValueError(
-            f"{split_dir!r} is flat (no class folders): pass --val-labels FILE with lines "
+        raise UserError(
+            f"{split_dir!r} is flat (no class folders): pass --val_labels FILE with lines "
             "'<file> <wnid>' (or Kaggle's LOC_val_solution.csv)."
         )
     return LabeledFilesSource(split_dir, read_labels_file(val_labels, class_names), class_names)
@@ -189,13 +190,16 @@ class TfdsSource:
         )
         infos = glob.glob(os.path.join(data_dir, name, "*", "dataset_info.json"))
         if not infos:
-            raise FileNotFoundError(
-                f"tfds dataset {name!r} is not prepared under {data_dir!r} (--tfds-data-dir). "
+            raise MissingFileError(
+                f"tfds dataset {name!r} is not prepared under {data_dir!r} (--tfds_data_dir). "
                 f"Prepare it once with: tfds build {name} --data_dir {data_dir} "
                 "--file_format array_record --manual_dir <folder with the ImageNet tars>."
             )
-        import tensorflow_datasets as tfds
-
+        try:
+            import tensorflow_datasets as tfds
+        except ImportError as e:
+            raise UserError("--source tfds needs tensorflow-datasets: pip install "
+                            "'fitv2_jax[tfds]'") from e  # fmt: skip
         self._ds = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
         features = self._ds.dataset_info.features
         self.class_names = list(features["label"].names)
@@ -259,9 +263,12 @@ class DemoSource:
 
     def __init__(self, split: str = "train", crops_per_photo: int = 36, seed: int = 0):
         if split not in ("train", "heldout"):
-            raise ValueError(f"demo split must be 'train' or 'heldout', got {split!r}")
-        import skimage.data
-
+            raise UserError(f"demo split must be 'train' or 'heldout', got {split!r}")
+        try:
+            import skimage.data
+        except ImportError as e:
+            raise UserError("the demo photos come from scikit-image: pip install "
+                            "'fitv2_jax[demo]'") from e  # fmt: skip
         self.class_names = list(DEMO_PHOTOS)
         self.problems: dict[str, list[str]] = {}
         self._photos = [np.asarray(getattr(skimage.data, p)())[..., :3] for p in DEMO_PHOTOS]
@@ -296,7 +303,7 @@ def open_source(
 ):
     """The source named by the prepare CLI flags (kind: imagenet | folder | tfds | demo)."""
     if kind in ("imagenet", "folder") and not root:
-        raise ValueError(f"--source {kind} needs --root PATH (the dataset folder).")
+        raise UserError(f"--source {kind} needs --root PATH (the dataset folder)")
     if kind == "imagenet":
         return imagenet_source(root, split, val_labels)
     if kind == "folder":
@@ -305,4 +312,4 @@ def open_source(
         return TfdsSource(tfds_name, split, tfds_data_dir)
     if kind == "demo":
         return DemoSource("heldout" if split in ("heldout", "val", "test") else "train", demo_crops)
-    raise ValueError(f"unknown --source {kind!r}: use imagenet, folder, tfds or demo.")
+    raise UserError(f"unknown --source {kind!r}: use imagenet, folder, tfds or demo")

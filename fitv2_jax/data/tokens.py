@@ -14,16 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import jax.numpy as jnp
 import numpy as np
 
 
 def _xp(a):
     """The array module of `a`: jax.numpy for jax arrays, numpy otherwise."""
-    if type(a).__module__.startswith("jax"):
-        import jax.numpy as jnp
-
-        return jnp
-    return np
+    return jnp if type(a).__module__.startswith("jax") else np
 
 
 def patchify(img, p: int):

@@ -4,24 +4,22 @@
     fid(mu_sample, sigma_sample, mu_ref, sigma_ref)      # sFID: the same on spatial features
     inception_score(logits, split_size=5000)             # ADM: consecutive splits of 5000
     precision_recall(ref_pool, sample_pool, k=3)         # (precision, recall)
+    frechet_distance(features, mu_ref, sigma_ref)        # FID of raw features, exact when N <= D
 
-`features_from_batches(load_inception(), batches)` turns image batches into all of the above.
-Statistics files: `read_reference(path)` reads an ADM reference batch (`arr_0`, `mu`, `sigma`,
-`mu_s`, `sigma_s`); `write_statistics(path, ...)` writes ours in the same keys (plus the reference
-pool features under `pool`, so precision/recall work without the images).
+`fitv2_jax.eval.features.features_from_batches` turns image batches into the inputs of all of
+these, and `fitv2_jax.eval.scoring.score` computes them all the same way for every command.
 """
 
 from __future__ import annotations
 
 import itertools
-import os
+import math
 import warnings
 
 import numpy as np
 from scipy import linalg
 
-STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
-
+from fitv2_jax.utils.errors import UserError
 
 # ----------------------------------------------------------------------------- statistics
 
@@ -62,68 +60,6 @@ class RunningStatistics:
         if self.n < 2:
             raise ValueError(f"a covariance needs at least 2 feature vectors, got {self.n}")
         return self.mean.copy(), self.m2 / (self.n - 1)
-
-
-def features_from_batches(
-    model,
-    batches,
-    total: int | None = None,
-    desc: str = "",
-    spill_dir: str | None = None,
-    progress: bool = True,
-) -> dict:
-    """Run a feature extractor over image batches, keeping only what the metrics need.
-
-    model: callable images -> dict(pool, spatial, logits) (e.g. `load_inception()`); batches:
-    iterable of uint8 (B, H, W, 3). Returns pool (N, 2048) float32 (for precision/recall),
-    stats = (mu, sigma) and spatial_stats = (mu_s, sigma_s) accumulated in float64 without
-    keeping the spatial features, and logits (N, 1008) or None (a progress bar over `total`
-    batches unless progress=False). With `spill_dir`, pool and
-    logits are FeatureFiles there (`{desc}_pool.f32`, `{desc}_logits.f32`) instead of arrays,
-    so memory does not grow with N.
-    """
-    from tqdm.auto import tqdm
-
-    from fitv2_jax.eval.feature_file import FeatureFile
-
-    def store(name: str, dim: int):
-        if spill_dir is None:
-            return _ArrayList()
-        return FeatureFile(os.path.join(spill_dir, f"{desc or 'features'}_{name}.f32"), dim)
-
-    pools = logits = pool_stats = spatial_stats = None
-    bar = tqdm(batches, total=total, desc=desc or None, unit="batch", disable=not progress)
-    for batch in bar:
-        out = model(batch)
-        if pool_stats is None:
-            pool_stats = RunningStatistics(out["pool"].shape[1])
-            spatial_stats = RunningStatistics(out["spatial"].shape[1])
-            pools = store("pool", out["pool"].shape[1])
-            if out.get("logits") is not None:
-                logits = store("logits", out["logits"].shape[1])
-        pools.append(out["pool"])
-        pool_stats.update(out["pool"])
-        spatial_stats.update(out["spatial"])
-        if logits is not None:
-            logits.append(out["logits"])
-    if pool_stats is None:
-        raise ValueError("no images to compute features from")
-    return {
-        "pool": pools.result() if spill_dir is None else pools,
-        "stats": pool_stats.result(),
-        "spatial_stats": spatial_stats.result(),
-        "logits": None if logits is None else logits.result() if spill_dir is None else logits,
-    }
-
-
-class _ArrayList(list):
-    """In-memory twin of FeatureFile.append: float32 rows, concatenated at the end."""
-
-    def append(self, rows) -> None:
-        super().append(np.asarray(rows, np.float32))
-
-    def result(self) -> np.ndarray:
-        return np.concatenate(self)
 
 
 # ----------------------------------------------------------------------------- FID
@@ -183,6 +119,29 @@ def fid(
     else:
         raise ValueError(f"fid: unknown method {method!r} (use 'sqrtm' or 'eigh')")
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+
+
+def frechet_distance(features: np.ndarray, mu_ref, sigma_ref, method: str = "sqrtm") -> float:
+    """FID between sample features (N, D) and a reference N(mu_ref, sigma_ref), float64.
+
+    With N - 1 < D the sample covariance is A^T A (A: centred features / sqrt(N - 1), N x D), and
+    the nonzero eigenvalues of sigma_s sigma_ref equal those of A sigma_ref A^T (N x N, symmetric
+    PSD): tr sqrt(sigma_s sigma_ref) = sum sqrt(eigvalsh(A sigma_ref A^T)), exact. Otherwise
+    `metrics.fid` (ADM's sqrtm, or "eigh").
+    """
+    x = np.asarray(features, np.float64)
+    n, d = x.shape
+    if n < 2:
+        raise UserError(f"FID needs at least 2 samples, got {n}")
+    mu_ref, sigma_ref = np.asarray(mu_ref, np.float64), np.asarray(sigma_ref, np.float64)
+    if n - 1 >= d:
+        return fid(*feature_statistics(x), mu_ref, sigma_ref, method=method)
+    mu = x.mean(axis=0)
+    a = (x - mu) / math.sqrt(n - 1)
+    ev = np.linalg.eigvalsh(a @ sigma_ref @ a.T)
+    tr_sqrt = float(np.sqrt(np.clip(ev, 0, None)).sum())
+    diff = mu - mu_ref
+    return float(diff @ diff + np.sum(a * a) + np.trace(sigma_ref) - 2 * tr_sqrt)
 
 
 # ----------------------------------------------------------------------------- IS
@@ -299,55 +258,3 @@ def precision_recall(
             real_in[i : i + batch_size] |= (d <= fake_radii[None, j : j + batch_size]).any(axis=1)
             fake_in[j : j + batch_size] |= (d <= real_radii[i : i + batch_size, None]).any(axis=0)
     return float(fake_in.mean()), float(real_in.mean())
-
-
-# ----------------------------------------------------------------------------- files
-
-
-def read_reference(path: str, with_pool: bool = True) -> dict[str, np.ndarray]:
-    """The precomputed statistics (mu, sigma, mu_s, sigma_s) and `pool` features of a reference
-    .npz, whichever it has (images under `arr_0` are left on disk: stream them separately; so is
-    `pool` with with_pool=False)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"reference file not found: {path}")
-    out = {}
-    with np.load(path) as f:
-        keys = set(f.files)
-        present = [k for k in STAT_KEYS if k in keys]
-        if present and len(present) != len(STAT_KEYS):
-            missing = [k for k in STAT_KEYS if k not in keys]
-            raise ValueError(f"{path}: has {present} but lacks {missing}; needs all four or none")
-        for k in (*present, *(["pool"] if with_pool and "pool" in keys else [])):
-            out[k] = f[k]
-    if "mu" in out:
-        for mu, sigma in (("mu", "sigma"), ("mu_s", "sigma_s")):
-            d = out[mu].shape
-            if len(d) != 1 or out[sigma].shape != (d[0], d[0]):
-                raise ValueError(
-                    f"{path}: '{mu}' {out[mu].shape} and '{sigma}' {out[sigma].shape} must be "
-                    "(D,) and (D, D)"
-                )
-    return out
-
-
-def write_statistics(
-    path: str,
-    mu: np.ndarray,
-    sigma: np.ndarray,
-    mu_s: np.ndarray,
-    sigma_s: np.ndarray,
-    pool: np.ndarray | None = None,
-    **meta,
-) -> str:
-    """Write statistics in ADM's keys (readable by ADM's evaluator and `read_reference`).
-
-    pool: optional (N, 2048) reference features for precision/recall; meta: extra small arrays
-    or strings (e.g. resolution="256x256", source="imagenet/val").
-    """
-    arrays = {"mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s}
-    if pool is not None:
-        arrays["pool"] = np.asarray(pool, np.float32)
-    arrays.update({k: np.asarray(v) for k, v in meta.items()})
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    np.savez(path, **arrays)
-    return path

@@ -66,14 +66,8 @@ class Attention(nn.Module):
     def __call__(self, x, segment_ids, cos=None, sin=None):
         dim = x.shape[-1]
         heads, head_dim = self.num_heads, dim // self.num_heads
-        qkv = DenseND(
-            (3, heads, head_dim),
-            ("embed", "qkv", "heads", "kv"),
-            1,
-            self.qkv_bias,
-            self.dtype,
-            name="qkv",
-        )(x)
+        qkv = DenseND(features=(3, heads, head_dim), axes=("embed", "qkv", "heads", "kv"), n_in=1,
+                      use_bias=self.qkv_bias, dtype=self.dtype, name="qkv")(x)  # fmt: skip
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, H, Dh)
         q = Norm(_qk_norm_kind(self.q_norm, self.qk_norm_weight), "kv", name="q_norm")(q)
         k = Norm(_qk_norm_kind(self.k_norm, self.qk_norm_weight), "kv", name="k_norm")(k)
@@ -89,7 +83,8 @@ class Attention(nn.Module):
         )
         out = attend(q, k, v, segment_ids, self.backend)
         out = out * (segment_ids != 0)[:, :, None, None].astype(out.dtype)
-        return DenseND((dim,), ("heads", "kv", "embed_out"), 2, True, self.dtype, name="proj")(out)
+        return DenseND(features=(dim,), axes=("heads", "kv", "embed_out"), n_in=2, use_bias=True,
+                       dtype=self.dtype, name="proj")(out)  # fmt: skip
 
 
 __all__ = ["Attention", "attend", "BACKENDS"]

@@ -1,7 +1,11 @@
 """Official PyTorch FiT checkpoints <-> Flax params.
 
-    params = from_torch_state_dict(load_state_dict("fitv2_xl.safetensors"), config.model)
+    params = from_torch_state_dict(read_state_dict("fitv2_xl.safetensors"), config.model)
     state_dict = to_torch_state_dict(params, config.model)
+
+    is_post_training_param(("blocks", "attn", "qkv", "bias"))   # True: in the HR subset
+
+Reading and writing the files themselves (`read_state_dict`) lives in `fitv2_jax.weights`.
 
 Key mapping (official key -> our path; blocks are stacked on a leading depth axis by nn.scan):
   x_embedder.proj.{weight,bias}            x_embedder/{kernel,bias}
@@ -21,19 +25,17 @@ A torch Linear weight (out, in) is our kernel (in, out) transposed, then reshape
 
 from __future__ import annotations
 
-import argparse
 import math
-import os
 from collections.abc import Mapping
 from typing import Any
 
 import flax
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from fitv2_jax.models.fit import FiT
+from fitv2_jax.models.build import abstract_params
+from fitv2_jax.utils.errors import UserError
 
 _MODULE_TO_TORCH = {
     "x_embedder": "x_embedder.proj",
@@ -52,35 +54,8 @@ _LEAF_TO_TORCH = {
 }
 
 
-def build_model(model_config: Any) -> FiT:
-    if isinstance(model_config, FiT):
-        return model_config
-    return FiT(**dict(model_config))
-
-
-def abstract_params(model_config: Any) -> dict:
-    """Shapes and dtypes of the Flax params (no allocation), unboxed."""
-    model = build_model(model_config)
-    n, d = 4, model.patch_size**2 * model.in_channels
-    grid = jnp.zeros((1, 2, n), jnp.int32)
-    size = jnp.full((1, 2), 2, jnp.int32)
-
-    def init():
-        x = jnp.zeros((1, n, d))
-        return model.init(
-            jax.random.key(0),
-            x,
-            jnp.zeros((1,)),
-            jnp.zeros((1,), jnp.int32),
-            grid,
-            jnp.ones((1, n)),
-            size,
-        )
-
-    return nn.unbox(jax.eval_shape(init)["params"])
-
-
-def _torch_name(path: tuple[str, ...]) -> str:
+def official_key(path: tuple[str, ...]) -> str:
+    """Our param path (without the scanned `blocks` prefix) -> the official key name."""
     parts = []
     for p in path[:-1]:
         mapped = _MODULE_TO_TORCH.get(p, p)
@@ -126,9 +101,9 @@ def key_map(model_config: Any) -> dict[str, tuple[tuple[str, ...], int | None, t
     for path, leaf in flat.items():
         if path[0] == "blocks":
             for i in range(leaf.shape[0]):
-                out[f"blocks.{i}." + _torch_name(path[1:])] = (path, i, tuple(leaf.shape[1:]))
+                out[f"blocks.{i}." + official_key(path[1:])] = (path, i, tuple(leaf.shape[1:]))
         else:
-            out[_torch_name(path)] = (path, None, tuple(leaf.shape))
+            out[official_key(path)] = (path, None, tuple(leaf.shape))
     return out
 
 
@@ -173,7 +148,7 @@ def from_torch_state_dict(
         lines.append(
             "  Check that the config (depth, hidden_size, adaln_type, ...) is the checkpoint's."
         )
-        raise ValueError("\n".join(lines))
+        raise UserError("\n".join(lines))
 
     flat: dict[tuple[str, ...], Any] = {}
     stacked: dict[tuple[str, ...], list] = {}
@@ -203,71 +178,14 @@ def to_torch_state_dict(params: Mapping[str, Any], model_config: Any) -> dict[st
     return out
 
 
-def load_state_dict(path: str, key: str | None = None) -> dict[str, np.ndarray]:
-    """Reads an official checkpoint: .safetensors (no torch needed) or .bin/.pt/.pth (needs torch).
-
-    `key` selects a sub-dict (e.g. "ema", "model", "state_dict") of a torch pickle.
-    """
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"Checkpoint {path!r} does not exist; pass the path of the official file."
-        )
-    if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file
-
-        return dict(load_file(path))
-    try:
-        import torch
-    except ImportError as e:
-        raise ImportError(
-            f"{path} is a torch pickle; install torch (CPU) to read it, or convert it to .safetensors."
-        ) from e
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    if key is not None:
-        obj = obj[key]
-    elif isinstance(obj, dict) and not any(hasattr(v, "shape") for v in obj.values()):
-        for candidate in ("ema", "model", "state_dict", "module"):
-            if candidate in obj:
-                obj = obj[candidate]
-                break
-    return {k: v.float().numpy() for k, v in obj.items()}
+# The official high-resolution post-training configs list `ignore_keys: ['x_embedder', 'bias',
+# 'LN', 'final_layer']`: every parameter whose official key contains one of these substrings is
+# re-initialised instead of loaded, and only those train ('LN' matches `adaLN_modulation` and
+# `global_adaLN_modulation`). For FiTv2-XL/2 that is 95.0M of 671.0M parameters.
+OFFICIAL_POST_TRAINING_KEYS = ("x_embedder", "bias", "LN", "final_layer")
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m fitv2_jax.models.convert",
-        description="Convert official FiT/FiTv2 PyTorch weights to Flax params (an Orbax checkpoint "
-        "directory) or back (.safetensors in the official key layout).",
-    )
-    parser.add_argument("--config", required=True, help="config file, e.g. configs/fitv2_xl.py")
-    parser.add_argument(
-        "--input", required=True, help=".safetensors/.bin (to_flax) or Orbax params dir (to_torch)"
-    )
-    parser.add_argument(
-        "--output", required=True, help="Orbax dir (to_flax) or .safetensors (to_torch)"
-    )
-    parser.add_argument("--direction", choices=["to_flax", "to_torch"], default="to_flax")
-    parser.add_argument("--key", default=None, help="sub-dict of a torch pickle (ema, model, ...)")
-    args = parser.parse_args(argv)
-
-    from fitv2_jax.config_file import load_config
-
-    model_config = load_config(args.config).model
-    import orbax.checkpoint as ocp
-
-    if args.direction == "to_flax":
-        params = from_torch_state_dict(load_state_dict(args.input, args.key), model_config)
-        checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(os.path.abspath(args.output), params)
-        checkpointer.wait_until_finished()
-    else:
-        from safetensors.numpy import save_file
-
-        target = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract_params(model_config))
-        params = ocp.StandardCheckpointer().restore(os.path.abspath(args.input), target)
-        save_file(to_torch_state_dict(params, model_config), args.output)
-    print(f"wrote {args.output}")
-
-
-if __name__ == "__main__":
-    main()
+def is_post_training_param(path: tuple[str, ...], patterns=OFFICIAL_POST_TRAINING_KEYS) -> bool:
+    """path: a Flax param path such as ('blocks', 'attn', 'qkv', 'bias')."""
+    name = official_key(path[1:] if path[0] == "blocks" else path)
+    return any(p in name for p in patterns)

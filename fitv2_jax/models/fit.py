@@ -82,15 +82,9 @@ class FiTBlock(nn.Module):
     @nn.compact
     def __call__(self, x, c, segment_ids, cos, sin, global_adaln, seg_index):
         d = self.hidden_size
-        mod = Modulation(
-            d,
-            6,
-            self.adaln_type,
-            self.adaln_lora_dim,
-            use_bias=self.adaln_bias,
-            dtype=self.dtype,
-            name="adaLN_modulation",
-        )(c)
+        mod = Modulation(hidden_size=d, chunks=6, kind=self.adaln_type,
+                         lora_dim=self.adaln_lora_dim, use_bias=self.adaln_bias, dtype=self.dtype,
+                         name="adaLN_modulation")(c)  # fmt: skip
         mod = mod + global_adaln
         if seg_index is not None:  # packed rows: each token takes its own image's modulation
             mod = jnp.take_along_axis(mod, seg_index[..., None], axis=1)
@@ -98,17 +92,11 @@ class FiTBlock(nn.Module):
 
         h = modulate(Norm(self.norm_type, "embed", name="norm1")(x), shift_msa, scale_msa)
         h = Attention(
-            self.num_heads,
-            self.qkv_bias,
-            self.q_norm,
-            self.k_norm,
-            self.qk_norm_weight,
-            self.use_rope,
-            self.add_rel_pe_to_v,
-            self.attention_backend,
-            self.dtype,
+            num_heads=self.num_heads, qkv_bias=self.qkv_bias, q_norm=self.q_norm,
+            k_norm=self.k_norm, qk_norm_weight=self.qk_norm_weight, use_rope=self.use_rope,
+            rope_on_v=self.add_rel_pe_to_v, backend=self.attention_backend, dtype=self.dtype,
             name="attn",
-        )(h, segment_ids, cos, sin)
+        )(h, segment_ids, cos, sin)  # fmt: skip
         x = x + per_token(gate_msa) * h
 
         h = modulate(Norm(self.norm_type, "embed", name="norm2")(x), shift_mlp, scale_mlp)
@@ -243,59 +231,40 @@ class FiT(nn.Module):
                 f"remat_policy={self.remat_policy!r}: expected one of {sorted(REMAT_POLICIES)}."
             )
 
-    @nn.compact
-    def __call__(self, x, t, y, grid, mask, size=None, train: bool = False, force_drop=None):
-        self._check()
-        dt = self.dtype
-        s = self.time_shifting
-        t = jnp.minimum(s * t / (1 + (s - 1) * t), 1.0).astype(jnp.float32)
-        segment_ids = mask.astype(jnp.int32)
-        valid = (segment_ids != 0).astype(jnp.float32)
-
-        h = Linear(self.hidden_size, ("patch_in", "embed"), dtype=dt, name="x_embedder")(x)
-        h = nn.with_logical_constraint(
-            h, ("activation_batch", "activation_length", "activation_embed")
-        )
-        # Packed rows (several images per sequence): y, t (B, S) per image, mask = segment ids
-        # 1..S (0 = padding); conditioning is computed per image and gathered per token.
+    def _conditioning(self, t, y, train, force_drop):
+        """c = t_emb + y_emb: (B, D), or (B, S, D) per image of packed rows (y, t (B, S))."""
         packed = y.ndim == 2
-        seg_index = None
         if packed:
             batch, segments = y.shape
-            seg_index = jnp.clip(segment_ids - 1, 0, segments - 1)
             t, y = t.reshape(-1), y.reshape(-1)
             force_drop = None if force_drop is None else force_drop.reshape(-1)
-        c = TimestepEmbedder(self.hidden_size, dtype=dt, name="t_embedder")(t)
+        c = TimestepEmbedder(self.hidden_size, dtype=self.dtype, name="t_embedder")(t)
         c = c + LabelEmbedder(
             self.num_classes, self.hidden_size, self.class_dropout_prob, name="y_embedder"
         )(y, train, force_drop).astype(c.dtype)
-        if packed:
-            c = c.reshape(batch, segments, -1)
+        return c.reshape(batch, segments, -1) if packed else c
 
-        use_rope = self.rel_pos_embed in ("rope", "xpos")
-        if use_rope:
-            if packed and size is not None and size.ndim == 3:  # per-image sizes -> per token
-                size = jnp.take_along_axis(size, seg_index[..., None], axis=1)
-            cos, sin = rope_cos_sin(self.rope_config(), grid, size)
-        else:
-            cos = sin = None
-        if self.adaln_type == "lora":
-            global_adaln = Linear(
-                6 * self.hidden_size,
-                ("embed", "adaln"),
-                self.adaln_bias,
-                zero_init=True,
-                dtype=dt,
-                name="global_adaLN_modulation",
-            )(nn.silu(c))
-        else:
-            global_adaln = jnp.zeros((), c.dtype)
+    def _rope(self, grid, size, seg_index):
+        """(cos, sin) of every token's 2D position, or (None, None) without RoPE."""
+        if self.rel_pos_embed not in ("rope", "xpos"):
+            return None, None
+        if seg_index is not None and size is not None and size.ndim == 3:
+            size = jnp.take_along_axis(size, seg_index[..., None], axis=1)  # per image -> token
+        return rope_cos_sin(self.rope_config(), grid, size)
 
+    def _global_adaln(self, c):
+        """AdaLN-LoRA's shared full-rank part W_g(c), added to every block's modulation."""
+        if self.adaln_type != "lora":
+            return jnp.zeros((), c.dtype)
+        return Linear(6 * self.hidden_size, ("embed", "adaln"), self.adaln_bias, zero_init=True,
+                      dtype=self.dtype, name="global_adaLN_modulation")(nn.silu(c))  # fmt: skip
+
+    def _blocks(self):
+        """The `depth` blocks as one scanned (and, per remat_policy, rematerialised) module."""
         block = FiTBlock
-        policy = REMAT_POLICIES[self.remat_policy]
         if self.remat_policy != "none":
-            block = nn.remat(block, policy=policy, prevent_cse=False)
-        blocks = nn.scan(
+            block = nn.remat(block, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=False)
+        scanned = nn.scan(
             block,
             variable_axes={"params": 0},
             split_rngs={"params": True, "dropout": True},
@@ -303,37 +272,43 @@ class FiT(nn.Module):
             length=self.depth,
             unroll=self.scan_unroll,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(
-            self.hidden_size,
-            self.num_heads,
-            self.mlp_ratio,
-            self.use_swiglu,
-            self.use_swiglu_large,
-            self.norm_type,
-            self.q_norm,
-            self.k_norm,
-            self.qk_norm_weight,
-            self.qkv_bias,
-            self.ffn_bias,
-            self.adaln_bias,
-            self.adaln_type,
-            self.adaln_lora_dim,
-            use_rope,
-            self.add_rel_pe_to_v,
-            self.attention_backend,
-            dt,
-            name="blocks",
         )
-        h, _ = blocks(h, c, segment_ids, cos, sin, global_adaln, seg_index)
+        return scanned(
+            hidden_size=self.hidden_size, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
+            use_swiglu=self.use_swiglu, use_swiglu_large=self.use_swiglu_large,
+            norm_type=self.norm_type, q_norm=self.q_norm, k_norm=self.k_norm,
+            qk_norm_weight=self.qk_norm_weight, qkv_bias=self.qkv_bias, ffn_bias=self.ffn_bias,
+            adaln_bias=self.adaln_bias, adaln_type=self.adaln_type,
+            adaln_lora_dim=self.adaln_lora_dim, use_rope=self.rel_pos_embed in ("rope", "xpos"),
+            add_rel_pe_to_v=self.add_rel_pe_to_v, attention_backend=self.attention_backend,
+            dtype=self.dtype, name="blocks",
+        )  # fmt: skip
+
+    @nn.compact
+    def __call__(self, x, t, y, grid, mask, size=None, train: bool = False, force_drop=None):
+        self._check()
+        s = self.time_shifting
+        t = jnp.minimum(s * t / (1 + (s - 1) * t), 1.0).astype(jnp.float32)
+        segment_ids = mask.astype(jnp.int32)
+        valid = (segment_ids != 0).astype(jnp.float32)
+        # Packed rows (several images per sequence): y, t (B, S) per image, mask = segment ids
+        # 1..S (0 = padding); conditioning is computed per image and gathered per token.
+        seg_index = None
+        if y.ndim == 2:
+            seg_index = jnp.clip(segment_ids - 1, 0, y.shape[1] - 1)
+
+        h = Linear(self.hidden_size, ("patch_in", "embed"), dtype=self.dtype, name="x_embedder")(x)
+        h = nn.with_logical_constraint(
+            h, ("activation_batch", "activation_length", "activation_embed")
+        )
+        c = self._conditioning(t, y, train, force_drop)
+        cos, sin = self._rope(grid, size, seg_index)
+        h, _ = self._blocks()(h, c, segment_ids, cos, sin, self._global_adaln(c), seg_index)
         out = FinalLayer(
-            self.hidden_size,
-            self.patch_size**2 * self.out_channels,
-            self.norm_type,
-            self.adaln_type,
-            self.adaln_bias,
-            dt,
-            name="final_layer",
-        )(h, c, seg_index)
+            hidden_size=self.hidden_size, out_features=self.patch_size**2 * self.out_channels,
+            norm_type=self.norm_type, adaln_type=self.adaln_type, adaln_bias=self.adaln_bias,
+            dtype=self.dtype, name="final_layer",
+        )(h, c, seg_index)  # fmt: skip
         return (out * valid[..., None].astype(out.dtype)).astype(jnp.float32)
 
 

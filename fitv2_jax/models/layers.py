@@ -276,17 +276,9 @@ class Modulation(nn.Module):
         kw = dict(use_bias=self.use_bias, dtype=self.dtype)
         if self.kind == "swiglu":
             hidden = self.swiglu_hidden or (self.hidden_size // 4) * 3
-            return SwiGLU(
-                hidden,
-                out,
-                self.use_bias,
-                "embed",
-                "adaln_hidden",
-                "adaln",
-                True,
-                self.dtype,
-                name="swiglu",
-            )(c)
+            return SwiGLU(hidden=hidden, out=out, use_bias=self.use_bias, axes_in="embed",
+                          axes_hidden="adaln_hidden", axes_out="adaln", zero_init_out=True,
+                          dtype=self.dtype, name="swiglu")(c)  # fmt: skip
         h = nn.silu(c)
         if self.kind == "normal":
             return Linear(out, ("embed", "adaln"), zero_init=True, name="linear_1", **kw)(h)

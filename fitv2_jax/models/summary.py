@@ -1,6 +1,7 @@
 """Parameter counts and linear-layer GFLOPs of a config, split by component (no allocation).
 
-    python -m fitv2_jax.models.summary --config configs/fitv2_xl.py [--tokens 256]
+    python -m fitv2_jax.summary --config configs/fitv2_xl.py [--tokens 256]   # the command
+    s = summarize(config.model, tokens=256)                                 # the library
 
 GFLOPs follow the paper's convention: multiply-accumulates of the linear layers only, per image,
 attention-map products left out (reported separately). Per-token layers (patch embedding, q/k/v and
@@ -10,13 +11,13 @@ cost in * out once.
 
 from __future__ import annotations
 
-import argparse
 import math
 from collections import defaultdict
 
 import flax
 
-from fitv2_jax.models.convert import abstract_params, build_model
+from fitv2_jax.models.build import abstract_params, build_model
+from fitv2_jax.models.convert import is_post_training_param
 
 COMPONENTS = (
     "embedders",
@@ -75,11 +76,16 @@ def summarize(model_config, tokens: int = 256) -> dict:
 
 
 def trainable_subset_params(model_config) -> int:
-    """Parameters of the official high-resolution post-training subset (see training/)."""
-    from fitv2_jax.training.partial import is_post_training_param
-
+    """Parameters of the official high-resolution post-training subset (`is_post_training_param`)."""
     flat = flax.traverse_util.flatten_dict(abstract_params(model_config))
     return sum(math.prod(v.shape) for p, v in flat.items() if is_post_training_param(p))
+
+
+def train_step_flops(model_config, batch: int, tokens: int) -> float:
+    """Model FLOPs of one forward + backward step on `batch` rows of `tokens` tokens:
+    3 (fwd + 2x bwd) x 2 FLOPs per MAC x (linear-layer + attention-map MACs)."""
+    s = summarize(model_config, tokens=tokens)
+    return 6.0 * (s["total_gmacs"] + s["attention_map_gmacs"]) * 1e9 * batch
 
 
 def format_summary(s: dict) -> str:
@@ -89,23 +95,3 @@ def format_summary(s: dict) -> str:
     lines.append(f"{'total':<14}{s['total_params'] / 1e6:>12.2f}{s['total_gmacs']:>14.2f}")
     lines.append(f"attention maps (not in the paper's count): {s['attention_map_gmacs']:.2f} GMACs")
     return "\n".join(lines)
-
-
-def main(argv=None) -> None:
-    from fitv2_jax.config_file import load_config
-
-    parser = argparse.ArgumentParser(
-        prog="python -m fitv2_jax.models.summary",
-        description="Parameter count and linear-layer GFLOPs (multiply-accumulates, the paper's "
-        "convention) of a config, by component. Allocates nothing.",
-    )
-    parser.add_argument("--config", required=True, help="e.g. configs/fitv2_xl.py")
-    parser.add_argument("--tokens", type=int, default=256, help="sequence length (256 or 1024)")
-    args = parser.parse_args(argv)
-    model_config = load_config(args.config).model
-    print(f"{args.config}")
-    print(format_summary(summarize(model_config, args.tokens)))
-
-
-if __name__ == "__main__":
-    main()

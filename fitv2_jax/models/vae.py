@@ -2,13 +2,13 @@
 
 FiTv2 diffuses in the latent space of `stabilityai/sd-vae-ft-ema`: an image (B, H, W, 3) in
 [-1, 1] becomes latents (B, H/8, W/8, 4), multiplied by the scaling factor 0.18215 so they have
-roughly unit variance. `load_vae(path)` reads the weights a user brings (diffusers directory or
-single file, or the original CompVis/LDM checkpoint); `VAE.encode` / `VAE.decode` are the jitted,
-memory-bounded entry points the data, sampling and evaluation code use.
+roughly unit variance. `fitv2_jax.weights.vae.load_vae(path)` reads the weights a user brings
+(diffusers directory or single file, or the original CompVis/LDM checkpoint); `VAE.encode` /
+`VAE.decode` are the jitted, memory-bounded entry points the data, sampling and evaluation code use.
 
 Parameter names follow the diffusers module tree with list indices folded into the name
 (`encoder.down_blocks.0.resnets.1.conv1.weight` -> `encoder/down_blocks_0/resnets_1/conv1/kernel`),
-so the conversion in `vae_convert.py` is a renaming plus a transpose.
+so the conversion in `fitv2_jax/weights/vae.py` is a renaming plus a transpose.
 """
 
 from __future__ import annotations
@@ -23,8 +23,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from fitv2_jax.models import vae_convert
 
 SD_SCALING_FACTOR = 0.18215
 # A pixel budget per compiled call: 8 images at 256x256. The widest activation of the kl-f8
@@ -584,36 +582,3 @@ def random_vae(
         else:  # biases
             new.append(0.1 * noise)
     return VAE(module, jax.tree.unflatten(treedef, [jnp.asarray(a) for a in new]))
-
-
-def load_vae(path: str, dtype=jnp.float32, **options) -> VAE:
-    """Load SD-VAE weights from a local path into a `VAE`.
-
-    path: a diffusers directory (config.json + diffusion_pytorch_model.safetensors, or .bin) or a
-    single file: diffusers-layout .safetensors, or the original CompVis/LDM layout (.safetensors or
-    .ckpt; a whole Stable Diffusion checkpoint works too: its `first_stage_model.` part is used).
-    dtype: compute dtype (float32, or bfloat16 for speed); parameters stay float32.
-    options: VAE fields (max_pixels, tile, overlap, scaling_factor) or AutoencoderKL fields that
-    override the config (e.g. norm_num_groups for a single file without config.json).
-    Missing, unexpected or mis-shaped keys raise ValueError naming them.
-    """
-    vae_fields = {f.name for f in dataclasses.fields(VAE)} - {"module", "params"}
-    vae_opts = {k: v for k, v in options.items() if k in vae_fields}
-    module_opts = {k: v for k, v in options.items() if k not in vae_fields}
-    state, config = vae_convert.read_checkpoint(path)
-    module_fields = {f.name for f in dataclasses.fields(AutoencoderKL)} - {"parent", "name"}
-    unknown = set(module_opts) - module_fields
-    if unknown:
-        raise TypeError(f"load_vae: unknown options {sorted(unknown)}")
-    cfg = {k: v for k, v in config.items() if k in module_fields}
-    cfg.update(module_opts)
-    cfg["block_out_channels"] = tuple(cfg.get("block_out_channels", (128, 256, 512, 512)))
-    module = AutoencoderKL(**cfg, dtype=dtype)
-    f = module.downsample_factor
-    shapes = jax.eval_shape(
-        lambda: module.init(jax.random.key(0), jnp.zeros((1, f, f, module.in_channels)))
-    )["params"]
-    params = vae_convert.to_flax_params(state, shapes, source=path)
-    vae_opts.setdefault("scaling_factor", config.get("scaling_factor") or SD_SCALING_FACTOR)
-    vae_opts.setdefault("shift_factor", config.get("shift_factor") or 0.0)
-    return VAE(module, params, **vae_opts)

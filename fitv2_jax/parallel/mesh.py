@@ -72,3 +72,14 @@ def create_mesh(
         except (AssertionError, NotImplementedError, ValueError):
             grid = np.asarray(devices).reshape(ici_shape)
     return Mesh(grid, AXES)
+
+
+def inference_mesh(config, kind: str = "data") -> Mesh:
+    """Mesh for sampling and evaluation. 'data': every device on the data axis (params
+    replicated, fastest to compile); 'config': the config's training mesh (params FSDP-sharded,
+    for models too big for one device)."""
+    if kind == "data":
+        return create_mesh((-1, 1, 1))
+    if kind == "config":
+        return create_mesh(config.mesh.ici, config.mesh.dcn)
+    raise ValueError(f"mesh kind {kind!r}: use 'data' or 'config'")

@@ -1,39 +1,50 @@
-"""The training loop: `train_and_evaluate(config, workdir)`.
+"""The training loop: `train(config, workdir)`.
 
-Builds the mesh, the sharded train state and the Grain iterator, resumes from the latest complete
-checkpoint in WORKDIR by itself, runs the jitted step, logs, samples grids, saves every
-`train.checkpoint_every` steps and on SIGTERM (then exits cleanly), and stops with a clear error on
-a NaN/Inf loss without writing a checkpoint of the bad state.
+Builds the mesh, the sharded train state and the Grain iterator (`setup.build_setup`), resumes
+from the latest complete checkpoint in WORKDIR by itself, runs the jitted step, logs, samples
+grids, saves every `train.checkpoint_every` steps and on SIGTERM (then exits cleanly), and stops
+with a clear error on a NaN/Inf loss without writing a checkpoint of the bad state.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
 import time
 from typing import Any
 
-import flax.linen as nn
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+from clu import parameter_overview
+from PIL import Image
 
 from fitv2_jax.data.pipeline import make_train_iterator, to_global_batch
-from fitv2_jax.models.fit import FiT
-from fitv2_jax.models.summary import summarize
-from fitv2_jax.parallel.mesh import create_mesh
-from fitv2_jax.parallel.rules import LOGICAL_RULES
-from fitv2_jax.training.checkpoint import Checkpoints, load_inference_params
-from fitv2_jax.training.state import TrainState, init_state, make_optimizer, state_shardings
-from fitv2_jax.training.step import BATCH_KEYS, make_train_step
+from fitv2_jax.models.convert import is_post_training_param
+from fitv2_jax.models.summary import train_step_flops
+from fitv2_jax.sampling.generate import generate
+from fitv2_jax.sampling.images import image_grid, to_uint8, tokens_to_images
+from fitv2_jax.sampling.rules import model_for_size, resolve_rule
+from fitv2_jax.sampling.sizes import is_latent, patches_for, size_multiple
+from fitv2_jax.training.checkpoint import Checkpoints
+from fitv2_jax.training.setup import TrainSetup, build_setup
+from fitv2_jax.training.state import TrainState
+from fitv2_jax.training.step import BATCH_KEYS
+from fitv2_jax.training.writers import MetricWriter, create_writer
+from fitv2_jax.utils.errors import UserError
+from fitv2_jax.utils.files import write_text_atomic
+from fitv2_jax.utils.timing import matmul_peak_flops
+from fitv2_jax.weights.checkpoints import CONFIG_JSON
+from fitv2_jax.weights.fit import load_fit_params
+from fitv2_jax.weights.vae import load_vae
 
 log = logging.getLogger("fitv2_jax.train")
 
 
-class NonFiniteLossError(FloatingPointError):
-    pass
+class NonFiniteLossError(UserError, FloatingPointError):
+    """The loss became NaN or Inf; nothing of the bad state was saved."""
 
 
 class _Preemption:
@@ -58,263 +69,223 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def _flops_per_step(model_cfg, batch: int, length: int, cache: dict) -> float:
-    """Model FLOPs of one fwd+bwd step: 3 x 2 x (linear + attention-map MACs), padded length."""
-    if length not in cache:
-        s = summarize(model_cfg, tokens=length)
-        cache[length] = 6.0 * (s["total_gmacs"] + s["attention_map_gmacs"]) * 1e9
-    return cache[length] * batch
+class MetricsWindow:
+    """The step metrics since the last log line, turned into averages and rates by `flush`.
 
+    Metrics stay on the device until flushed, so logging does not stall the step pipeline.
+    MFU = model FLOP/s / (peak FLOP/s per device x devices).
+    """
 
-def _warm_start(state: TrainState, config, model: FiT, shardings) -> TrainState:
-    """Loads init_from params (post-training) into a fresh state; optionally re-initialises the
-    trainable subset as the official code does."""
-    import flax
+    def __init__(self, setup: TrainSetup, peak_flops: float):
+        self.setup, self.peak = setup, peak_flops
+        self.pending: list[dict] = []
+        self._flops_by_length: dict[int, float] = {}
+        self._reset()
 
-    from fitv2_jax.training.partial import is_post_training_param
+    def _reset(self):
+        self.pending, self.flops, self.start = [], 0.0, time.perf_counter()
 
-    loaded = load_inference_params(
-        config.train.init_from, config.model, use_ema=config.train.init_use_ema
-    )
-    if config.train.reinit_trainable:
-        fresh = flax.traverse_util.flatten_dict(jax.device_get(state.params))
-        flat = flax.traverse_util.flatten_dict(loaded)
-        flat = {p: (fresh[p] if is_post_training_param(p) else v) for p, v in flat.items()}
-        loaded = flax.traverse_util.unflatten_dict(flat)
-    params = jax.device_put(loaded, shardings.params)
-    ema = jax.device_put(loaded, shardings.ema_params)
-    return state.replace(params=params, ema_params=ema)
+    def add(self, metrics: dict, length: int) -> None:
+        if length not in self._flops_by_length:
+            self._flops_by_length[length] = train_step_flops(
+                self.setup.config.model, self.setup.global_batch, length
+            )
+        self.pending.append(metrics)
+        self.flops += self._flops_by_length[length]
 
-
-def _sample_grids(config, model_cfg, params, step: int, workdir: str, writer) -> None:
-    """Sample grids at several aspect ratios with the EMA params; PNGs in WORKDIR/samples.
-
-    The paper's rule per size: plain RoPE in distribution, VisionNTK + attention scale beyond."""
-    from PIL import Image
-
-    from fitv2_jax import sampling
-
-    vae = None
-    if sampling.is_latent(config):
-        if not config.vae_path:
-            log.info("sample grids skipped: latent config without config.vae_path")
-            return
-        from fitv2_jax.models.vae import load_vae
-
-        vae = load_vae(config.vae_path)
-    multiple = sampling.size_multiple(config, vae)
-    os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-    labels = jnp.arange(8) % model_cfg.num_classes
-    images = {}
-    for height, width in config.train.sample_sizes:
-        h, w = sampling.patches_for(height, width, multiple)
-        model = sampling.model_for_size(
-            model_cfg, h, w, sampling.resolve_rule("auto", model_cfg, h, w)
-        )
-        tokens, _ = sampling.generate(
-            model, params, jax.random.key(step), labels, h, w,
-            cfg_scale=config.train.sample_cfg_scale, method="euler", num_steps=config.train.sample_steps,
-        )  # fmt: skip
-        x = sampling.tokens_to_images(tokens, h, w, model_cfg.patch_size)
-        if vae is not None:
-            x = vae.decode(jnp.asarray(x))
-        grid = sampling.image_grid(sampling.to_uint8(x), cols=4)
-        Image.fromarray(grid).save(
-            os.path.join(workdir, "samples", f"step{step:08d}_{height}x{width}.png")
-        )
-        images[f"samples/{height}x{width}"] = grid[None]
-    writer.write_images(step, images)
-
-
-def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
-    """Trains until config.train.total_steps (or preemption). Returns the last logged metrics
-    plus {"step", "status"} with status "done", "preempted" or "data_exhausted"."""
-    from fitv2_jax.training.writers import create_writer
-
-    if "://" in str(workdir):
-        # os.makedirs would quietly make a local "gs:" directory for config.json and metrics
-        # while Orbax wrote checkpoints to the bucket: a resume elsewhere would miss half the run.
-        raise ValueError(
-            f"--workdir {workdir}: URLs are not supported (config.json, metrics.jsonl, TensorBoard "
-            "and sample grids are written through the local filesystem). Mount the bucket on "
-            "every host (e.g. `gcsfuse --implicit-dirs BUCKET /gcs/BUCKET`) and pass the mount "
-            "path, e.g. --workdir /gcs/BUCKET/run."
-        )
-    os.makedirs(workdir, exist_ok=True)
-    tc = config.train
-    main_process = jax.process_index() == 0
-    writer = create_writer(workdir, main_process)
-    if main_process:
-        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-            f.write(config.to_json_best_effort(indent=2))
-
-    mesh = create_mesh(config.mesh.ici, config.mesh.dcn)
-    model = FiT(**config.model)
-    global_batch = int(config.data.global_batch_size)
-    tx_factory = lambda params: make_optimizer(tc, global_batch, params)
-    abstract_state, shardings = state_shardings(model, tx_factory, mesh)
-    tx = tx_factory(abstract_state.params)
-
-    data_it = make_train_iterator(
-        config.data,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        seed=config.seed,
-    )
-    ckpt = Checkpoints(workdir, tc)
-    start = ckpt.latest_step()
-    if start is not None:
-        log.info("resuming from %s/%d", ckpt.directory, start)
-        print(f"Resuming from checkpoint step {start} in {ckpt.directory}", flush=True)
-        state = ckpt.restore(start, abstract_state, shardings, data_it)
-    else:
-        init = jax.jit(lambda key: init_state(model, tx_factory, key), out_shardings=shardings)
-        state = init(jax.random.key(config.seed))
-        if tc.init_from:
-            state = _warm_start(state, config, model, shardings)
-        start = 0
-
-    step_fn = jax.jit(
-        make_train_step(model, config, tx),
-        in_shardings=(shardings, None),
-        out_shardings=(shardings, None),
-        donate_argnums=(0,),
-    )
-    peak = float(tc.peak_flops_per_device)
-    peak_label = "configured peak"
-    if peak <= 0:
-        from fitv2_jax.benchmarks.timing import matmul_peak_flops
-
-        # a 2048^2 matmul in the compute dtype: the practical peak of this device (set
-        # train.peak_flops_per_device to the datasheet figure for MFU as papers report it)
-        peak = matmul_peak_flops(2048, jnp.dtype(config.model.dtype), repeats=3)
-        peak_label = "measured matmul peak"
-    num_devices = jax.device_count()
-    flops_cache: dict[int, float] = {}
-    milestones = {int(s) for s in tc.keep_steps}  # saved even off the checkpoint_every grid
-
-    step = start
-    status = "done"
-    last_metrics: dict[str, float] = {}
-    pending: list[dict] = []
-    window_flops = 0.0
-    window_start = time.perf_counter()
-    window_steps = 0
-    run_start = time.perf_counter()
-    if main_process and start < tc.total_steps:
-        print(f"Training {config.model.hidden_size}d x {config.model.depth} on {num_devices} devices, "
-              f"mesh {dict(mesh.shape)}, steps {start} -> {tc.total_steps}, workdir {workdir}", flush=True)  # fmt: skip
-
-    def flush_metrics() -> dict[str, float]:
-        nonlocal pending, window_flops, window_start, window_steps
-        fetched = jax.device_get(pending)
-        pending = []
+    def flush(self, step: int, last_checkpoint: int | None, directory: str) -> dict[str, float]:
+        """Averages and rates of the window; a NaN/Inf loss raises NonFiniteLossError."""
+        fetched = jax.device_get(self.pending)
         losses = np.array([m["loss"] for m in fetched], np.float64)
         if not np.all(np.isfinite(losses)):
-            bad = step - len(losses) + int(np.argmin(np.isfinite(losses)))
-            last = ckpt.latest_step()
+            bad = step - len(losses) + int(np.argmin(np.isfinite(losses))) + 1
             raise NonFiniteLossError(
-                f"loss is {losses[~np.isfinite(losses)][0]} at step {bad + 1}; stopping without saving. "
-                f"The last good checkpoint is step {last} in {ckpt.directory}. Lower train.learning_rate, "
-                "check the data, or use float32 (model.dtype) before resuming."
+                f"loss is {losses[~np.isfinite(losses)][0]} at step {bad}; stopped without saving. "
+                f"The last good checkpoint is step {last_checkpoint} in {directory}. Lower "
+                "train.learning_rate, check the data, or use float32 (model.dtype) before resuming."
             )
-        elapsed = time.perf_counter() - window_start
-        steps_per_s = window_steps / max(elapsed, 1e-9)
-        flops_per_s = window_flops / max(elapsed, 1e-9)
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        steps_per_s = len(fetched) / elapsed
+        flops_per_s = self.flops / elapsed
         out = {
             "loss": float(losses.mean()),
             "grad_norm": float(np.mean([m["grad_norm"] for m in fetched])),
             "param_norm": float(fetched[-1]["param_norm"]),
             "steps_per_sec": steps_per_s,
-            "images_per_sec": steps_per_s * global_batch,
-            "tokens_per_sec": float(sum(m["valid_tokens"] for m in fetched)) / max(elapsed, 1e-9),
+            "images_per_sec": steps_per_s * self.setup.global_batch,
+            "tokens_per_sec": float(sum(m["valid_tokens"] for m in fetched)) / elapsed,
             "model_tflops_per_sec": flops_per_s / 1e12,
-            "mfu": flops_per_s / (peak * num_devices),
-            "learning_rate": float(tx_lr(step)),
+            "mfu": flops_per_s / (self.peak * jax.device_count()),
+            "learning_rate": float(self.setup.learning_rate(step)),
         }
-        window_start, window_flops, window_steps = time.perf_counter(), 0.0, 0
+        self._reset()
         return out
 
-    from fitv2_jax.training.state import learning_rate
 
-    tx_lr = learning_rate(tc, global_batch)
+def _warm_start(setup: TrainSetup, state: TrainState) -> TrainState:
+    """Loads train.init_from (post-training) into a fresh state; optionally re-initialises the
+    trainable subset as the official code does."""
+    tc = setup.config.train
+    loaded = load_fit_params(tc.init_from, setup.config.model, use_ema=tc.init_use_ema)
+    if tc.reinit_trainable:
+        fresh = flax.traverse_util.flatten_dict(jax.device_get(state.params))
+        flat = flax.traverse_util.flatten_dict(loaded)
+        flat = {p: (fresh[p] if is_post_training_param(p) else v) for p, v in flat.items()}
+        loaded = flax.traverse_util.unflatten_dict(flat)
+    params = jax.device_put(loaded, setup.shardings.params)
+    ema = jax.device_put(loaded, setup.shardings.ema_params)
+    return state.replace(params=params, ema_params=ema)
 
+
+def _restore_or_init(setup: TrainSetup, ckpt: Checkpoints, data_it) -> tuple[TrainState, int]:
+    start = ckpt.latest_step()
+    if start is not None:
+        print(f"Resuming from checkpoint step {start} in {ckpt.directory}", flush=True)
+        return ckpt.restore(start, setup.abstract_state, setup.shardings, data_it), start
+    state = setup.init_state(jax.random.key(setup.config.seed))
+    if setup.config.train.init_from:
+        state = _warm_start(setup, state)
+    return state, 0
+
+
+def sample_grids(config, params, step: int, workdir: str, writer: MetricWriter) -> None:
+    """Sample grids at several aspect ratios with the EMA params; PNGs in WORKDIR/samples.
+
+    The paper's rule per size: plain RoPE in distribution, VisionNTK + attention scale beyond."""
+    vae = None
+    if is_latent(config):
+        if not config.vae_path:
+            log.info("sample grids skipped: latent config without config.vae_path")
+            return
+        vae = load_vae(config.vae_path)
+    multiple, model_cfg = size_multiple(config, vae), config.model
+    os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+    labels = jnp.arange(8) % model_cfg.num_classes
+    images = {}
+    for height, width in config.train.sample_sizes:
+        h, w = patches_for(height, width, multiple)
+        model = model_for_size(model_cfg, h, w, resolve_rule("auto", model_cfg, h, w))
+        tokens, _ = generate(model, params, jax.random.key(step), labels, h, w,
+                             cfg_scale=config.train.sample_cfg_scale, method="euler",
+                             num_steps=config.train.sample_steps)  # fmt: skip
+        x = tokens_to_images(tokens, h, w, model_cfg.patch_size)
+        if vae is not None:
+            x = vae.decode(jnp.asarray(x))
+        grid = image_grid(to_uint8(x), cols=4)
+        name = f"step{step:08d}_{height}x{width}.png"
+        Image.fromarray(grid).save(os.path.join(workdir, "samples", name))
+        images[f"samples/{height}x{width}"] = grid[None]
+    writer.write_images(step, images)
+
+
+def _write_parameter_overview(setup: TrainSetup, workdir: str) -> None:
+    """WORKDIR/parameters.txt: every parameter's shape and size (clu's table); total printed."""
+    params = setup.abstract_state.params
+    table = parameter_overview.get_parameter_overview(params, include_stats=False)
+    write_text_atomic(os.path.join(workdir, "parameters.txt"), table + "\n")
+    total = parameter_overview.count_parameters(params)
+    print(f"{total / 1e6:.2f}M parameters ({os.path.join(workdir, 'parameters.txt')})")
+
+
+def _log_line(step: int, total: int, m: dict, peak_label: str) -> str:
+    eta = (total - step) / max(m["steps_per_sec"], 1e-9)
+    return (f"step {step}/{total} loss {m['loss']:.4f} grad {m['grad_norm']:.3f} "
+            f"{m['steps_per_sec']:.2f} steps/s {m['images_per_sec']:.1f} img/s "
+            f"{m['tokens_per_sec']:.0f} tok/s {m['model_tflops_per_sec'] * 1e3:.2f} GFLOP/s "
+            f"MFU {m['mfu']:.1%} ({peak_label}) ETA {eta / 60:.1f} min")  # fmt: skip
+
+
+def _run(setup, state, start, data_it, ckpt, writer, window, workdir, peak_label):
+    """The step loop; returns (status, step, last logged metrics)."""
+    tc, main = setup.config.train, jax.process_index() == 0
+    milestones = {int(s) for s in tc.keep_steps}  # saved even off the checkpoint_every grid
+    step, status, last = start, "done", {}
+    with _Preemption() as preemption:
+        while step < tc.total_steps:
+            try:
+                host_batch = next(data_it)
+            except StopIteration:
+                status = "data_exhausted"
+                print(f"The dataset ran out at step {step} (config.data.num_epochs); stopping.")
+                break
+            batch = to_global_batch({k: host_batch[k] for k in BATCH_KEYS if k in host_batch},
+                                    setup.mesh)  # fmt: skip
+            with setup.context():
+                state, metrics = setup.step(state, batch)
+            step += 1
+            window.add(metrics, batch["x"].shape[1])
+            stop = preemption.requested  # read once: the signal may land mid-iteration
+            save = (step % tc.checkpoint_every == 0 or step in milestones
+                    or step == tc.total_steps or stop)  # fmt: skip
+            if step % tc.log_every == 0 or save:
+                # raises on NaN/Inf before anything is saved
+                last = window.flush(step, ckpt.latest_step(), ckpt.directory)
+                writer.write_scalars(step, last)
+                if main:
+                    print(_log_line(step, tc.total_steps, last, peak_label), flush=True)
+            if save:
+                ckpt.save(step, state, data_it, setup.config, force=True)
+            if tc.sample_every and step % tc.sample_every == 0:
+                sample_grids(setup.config, state.ema_params, step, workdir, writer)
+            if stop:
+                status = "preempted"
+                print(f"SIGTERM: saved step {step}; exiting.", flush=True)
+                break
+    if window.pending:
+        last = window.flush(step, ckpt.latest_step(), ckpt.directory)
+    return status, step, last
+
+
+def _peak_flops(config) -> tuple[float, str]:
+    if config.train.peak_flops_per_device > 0:
+        return float(config.train.peak_flops_per_device), "configured peak"
+    # a 2048^2 matmul in the compute dtype: the practical peak of this device (set
+    # train.peak_flops_per_device to the datasheet figure for MFU as papers report it)
+    return matmul_peak_flops(2048, jnp.dtype(config.model.dtype), repeats=3), "measured matmul peak"
+
+
+def check_workdir(workdir: str) -> None:
+    if "://" in str(workdir):
+        # os.makedirs would quietly make a local "gs:" directory for config.json and metrics
+        # while Orbax wrote checkpoints to the bucket: a resume elsewhere would miss half the run.
+        raise UserError(
+            f"--workdir {workdir}: URLs are not supported (config.json, metrics.jsonl, TensorBoard "
+            "and sample grids are written through the local filesystem). Mount the bucket on "
+            "every host (e.g. `gcsfuse --implicit-dirs BUCKET /gcs/BUCKET`) and pass the mount "
+            "path, e.g. --workdir /gcs/BUCKET/run"
+        )
+
+
+def train(config, workdir: str) -> dict[str, Any]:
+    """Trains until config.train.total_steps (or preemption). Returns the last logged metrics
+    plus {"step", "status"} with status "done", "preempted" or "data_exhausted"."""
+    check_workdir(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    setup = build_setup(config)
+    data_it = make_train_iterator(config.data, process_index=jax.process_index(),
+                                  process_count=jax.process_count(), seed=config.seed)  # fmt: skip
+    ckpt = Checkpoints(workdir, config.train)
+    main = jax.process_index() == 0
     try:
-        with _Preemption() as preemption:
-            while step < tc.total_steps:
-                try:
-                    host_batch = next(data_it)
-                except StopIteration:
-                    status = "data_exhausted"
-                    print(
-                        f"The dataset ran out at step {step} (config.data.num_epochs); stopping.",
-                        flush=True,
-                    )
-                    break
-                batch = to_global_batch(
-                    {k: host_batch[k] for k in BATCH_KEYS if k in host_batch}, mesh
-                )
-                with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
-                    state, metrics = step_fn(state, batch)
-                step += 1
-                pending.append(metrics)
-                window_steps += 1
-                window_flops += _flops_per_step(
-                    config.model, global_batch, batch["x"].shape[1], flops_cache
-                )
-
-                last_step = step == tc.total_steps
-                stop = preemption.requested  # read once: the signal may land mid-iteration
-                save_now = (
-                    step % tc.checkpoint_every == 0 or step in milestones or last_step or stop
-                )
-                if step % tc.log_every == 0 or save_now:
-                    last_metrics = flush_metrics()  # raises on NaN/Inf before anything is saved
-                    writer.write_scalars(step, last_metrics)
-                    if main_process:
-                        eta = (tc.total_steps - step) / max(last_metrics["steps_per_sec"], 1e-9)
-                        print(
-                            f"step {step}/{tc.total_steps} loss {last_metrics['loss']:.4f} "
-                            f"grad {last_metrics['grad_norm']:.3f} {last_metrics['steps_per_sec']:.2f} steps/s "
-                            f"{last_metrics['images_per_sec']:.1f} img/s {last_metrics['tokens_per_sec']:.0f} tok/s "
-                            f"{last_metrics['model_tflops_per_sec'] * 1e3:.2f} GFLOP/s "
-                            f"MFU {last_metrics['mfu']:.1%} ({peak_label}) ETA {eta / 60:.1f} min",
-                            flush=True,
-                        )
-                if save_now:
-                    ckpt.save(step, state, data_it, config, force=True)
-                if tc.sample_every and step % tc.sample_every == 0:
-                    _sample_grids(config, config.model, state.ema_params, step, workdir, writer)
-                if stop:
-                    status = "preempted"
-                    print(f"SIGTERM: saved step {step}; exiting.", flush=True)
-                    break
-        if pending:
-            last_metrics = flush_metrics()
+        state, start = _restore_or_init(setup, ckpt, data_it)
+        if main:  # only once the run has started: a failed resume leaves config.json as it was
+            write_text_atomic(
+                os.path.join(workdir, CONFIG_JSON), config.to_json_best_effort(indent=2)
+            )
+        writer = create_writer(workdir, main)
+        peak, peak_label = _peak_flops(config)
+        if main and start < config.train.total_steps:
+            print(f"Training {config.model.hidden_size}d x {config.model.depth} on "
+                  f"{jax.device_count()} devices, mesh {dict(setup.mesh.shape)}, steps {start} -> "
+                  f"{config.train.total_steps}, workdir {workdir}", flush=True)  # fmt: skip
+        run_start = time.perf_counter()
+        status, step, last = _run(setup, state, start, data_it, ckpt, writer,
+                                  MetricsWindow(setup, peak), workdir, peak_label)  # fmt: skip
     finally:
         ckpt.close()  # completes any save in flight, also when a NaN or a crash ends the run
-    writer.flush()
-    if main_process:
-        total = time.perf_counter() - run_start
-        print(f"Finished ({status}) at step {step} after {total:.0f} s; checkpoints in {ckpt.directory}, "
-              f"metrics in {os.path.join(workdir, 'metrics.jsonl')}", flush=True)  # fmt: skip
-    return dict(last_metrics, step=step, status=status)
-
-
-def export_ema(workdir_or_step: str, output: str, use_ema: bool = True) -> str:
-    """Writes the (EMA) params of a checkpoint as an official-layout .safetensors file."""
-    from safetensors.numpy import save_file
-
-    from fitv2_jax.models.convert import to_torch_state_dict
-    from fitv2_jax.training.checkpoint import CHECKPOINT_DIR, _split_step_dir
-
-    workdir, step = _split_step_dir(workdir_or_step)
-    with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
-        model_cfg = json.load(f)["model"]
-    params = load_inference_params(
-        os.path.join(workdir, CHECKPOINT_DIR, str(step)) if step is not None else workdir,
-        model_cfg,
-        use_ema,
-    )
-    save_file(to_torch_state_dict(params, model_cfg), output)
-    return output
+    writer.close()
+    if main:
+        print(f"Finished ({status}) at step {step} after {time.perf_counter() - run_start:.0f} s; "
+              f"checkpoints in {ckpt.directory}, metrics in "
+              f"{os.path.join(workdir, 'metrics.jsonl')}", flush=True)  # fmt: skip
+    return dict(last, step=step, status=status)

@@ -15,9 +15,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fitv2_jax.models.build import init_params
+from fitv2_jax.models.convert import is_post_training_param
 from fitv2_jax.models.fit import FiT
 from fitv2_jax.parallel.rules import tree_shardings
-from fitv2_jax.training.partial import is_post_training_param
+from fitv2_jax.utils.errors import UserError
 
 
 @flax.struct.dataclass
@@ -53,7 +55,7 @@ def trainable_labels(params, trainable: str):
         flat = flax.traverse_util.flatten_dict(nn.unbox(params))
         labels = {p: ("train" if is_post_training_param(p) else "freeze") for p in flat}
         return flax.traverse_util.unflatten_dict(labels)
-    raise ValueError(f"config.train.trainable={trainable!r}: use 'all' or 'post_training'.")
+    raise UserError(f"config.train.trainable={trainable!r}: use 'all' or 'post_training'")
 
 
 def make_optimizer(train_cfg, global_batch_size: int, params) -> optax.GradientTransformation:
@@ -77,21 +79,9 @@ def make_optimizer(train_cfg, global_batch_size: int, params) -> optax.GradientT
     )
 
 
-def dummy_inputs(model: FiT, batch: int = 1, tokens: int = 4):
-    n, d = tokens, model.patch_size**2 * model.in_channels
-    return (
-        jnp.zeros((batch, n, d)),
-        jnp.zeros((batch,)),
-        jnp.zeros((batch,), jnp.int32),
-        jnp.zeros((batch, 2, n), jnp.int32),
-        jnp.ones((batch, n)),
-        jnp.full((batch, 2), 2, jnp.int32),
-    )
-
-
 def init_state(model: FiT, tx_factory, key, boxed: bool = False) -> TrainState:
     """A fresh state. tx_factory(params) -> optimizer. boxed=True keeps logical-axis boxes."""
-    params = model.init(key, *dummy_inputs(model))["params"]
+    params = init_params(model, key, boxed=True)
     tx = tx_factory(params)
     state = TrainState(
         step=jnp.zeros((), jnp.int32),

@@ -1,104 +1,78 @@
-"""Metric writers: clu's MetricWriter interface to TensorBoard, the log and WORKDIR/metrics.jsonl.
+"""Metric writers: TensorBoard (WORKDIR/tensorboard), the absl log and WORKDIR/metrics.jsonl.
 
-clu's `metric_writers` package imports TensorFlow for its TensorBoard writer. TensorFlow is a
-heavy dependency we otherwise never need, so when it is absent we register, under clu's own
-module name, a SummaryWriter backed by tensorboardX (same event files, same TensorBoard). With
-TensorFlow installed clu's writer is used unchanged. Import this module before any
-`clu.metric_writers` / `clu.periodic_actions` import.
+    writer = create_writer(workdir, is_main_process=jax.process_index() == 0)
+    writer.write_scalars(step, {"loss": 0.41}); writer.write_images(step, {"samples": grid[None]})
+
+The method names are those of `clu.metric_writers.MetricWriter`. clu's own package is not used
+here: `clu.metric_writers` (and `clu.periodic_actions`, which imports it) imports TensorFlow at
+import time (clu 0.0.12: `metric_writers/__init__` -> `summary_writer` -> `tensorflow`), and
+TensorFlow is a multi-GB dependency nothing else here needs. TensorBoard event files are written
+with tensorboardX, which needs no TensorFlow; TensorBoard reads them as usual.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import sys
-import types
+from collections.abc import Mapping, Sequence
 
-_STUB = "clu.metric_writers.tf.summary_writer"
-
-
-def _tensorboardx_summary_writer_class():
-    import numpy as np
-    from clu.metric_writers import interface
-    from tensorboardX import SummaryWriter as TbxWriter
-
-    class SummaryWriter(interface.MetricWriter):
-        """TensorBoard event files through tensorboardX."""
-
-        def __init__(self, logdir: str):
-            self._writer = TbxWriter(logdir=str(logdir))
-
-        def write_summaries(self, step, values, metadata=None):
-            for k, v in values.items():
-                self._writer.add_scalar(k, float(np.asarray(v).mean()), int(step))
-
-        def write_scalars(self, step, scalars):
-            for k, v in scalars.items():
-                self._writer.add_scalar(k, float(v), int(step))
-
-        def write_images(self, step, images):
-            for k, v in images.items():
-                v = np.asarray(v)
-                self._writer.add_images(
-                    k, v if v.ndim == 4 else v[None], int(step), dataformats="NHWC"
-                )
-
-        def write_videos(self, step, videos):
-            del step, videos
-
-        def write_audios(self, step, audios, *, sample_rate):
-            del step, audios, sample_rate
-
-        def write_texts(self, step, texts):
-            for k, v in texts.items():
-                self._writer.add_text(k, str(v), int(step))
-
-        def write_histograms(self, step, arrays, num_buckets=None):
-            for k, v in arrays.items():
-                self._writer.add_histogram(k, np.asarray(v), int(step))
-
-        def write_pointcloud(self, step, point_clouds, *, point_colors=None, configs=None):
-            del step, point_clouds, point_colors, configs
-
-        def write_hparams(self, hparams):
-            self._writer.add_text("hparams", json.dumps({k: str(v) for k, v in hparams.items()}), 0)
-
-        def flush(self):
-            self._writer.flush()
-
-        def close(self):
-            self._writer.close()
-
-    return SummaryWriter
+import numpy as np
+from absl import logging
+from tensorboardX import SummaryWriter
 
 
-def _install_stub() -> None:
-    if _STUB in sys.modules or importlib.util.find_spec("tensorflow") is not None:
-        return
-    package = types.ModuleType("clu.metric_writers.tf")
-    package.__path__ = []
-    module = types.ModuleType(_STUB)
+class MetricWriter:
+    """The clu MetricWriter methods this project writes through; each one a no-op here."""
 
-    def __getattr__(name):  # built lazily: clu's interface module must import first
-        if name == "SummaryWriter":
-            cls = _tensorboardx_summary_writer_class()
-            module.SummaryWriter = cls
-            return cls
-        raise AttributeError(name)
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        pass
 
-    module.__getattr__ = __getattr__
-    sys.modules["clu.metric_writers.tf"] = package
-    sys.modules[_STUB] = module
+    def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+        pass
 
+    def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+        pass
 
-_install_stub()
+    def write_hparams(self, hparams: Mapping[str, object]) -> None:
+        pass
 
-from clu import metric_writers  # noqa: E402
-from clu.metric_writers import interface  # noqa: E402
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.flush()
 
 
-class JsonlWriter(interface.MetricWriter):
+class TensorBoardWriter(MetricWriter):
+    """TensorBoard event files (scalars, NHWC uint8 images, text) through tensorboardX."""
+
+    def __init__(self, logdir: str):
+        self._writer = SummaryWriter(logdir=str(logdir))
+
+    def write_scalars(self, step, scalars):
+        for k, v in scalars.items():
+            self._writer.add_scalar(k, float(v), int(step))
+
+    def write_images(self, step, images):
+        for k, v in images.items():
+            v = np.asarray(v)
+            self._writer.add_images(k, v if v.ndim == 4 else v[None], int(step), dataformats="NHWC")
+
+    def write_texts(self, step, texts):
+        for k, v in texts.items():
+            self._writer.add_text(k, str(v), int(step))
+
+    def write_hparams(self, hparams):
+        self._writer.add_text("hparams", json.dumps({k: str(v) for k, v in hparams.items()}), 0)
+
+    def flush(self):
+        self._writer.flush()
+
+    def close(self):
+        self._writer.close()
+
+
+class JsonlWriter(MetricWriter):
     """Appends {"step": s, name: value, ...} lines to a file (scalars only): easy to grep and plot."""
 
     def __init__(self, path: str):
@@ -106,34 +80,9 @@ class JsonlWriter(interface.MetricWriter):
         self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115
 
     def write_scalars(self, step, scalars):
-        row = {"step": int(step)}
-        row.update({k: float(v) for k, v in scalars.items()})
+        row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
-
-    def write_summaries(self, step, values, metadata=None):
-        pass
-
-    def write_images(self, step, images):
-        pass
-
-    def write_videos(self, step, videos):
-        pass
-
-    def write_audios(self, step, audios, *, sample_rate):
-        pass
-
-    def write_texts(self, step, texts):
-        pass
-
-    def write_histograms(self, step, arrays, num_buckets=None):
-        pass
-
-    def write_pointcloud(self, step, point_clouds, *, point_colors=None, configs=None):
-        pass
-
-    def write_hparams(self, hparams):
-        pass
 
     def flush(self):
         self._file.flush()
@@ -142,17 +91,52 @@ class JsonlWriter(interface.MetricWriter):
         self._file.close()
 
 
-def create_writer(workdir: str, is_main_process: bool = True) -> interface.MetricWriter:
-    """TensorBoard (WORKDIR/tensorboard) + absl log + WORKDIR/metrics.jsonl on the main process;
-    log only elsewhere."""
-    if not is_main_process:
-        return metric_writers.LoggingWriter()
-    from clu.metric_writers.summary_writer import SummaryWriter
+class LoggingWriter(MetricWriter):
+    """Scalars to the absl log (INFO), one line per step."""
 
-    return metric_writers.MultiWriter(
-        [
-            SummaryWriter(os.path.join(workdir, "tensorboard")),
-            metric_writers.LoggingWriter(),
-            JsonlWriter(os.path.join(workdir, "metrics.jsonl")),
-        ]
-    )
+    def write_scalars(self, step, scalars):
+        text = ", ".join(f"{k} = {float(v):.6g}" for k, v in sorted(scalars.items()))
+        logging.info("[%d] %s", step, text)
+
+
+class MultiWriter(MetricWriter):
+    """Every call goes to each writer in turn."""
+
+    def __init__(self, writers: Sequence[MetricWriter]):
+        self.writers = list(writers)
+
+    def write_scalars(self, step, scalars):
+        for w in self.writers:
+            w.write_scalars(step, scalars)
+
+    def write_images(self, step, images):
+        for w in self.writers:
+            w.write_images(step, images)
+
+    def write_texts(self, step, texts):
+        for w in self.writers:
+            w.write_texts(step, texts)
+
+    def write_hparams(self, hparams):
+        for w in self.writers:
+            w.write_hparams(hparams)
+
+    def flush(self):
+        for w in self.writers:
+            w.flush()
+
+    def close(self):
+        for w in self.writers:
+            w.close()
+
+
+def create_writer(workdir: str, is_main_process: bool = True) -> MetricWriter:
+    """TensorBoard (WORKDIR/tensorboard) + absl log + WORKDIR/metrics.jsonl on the main process;
+    the log only elsewhere."""
+    if not is_main_process:
+        return LoggingWriter()
+    return MultiWriter([
+        TensorBoardWriter(os.path.join(workdir, "tensorboard")),
+        LoggingWriter(),
+        JsonlWriter(os.path.join(workdir, "metrics.jsonl")),
+    ])  # fmt: skip

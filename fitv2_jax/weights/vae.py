@@ -1,4 +1,6 @@
-"""Reading SD-VAE checkpoints (diffusers or CompVis/LDM layout) into Flax params for `vae.py`.
+"""Reading SD-VAE checkpoints (diffusers or CompVis/LDM layout) into a `models.vae.VAE`.
+
+    vae = load_vae("/weights/sd-vae-ft-ema")     # diffusers folder, or a single file
 
 Everything is normalised to the current diffusers key names first:
 - old diffusers attention names (`query`, `key`, `value`, `proj_attn`) -> `to_q`, `to_k`, `to_v`,
@@ -6,19 +8,27 @@ Everything is normalised to the current diffusers key names first:
 - the CompVis layout (`encoder.down.{i}.block.{j}`, `mid.attn_1.q`, `decoder.up.{i}` counted from
   the lowest resolution, `nin_shortcut`, `norm_out`) -> the diffusers module tree;
 then renamed to Flax paths and transposed (conv OIHW -> HWIO, linear (out, in) -> (in, out),
-norm weight -> scale). Weights are read with `safetensors.numpy`; torch is only needed for
-.ckpt/.bin/.pt files.
+norm weight -> scale). Weights are read with `safetensors.numpy`, and .ckpt/.bin/.pt files
+without torch (`torch_files`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 from collections.abc import Mapping
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from safetensors.numpy import load_file
+
+from fitv2_jax.models.vae import SD_SCALING_FACTOR, VAE, AutoencoderKL
+from fitv2_jax.utils.errors import MissingFileError, UserError
+from fitv2_jax.weights.torch_files import flatten_tree, load_torch_file
 
 # Training-time extras found in original VAE checkpoints (discriminator / LPIPS / EMA bookkeeping):
 # not part of the autoencoder, dropped on purpose.
@@ -118,26 +128,14 @@ def infer_config(state: Mapping[str, np.ndarray]) -> dict[str, Any]:
 
 def _load_file(path: str) -> dict[str, np.ndarray]:
     if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file
-
         return load_file(path)
     if path.endswith((".ckpt", ".bin", ".pt", ".pth")):
-        try:
-            import torch
-        except ImportError as e:
-            raise ImportError(
-                f"{path}: reading a PyTorch pickle needs torch; install it, or convert the file "
-                "to .safetensors"
-            ) from e
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(obj, Mapping) and "state_dict" in obj:
+        obj = load_torch_file(path)
+        if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
             obj = obj["state_dict"]
-        return {
-            k: v.detach().float().numpy() if v.dtype == torch.bfloat16 else v.detach().numpy()
-            for k, v in obj.items()
-            if isinstance(v, torch.Tensor)
-        }
-    raise ValueError(
+        return {k: np.asarray(v, np.float32) if v.dtype.name == "bfloat16" else v
+                for k, v in flatten_tree(obj).items()}  # fmt: skip
+    raise UserError(
         f"{path}: unknown weight file type; expected .safetensors, .ckpt, .bin, .pt or .pth"
     )
 
@@ -149,25 +147,25 @@ def read_checkpoint(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     scaling_factor / shift_factor when the config gives them).
     """
     if not os.path.exists(path):
-        raise FileNotFoundError(f"VAE weights not found: {path}")
+        raise MissingFileError(f"{path}: VAE weights not found")
     config: dict[str, Any] = {}
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, "vae", "config.json")):
             path = os.path.join(path, "vae")  # a whole diffusers pipeline directory
         cfg_file = os.path.join(path, "config.json")
         if not os.path.isfile(cfg_file):
-            raise FileNotFoundError(f"{path}: a diffusers VAE directory needs config.json")
+            raise MissingFileError(f"{path}: a diffusers VAE directory needs config.json")
         with open(cfg_file) as f:
             config = json.load(f)
         cls = config.get("_class_name", "AutoencoderKL")
         if cls != "AutoencoderKL":
-            raise ValueError(f"{cfg_file}: _class_name is {cls!r}, only AutoencoderKL is supported")
+            raise UserError(f"{cfg_file}: _class_name is {cls!r}, only AutoencoderKL is supported")
         for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"):
             if os.path.isfile(os.path.join(path, name)):
                 weights = os.path.join(path, name)
                 break
         else:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{path}: no diffusion_pytorch_model.safetensors (or .bin) next to config.json"
             )
         state = normalize_keys(_load_file(weights))
@@ -178,9 +176,9 @@ def read_checkpoint(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
                 if t not in ("DownEncoderBlock2D", "UpDecoderBlock2D")
             ]
             if bad:
-                raise ValueError(f"{cfg_file}: unsupported {kind} {bad}")
+                raise UserError(f"{cfg_file}: unsupported {kind} {bad}")
         if config.get("act_fn", "silu") != "silu":
-            raise ValueError(f"{cfg_file}: unsupported act_fn {config['act_fn']!r}")
+            raise UserError(f"{cfg_file}: unsupported act_fn {config['act_fn']!r}")
         try:  # fields an old config.json may lack; the key check below reports real damage
             inferred = infer_config(state)
         except ValueError:
@@ -226,8 +224,6 @@ def to_flax_params(state: Mapping[str, np.ndarray], shapes: Any, source: str = "
 
     Raises ValueError listing every missing, unexpected and mis-shaped key.
     """
-    import jax
-
     flat, treedef = jax.tree.flatten_with_path(shapes)
     keys = [flax_path_to_key(tuple(p.key for p in path)) for path, _ in flat]
     expected = set(keys)
@@ -249,7 +245,40 @@ def to_flax_params(state: Mapping[str, np.ndarray], shapes: Any, source: str = "
     if bad_shape:
         problems.append(f"shape mismatches ({len(bad_shape)}): {'; '.join(bad_shape)}")
     if problems:
-        raise ValueError(
+        raise UserError(
             f"{source}: the weights do not match the VAE architecture: " + " | ".join(problems)
         )
     return jax.tree.unflatten(treedef, [jax.numpy.asarray(v) for v in leaves])
+
+
+def load_vae(path: str, dtype=jnp.float32, **options) -> VAE:
+    """Load SD-VAE weights from a local path into a `VAE`.
+
+    path: a diffusers directory (config.json + diffusion_pytorch_model.safetensors, or .bin) or a
+    single file: diffusers-layout .safetensors, or the original CompVis/LDM layout (.safetensors or
+    .ckpt; a whole Stable Diffusion checkpoint works too: its `first_stage_model.` part is used).
+    dtype: compute dtype (float32, or bfloat16 for speed); parameters stay float32.
+    options: VAE fields (max_pixels, tile, overlap, scaling_factor) or AutoencoderKL fields that
+    override the config (e.g. norm_num_groups for a single file without config.json).
+    Missing, unexpected or mis-shaped keys raise ValueError naming them.
+    """
+    vae_fields = {f.name for f in dataclasses.fields(VAE)} - {"module", "params"}
+    vae_opts = {k: v for k, v in options.items() if k in vae_fields}
+    module_opts = {k: v for k, v in options.items() if k not in vae_fields}
+    state, config = read_checkpoint(path)
+    module_fields = {f.name for f in dataclasses.fields(AutoencoderKL)} - {"parent", "name"}
+    unknown = set(module_opts) - module_fields
+    if unknown:
+        raise UserError(f"load_vae: unknown options {sorted(unknown)}")
+    cfg = {k: v for k, v in config.items() if k in module_fields}
+    cfg.update(module_opts)
+    cfg["block_out_channels"] = tuple(cfg.get("block_out_channels", (128, 256, 512, 512)))
+    module = AutoencoderKL(**cfg, dtype=dtype)
+    f = module.downsample_factor
+    shapes = jax.eval_shape(
+        lambda: module.init(jax.random.key(0), jnp.zeros((1, f, f, module.in_channels)))
+    )["params"]
+    params = to_flax_params(state, shapes, source=path)
+    vae_opts.setdefault("scaling_factor", config.get("scaling_factor") or SD_SCALING_FACTOR)
+    vae_opts.setdefault("shift_factor", config.get("shift_factor") or 0.0)
+    return VAE(module, params, **vae_opts)

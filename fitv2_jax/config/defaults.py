@@ -1,12 +1,15 @@
-"""The shared defaults every config in configs/ starts from (model sections are set per file).
+"""Every config default, in one place: configs/*.py start from `base_config()`.
 
-`get_config().model` holds exactly the FiT constructor arguments (official names plus our compute
-options), so `FiT(**config.model)` builds the network.
+Sections: `model` (exactly the FiT constructor arguments: official names plus our compute
+options, so `FiT(**config.model)` builds the network), `data` (the Grain pipeline), `train` (the
+official recipe), `mesh`, and top-level fields. Fields whose default is None are typed
+placeholders, so `--config.model.max_pe_len_h=32` is parsed as an int on the command line.
 """
 
 from __future__ import annotations
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 def fitv2_model(
@@ -35,10 +38,10 @@ def fitv2_model(
         adaln_lora_dim=hidden_size // 4,
         rope_theta=10000.0,
         custom_freqs="normal",
-        max_pe_len_h=None,
-        max_pe_len_w=None,
+        max_pe_len_h=placeholder(int),
+        max_pe_len_w=placeholder(int),
         decouple=False,
-        ori_max_pe_len=None,
+        ori_max_pe_len=placeholder(int),
         online_rope=False,
         time_shifting=1.0,
         # compute options (ours)
@@ -46,8 +49,9 @@ def fitv2_model(
         remat_policy="none",
         attention_backend="xla",
     )
-    model.update(overrides)
-    return ml_collections.ConfigDict(model)
+    config = ml_collections.ConfigDict(model)
+    config.update(overrides)
+    return config
 
 
 def train_defaults() -> ml_collections.ConfigDict:
@@ -120,9 +124,37 @@ def post_training(config: ml_collections.ConfigDict, total_steps: int) -> ml_col
     return config
 
 
-def base_config() -> ml_collections.ConfigDict:
-    from fitv2_jax.data.pipeline import default_config as data_defaults
+def data_defaults() -> ml_collections.ConfigDict:
+    """config.data: the Grain pipeline over a dataset written by `python -m fitv2_jax.prepare`."""
+    return ml_collections.ConfigDict(
+        dict(
+            path="",  # directory written by `python -m fitv2_jax.prepare`
+            split="train",
+            global_batch_size=256,  # images per step over all hosts (rows when packing)
+            patch_size=2,  # must match the prepared dataset
+            variant="random",  # Algorithm 1: "random" (p = 1/2 when both), "resize", "crop"
+            flip=True,  # random horizontal flip (both flips are stored)
+            num_epochs=0,  # 0 = repeat forever
+            # bucketing
+            buckets=(),  # static sequence lengths; () = chosen from the data (num_buckets)
+            num_buckets=8,  # compiled step shapes
+            bucket_multiple=8,  # auto buckets are multiples of this
+            bucket_window=0,  # batches per length-sort window; 0 = the whole epoch
+            # packing
+            packing=False,
+            pack_length=0,  # tokens per packed row; 0 = the dataset's max_tokens
+            pack_max_segments=8,
+            pack_bins=0,  # rows packed at once; 0 = 4 x per-host batch
+            # loading
+            read_threads=2,
+            prefetch=4,
+            worker_count=0,  # >0: Grain multiprocess prefetch with this many processes
+            worker_buffer_size=2,
+        )
+    )
 
+
+def base_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.model = fitv2_model(1152, 36, 16)

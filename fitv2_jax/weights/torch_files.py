@@ -1,4 +1,4 @@
-"""Read PyTorch `.pt`/`.pth` files (TorchScript, `torch.save` zip or legacy) without torch.
+"""Read PyTorch `.pt`/`.pth`/`.bin`/`.ckpt` files (TorchScript, `torch.save` zip or legacy) without torch.
 
 A torch file is a pickle whose tensors point at raw storages kept beside it. We unpickle with a
 restricted `Unpickler` that only knows the handful of globals such files use (tensor rebuild,
@@ -20,12 +20,16 @@ import pickle
 import struct
 import zipfile
 
+import ml_dtypes
 import numpy as np
+
+from fitv2_jax.utils.errors import UserError
 
 _STORAGE_DTYPES = {
     "FloatStorage": np.float32,
     "DoubleStorage": np.float64,
     "HalfStorage": np.float16,
+    "BFloat16Storage": ml_dtypes.bfloat16,
     "LongStorage": np.int64,
     "IntStorage": np.int32,
     "ShortStorage": np.int16,
@@ -176,10 +180,16 @@ def _load_legacy(path: str):
 
 
 def load_torch_file(path: str):
-    """The object saved in a torch file, tensors as numpy arrays (never runs code from it)."""
-    if zipfile.is_zipfile(path):
-        return _load_zip(path)
-    return _load_legacy(path)
+    """The object saved in a torch file, tensors as numpy arrays (never runs code from it).
+
+    A file that is not a torch file, or holds anything but tensors, dicts and TorchScript
+    modules, is a UserError naming it."""
+    try:
+        if zipfile.is_zipfile(path):
+            return _load_zip(path)
+        return _load_legacy(path)
+    except (pickle.UnpicklingError, ValueError, KeyError, EOFError, struct.error) as e:
+        raise UserError(f"{path}: not a readable torch weights file ({e})") from e
 
 
 def flatten_tree(tree, prefix: str = "") -> dict[str, np.ndarray]:

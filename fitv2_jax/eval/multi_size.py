@@ -1,0 +1,115 @@
+"""Sample-and-score at several sizes: FID / sFID / IS / precision / recall per size.
+
+    plans = sampling.plan_sizes(config, "256x256,160x320,320x320", rule="auto", cfg_scale=1.5)
+    results = evaluate_sizes(sampler, plans, Reference(npz="VIRTUAL_imagenet256_labeled.npz"),
+                             out_dir="eval/xl", num_samples=50_000, options=SolverOptions())
+
+For each size: samples are drawn batch by batch on the sampler's mesh, squashed to 299x299 by the
+Inception and reduced to features on the fly (no PNG per sample), saved per batch so an
+interrupted run resumes (`sample_features`); the reference comes from an ADM .npz or real images
+cover-cropped to the size (`reference`); `scoring.score` computes the metrics. Writes
+OUT/results.json and OUT/results.md after every size, OUT/fid.png and OUT/HxW/grid.png.
+Memory does not grow with the number of samples.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+from fitv2_jax.eval.features import load_inception
+from fitv2_jax.eval.reference import Reference, check_reference_files, reference_features
+from fitv2_jax.eval.report import fid_chart, write_reports
+from fitv2_jax.eval.sample_features import sample_features
+from fitv2_jax.eval.scoring import score
+from fitv2_jax.sampling.generate import SolverOptions
+from fitv2_jax.sampling.sampler import Sampler
+from fitv2_jax.sampling.sizes import SizePlan
+from fitv2_jax.utils.errors import UserError
+
+SCORING_ONLY = ("fid_method", "k")  # settings that change the scores but not the samples
+
+
+def evaluation_labels(num_samples: int, num_classes: int, seed: int) -> np.ndarray:
+    """The class of sample i: uniform, from the seed (the same for every size and resume)."""
+    return np.random.default_rng([seed, 1]).integers(0, num_classes, num_samples)
+
+
+def _evaluate_one(sampler, inception, plan, reference, labels, key, options, settings,
+                  out_dir, ref_cache, spill, overwrite, progress) -> dict:  # fmt: skip
+    start = time.time()
+    res_dir = os.path.join(out_dir, plan.name)
+    os.makedirs(res_dir, exist_ok=True)
+    meta = {k: v for k, v in settings.items() if k not in SCORING_ONLY}
+    meta.update(rule=plan.rule, cfg_scale=plan.cfg_scale, resolution=plan.name)
+    feats = sample_features(sampler, inception, plan, labels, key, options, res_dir, meta,
+                            spill_dir=spill, overwrite=overwrite, progress=progress)  # fmt: skip
+    ref = reference_features(reference, plan.height, plan.width, inception, cache_dir=ref_cache,
+                             batch_size=sampler.batch_size, progress=progress)  # fmt: skip
+    scores = score(feats, ref, k=settings["k"], fid_method=settings["fid_method"])
+    feats.close()
+    return dict(
+        height=plan.height, width=plan.width, patches=[plan.h, plan.w], tokens=plan.tokens,
+        rule=plan.rule, cfg_scale=plan.cfg_scale, **scores, num_samples=feats.num,
+        num_reference=ref.num, reference=ref.info.get("description", ""),
+        reference_file=ref.info.get("path"), reference_skipped=ref.info.get("skipped", 0),
+        nfe_per_batch=feats.info["nfe"], reused_batches=feats.info["reused_batches"],
+        new_batches=feats.info["new_batches"], grid=os.path.join(res_dir, "grid.png"),
+        seconds=round(time.time() - start, 2),
+    )  # fmt: skip
+
+
+def evaluate_sizes(
+    sampler: Sampler,
+    plans: list[SizePlan],
+    reference: Reference,
+    *,
+    out_dir: str,
+    num_samples: int,
+    options: SolverOptions,
+    inception=None,
+    seed: int = 0,
+    k: int = 3,
+    fid_method: str = "sqrtm",
+    model_name: str = "model",
+    overwrite: bool = False,
+    progress: bool = True,
+    settings: dict | None = None,
+) -> dict:
+    """Samples and scores at every planned size; returns the results dict (also written to
+    out_dir). inception: a loaded `Inception` (default: `load_inception()`); settings: extra
+    entries recorded with the results (checkpoint, params) that also guard resumed features."""
+    start = time.time()
+    if jax.process_count() > 1:
+        raise UserError("evaluate runs on one host (with all its devices); on a multi-host slice "
+                        "sample with `python -m fitv2_jax.sample` on all hosts and score the .npz "
+                        "files with `python -m fitv2_jax.evaluate_npz`")  # fmt: skip
+    if num_samples <= max(k, 1):
+        raise UserError(f"--num_samples {num_samples}: need more than k={k} for precision/recall")
+    check_reference_files(reference, plans)  # fail before hours of sampling
+    inception = inception or load_inception(batch_size=sampler.batch_size)
+    labels = evaluation_labels(num_samples, int(sampler.model_cfg["num_classes"]), seed)
+    out_dir = os.path.abspath(out_dir)
+    # reference statistics do not depend on the model: evaluations of several checkpoints can
+    # share one cache directory
+    ref_cache = os.path.abspath(reference.cache_dir or os.path.join(out_dir, "reference"))
+    os.makedirs(ref_cache, exist_ok=True)
+    settings = dict(settings or {}, num_samples=num_samples, **options.describe(), seed=seed,
+                    batch_size=sampler.batch_size, fid_method=fid_method, k=k)  # fmt: skip
+    results = dict(model=model_name, settings=settings, resolutions={})
+    # Sample pool features and logits wait here for the metrics (12 KB per sample), not in RAM.
+    with tempfile.TemporaryDirectory(prefix="fitv2_eval_") as spill:
+        for plan in plans:
+            results["resolutions"][plan.name] = _evaluate_one(
+                sampler, inception, plan, reference, labels, jax.random.key(seed), options,
+                settings, out_dir, ref_cache, spill, overwrite, progress,
+            )  # fmt: skip
+            write_reports(results, out_dir)  # after every size: partial results are kept
+    results["seconds"] = round(time.time() - start, 2)
+    write_reports(results, out_dir)
+    fid_chart(results, os.path.join(out_dir, "fid.png"))
+    return results

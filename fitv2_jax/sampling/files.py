@@ -1,0 +1,91 @@
+"""Sample to files: per size PNGs, a grid and an ADM .npz, plus a JSON record of the run.
+
+    info = sample_to_files(sampler, plans, labels, jax.random.key(0), SolverOptions(), "samples/xl")
+
+Output, per size: OUT/HxW/000000.png ..., OUT/HxW/grid.png and OUT/HxW/samples_HxW.npz (arr_0:
+uint8 N x H x W x 3, the input of `python -m fitv2_jax.evaluate_npz` and ADM's evaluator; arr_1:
+the class labels), plus OUT/sample_info.json with every setting and the solver's evaluations.
+On several hosts every host samples its share and the first host writes.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from fitv2_jax.data.npz import NpzStreamWriter
+from fitv2_jax.sampling.generate import SolverOptions
+from fitv2_jax.sampling.images import image_grid
+from fitv2_jax.sampling.sampler import Sampler
+from fitv2_jax.sampling.sizes import SizePlan
+from fitv2_jax.utils.files import write_json_atomic
+
+
+def _sample_one_size(sampler, plan, labels, key, options, size_dir, png, grid_images, bar):
+    """All samples of one size; returns (nfe per batch, npz path or None when not writing)."""
+    n, bs = len(labels), sampler.batch_size
+    writes = jax.process_index() == 0
+    npz_path = os.path.join(size_dir, f"samples_{plan.name}.npz")
+    if writes:
+        os.makedirs(size_dir, exist_ok=True)
+        npz = NpzStreamWriter(npz_path, (n, plan.height, plan.width, 3))
+    grid, nfes = [], []
+    for start in range(0, n, bs):
+        ids = np.arange(start, min(start + bs, n))
+        images, nfe = sampler.plan_images(plan, ids, labels[ids], key, options)
+        nfes.append(nfe)
+        bar.update(len(ids))
+        if not writes:
+            continue
+        npz.write(images)
+        if png:
+            for i, img in zip(ids, images, strict=True):
+                Image.fromarray(img).save(os.path.join(size_dir, f"{i:06d}.png"))
+        grid.extend(images[: max(0, grid_images - len(grid))])
+    if writes:
+        npz.close(arr_1=labels.astype(np.int64))
+        Image.fromarray(image_grid(np.stack(grid))).save(os.path.join(size_dir, "grid.png"))
+    return nfes, npz_path
+
+
+def sample_to_files(
+    sampler: Sampler,
+    plans: list[SizePlan],
+    labels: np.ndarray,
+    key: jax.Array,
+    options: SolverOptions,
+    out_dir: str,
+    *,
+    png: bool = True,
+    grid_images: int = 64,
+    progress: bool = True,
+    info: dict | None = None,
+) -> dict:
+    """len(labels) samples at every planned size (sample i: label i, noise from (key, i)).
+    Returns the sample_info dict (also written as OUT/sample_info.json): `info` plus settings,
+    and per size its rule, CFG scale, evaluations per batch, seconds and files."""
+    out_dir = os.path.abspath(out_dir)
+    info = dict(info or {}, **options.describe(), batch_size=sampler.batch_size,
+                devices=int(sampler.mesh.devices.size), sizes={})  # fmt: skip
+    bar = tqdm(total=len(plans) * len(labels), unit="img", disable=not progress, desc="sampling")
+    for plan in plans:
+        bar.set_description(f"sampling {plan.name} ({plan.rule}, cfg {plan.cfg_scale:g})")
+        size_dir, start = os.path.join(out_dir, plan.name), time.time()
+        nfes, npz = _sample_one_size(sampler, plan, labels, key, options, size_dir, png,
+                                     grid_images, bar)  # fmt: skip
+        info["sizes"][plan.name] = dict(
+            height=plan.height, width=plan.width, patches=[plan.h, plan.w], tokens=plan.tokens,
+            rule=plan.rule, cfg_scale=plan.cfg_scale, nfe_per_batch=nfes,
+            seconds=round(time.time() - start, 2), npz=npz,
+            grid=os.path.join(size_dir, "grid.png"),
+        )  # fmt: skip
+    bar.close()
+    info["labels"] = np.asarray(labels).tolist()
+    if jax.process_index() == 0:
+        write_json_atomic(os.path.join(out_dir, "sample_info.json"), info, indent=2)
+    return info
