@@ -60,7 +60,7 @@ def test_imagenet_layouts(tmp_path):
         _save(tmp_path / "train" / wnid / f"{wnid}_1.JPEG", px)
     for f in ("ILSVRC2012_val_00000001.JPEG", "ILSVRC2012_val_00000002.JPEG"):
         _save(tmp_path / "val" / f, px)
-    with pytest.raises(ValueError, match="--val-labels"):
+    with pytest.raises(ValueError, match="--val_labels"):
         imagenet_source(str(tmp_path), "val")
     labels = tmp_path / "val.txt"
     labels.write_text("ILSVRC2012_val_00000001.JPEG n02\nILSVRC2012_val_00000002.JPEG n01\n")

@@ -14,18 +14,18 @@ lists its own flags. Old spellings are defined as flags that fail with the new n
 
 from __future__ import annotations
 
+import os
 import sys
 
 import ml_collections
 from absl import flags
 
-from fitv2_jax.config.files import config_from_json
 from fitv2_jax.parallel.mesh import inference_mesh
 from fitv2_jax.sampling.generate import SolverOptions
 from fitv2_jax.sampling.rules import EXTRAPOLATION_RULES
 from fitv2_jax.sampling.sizes import is_latent
-from fitv2_jax.utils.errors import UserError
-from fitv2_jax.weights.checkpoints import CONFIG_JSON, is_run_dir, split_step_dir
+from fitv2_jax.utils.errors import MissingFileError, UserError
+from fitv2_jax.weights.checkpoints import is_run_dir, saved_config
 from fitv2_jax.weights.fit import load_fit_params, random_params
 from fitv2_jax.weights.vae import load_vae
 
@@ -117,11 +117,17 @@ def resolve_config(config: ml_collections.ConfigDict | None) -> ml_collections.C
     """--config, or the config saved with a --checkpoint that is one of our runs."""
     if config is not None:
         return config
-    if FLAGS.checkpoint and is_run_dir(FLAGS.checkpoint):
-        workdir, _ = split_step_dir(FLAGS.checkpoint)
-        return config_from_json(f"{workdir}/{CONFIG_JSON}")
+    if FLAGS.checkpoint and not os.path.exists(FLAGS.checkpoint):
+        raise MissingFileError(f"--checkpoint {FLAGS.checkpoint}: not found")
+    saved = (
+        saved_config(FLAGS.checkpoint)
+        if FLAGS.checkpoint and is_run_dir(FLAGS.checkpoint)
+        else None
+    )
+    if saved is not None:
+        return saved
     raise UserError("--config is required (e.g. --config configs/fitv2_xl.py), unless "
-                    "--checkpoint is a training workdir, whose config.json is used")  # fmt: skip
+                    "--checkpoint is a training run, whose saved config is used")  # fmt: skip
 
 
 def load_model(config) -> tuple[dict, object]:

@@ -8,7 +8,6 @@ missing file is the same error. A `:arg` suffix is passed to `get_config(arg)`.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 
 import ml_collections
@@ -53,12 +52,3 @@ def check_loaded(config) -> ml_collections.ConfigDict:
     if not isinstance(config, ml_collections.ConfigDict):
         config.keys()
     return config
-
-
-def config_from_json(path: str) -> ml_collections.ConfigDict:
-    """The config a training run saved (WORKDIR/config.json), as a ConfigDict."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return ml_collections.ConfigDict(json.load(f))
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: not a readable config.json ({e})") from e

@@ -115,6 +115,13 @@ class NpzStreamWriter:
         self._f.write(images.tobytes())
         self.rows += len(images)
 
+    def abort(self) -> None:
+        """Closes and removes the unfinished file (a failed run leaves nothing behind)."""
+        self._f.close()
+        self._zip.close()
+        if os.path.exists(self._tmp):
+            os.remove(self._tmp)
+
     def close(self, **extra: np.ndarray) -> str:
         self._f.close()
         if self.rows != self.shape[0]:

@@ -42,6 +42,7 @@ from fitv2_jax.data.bucketing import BatchPlan, choose_buckets, variant_weights
 from fitv2_jax.data.encoders import to_model_input
 from fitv2_jax.data.records import PreparedDataset, array_name, decode_record
 from fitv2_jax.data.tokens import make_grid, patchify
+from fitv2_jax.utils.errors import UserError
 
 
 class _Reader:
@@ -161,22 +162,28 @@ def resolve_buckets(cfg, ds: PreparedDataset) -> tuple[int, ...]:
 
 def _check(cfg, ds: PreparedDataset, process_count: int) -> int:
     if ds.meta["patch_size"] != cfg.patch_size:
-        raise ValueError(
+        raise UserError(
             f"{ds.path!r} was prepared with patch size {ds.meta['patch_size']} but "
             f"config.data.patch_size = {cfg.patch_size}: prepare again or fix the config."
         )
-    if cfg.global_batch_size % process_count:
-        raise ValueError(
-            f"config.data.global_batch_size = {cfg.global_batch_size} is not divisible by the "
-            f"{process_count} processes."
+    if cfg.global_batch_size < 1 or cfg.global_batch_size % process_count:
+        raise UserError(
+            f"config.data.global_batch_size = {cfg.global_batch_size} is not a positive multiple "
+            f"of the {process_count} processes"
         )
     return cfg.global_batch_size // process_count
 
 
-def make_train_iterator(cfg, *, process_index: int, process_count: int, seed: int):
-    """This host's checkpointable Grain iterator of numpy batches (see the module docstring)."""
+def make_train_iterator(cfg, *, process_index: int, process_count: int, seed: int,
+                        num_classes: int | None = None):  # fmt: skip
+    """This host's checkpointable Grain iterator of numpy batches (see the module docstring).
+    num_classes: the model's; a dataset with more classes is refused (labels past the table)."""
     ds = PreparedDataset(cfg.path, cfg.split)
     local_batch = _check(cfg, ds, process_count)
+    if num_classes is not None and ds.meta["num_classes"] > num_classes:
+        raise UserError(f"config.data.path {cfg.path} has {ds.meta['num_classes']} classes but "
+                        f"config.model.num_classes = {num_classes}: set "
+                        f"--config.model.num_classes={ds.meta['num_classes']}")  # fmt: skip
     reader = _Reader(ds, cfg.patch_size)
     read = grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.prefetch)
     if not cfg.packing:
@@ -200,7 +207,7 @@ def make_train_iterator(cfg, *, process_index: int, process_count: int, seed: in
         probs = variant_weights(ds.tokens, cfg.variant)
         longest = int((ds.tokens * (probs > 0)).max())
         if longest > length:
-            raise ValueError(
+            raise UserError(
                 f"records have up to {longest} tokens, more than config.data.pack_length={length}"
             )
         src = grain.MapDataset.range(0, len(ds))[process_index::process_count]

@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from fitv2_jax.utils.errors import MissingFileError, UserError
+
 MAGIC = b"FIT1"
 DATASET_JSON = "dataset.json"
 
@@ -48,7 +50,7 @@ def encode_record(fields: dict[str, Any]) -> bytes:
 def decode_record(data: bytes) -> dict[str, Any]:
     """Inverse of encode_record; arrays are read-only views into `data`."""
     if data[:4] != MAGIC:
-        raise ValueError("not a fitv2_jax record (bad magic): was this file written by prepare?")
+        raise UserError("not a fitv2_jax record (bad magic): was this file written by prepare?")
     (n,) = struct.unpack("<I", data[4:8])
     header = json.loads(data[8 : 8 + n])
     out = dict(header["values"])
@@ -79,19 +81,22 @@ class PreparedDataset:
 
     def __init__(self, path: str, split: str = "train"):
         if not os.path.isdir(path):
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"prepared dataset not found: {path!r} is not a directory; write one with "
                 "`python -m fitv2_jax.prepare --out PATH ...` (config.data.path)."
             )
         meta_path = os.path.join(path, DATASET_JSON)
         if not os.path.isfile(meta_path):
-            raise FileNotFoundError(f"{meta_path!r} missing: {path!r} is not a prepared dataset.")
-        with open(meta_path) as f:
-            self.meta = json.load(f)
+            raise MissingFileError(f"{meta_path!r} missing: {path!r} is not a prepared dataset.")
+        try:
+            with open(meta_path) as f:
+                self.meta = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise UserError(f"{meta_path}: unreadable ({e}); prepare the dataset again") from e
         self.path, self.split = path, split
         count = self.meta["num_shards"].get(split)
         if count is None:
-            raise ValueError(
+            raise UserError(
                 f"split {split!r} not prepared in {path!r} (has {sorted(self.meta['num_shards'])})"
             )
         self.shards, stats, missing = [], [], []
@@ -104,7 +109,7 @@ class PreparedDataset:
                 stats.append(json.load(f))
             self.shards.append(stem + ".array_record")
         if missing:
-            raise ValueError(
+            raise UserError(
                 f"{path!r}: {len(missing)} of {count} {split} shards are unfinished "
                 f"(e.g. {missing[0]}); rerun prepare (on every host) to complete them."
             )
@@ -113,7 +118,7 @@ class PreparedDataset:
         toks = [np.asarray(s["tokens"], np.int32).reshape(-1, nv) for s in stats]
         self.tokens = np.concatenate(toks) if toks else np.zeros((0, nv), np.int32)
         if len(self.tokens) == 0:
-            raise ValueError(f"prepared dataset {path!r} ({split}) holds no records.")
+            raise UserError(f"prepared dataset {path!r} ({split}) holds no records.")
 
     def __len__(self) -> int:
         return len(self.tokens)

@@ -187,27 +187,42 @@ def _dataset_meta(s: PrepareSettings, encoder, source, num_shards: int) -> dict:
 
 
 def _merge_meta(path: str, meta: dict) -> None:
-    """Write dataset.json, or add this split to an existing one if the settings agree."""
-    if os.path.isfile(path):
+    """Write dataset.json, or add this split to an existing one when everything agrees: the
+    encoding settings, the class names (labels are indices into them) and, for a split already
+    started, its source and shard count. A mismatch is refused before anything is written."""
+    if not os.path.isfile(path):
+        write_json_atomic(path, meta)
+        return
+    try:
         with open(path) as f:
             old = json.load(f)
-        for k in ("format_version", "encoder", "patch_size", "max_tokens", "variants"):
-            if old.get(k) != meta[k]:
-                raise UserError(
-                    f"{path} was prepared with {k}={old.get(k)!r}, this run has {meta[k]!r}: "
-                    "use another --out directory or the same settings."
-                )
-        split = next(iter(meta["num_shards"]))
-        old_n = old["num_shards"].get(split)
-        if old_n is not None and old_n != meta["num_shards"][split]:
-            raise UserError(
-                f"{path}: split {split!r} was started with {old_n} shards, this run asks for "
-                f"{meta['num_shards'][split]}: pass --num_shards {old_n} to resume."
-            )
-        old["num_shards"].update(meta["num_shards"])
-        old.setdefault("sources", {}).update(meta["sources"])
-        meta = old
-    write_json_atomic(path, meta)
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: unreadable ({e}); use another --out directory") from e
+    keys = ("format_version", "encoder", "patch_size", "max_tokens", "min_tokens", "variants",
+            "class_names")  # fmt: skip
+    split = next(iter(meta["num_shards"]))
+    diff = {k: (old.get(k), meta[k]) for k in keys if old.get(k, meta[k]) != meta[k]}
+    old_source = old.get("sources", {}).get(split)
+    if old_source is not None and old_source != meta["sources"][split]:
+        diff[f"{split} source"] = (old_source, meta["sources"][split])
+    if diff:
+        what = "; ".join(f"{k}: {_short(a)} here, {_short(b)} now" for k, (a, b) in diff.items())
+        raise UserError(f"{path} was prepared differently ({what}); use another --out "
+                        "directory or the same source and settings")  # fmt: skip
+    old_n = old["num_shards"].get(split)
+    if old_n is not None and old_n != meta["num_shards"][split]:
+        raise UserError(
+            f"{path}: split {split!r} was started with {old_n} shards, this run asks for "
+            f"{meta['num_shards'][split]}: pass --num_shards {old_n} to resume."
+        )
+    old["num_shards"].update(meta["num_shards"])
+    old.setdefault("sources", {}).update(meta["sources"])
+    write_json_atomic(path, old)
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _shard_plan(s: PrepareSettings, n: int, num_shards: int) -> tuple[list, list, list]:

@@ -178,12 +178,16 @@ def features_from_batches(
     desc: str = "",
     spill_dir: str | None = None,
     progress: bool = True,
+    keep_raw: bool | None = None,
 ) -> Features:
     """Runs a feature extractor (e.g. `load_inception()`) over uint8 (B, H, W, 3) image batches
     and keeps what the metrics need (`FeatureAccumulator`); a progress bar over `total` batches
     unless progress=False. With `spill_dir`, pool features and logits are FeatureFiles there
-    (`{desc}_pool.f32`, `{desc}_logits.f32`), so memory does not grow with N."""
-    acc = FeatureAccumulator(spill_dir, desc or "features")
+    (`{desc}_pool.f32`, `{desc}_logits.f32`), so memory does not grow with N; without one the
+    raw features of a few images are kept too (keep_raw defaults to `spill_dir is None`), for the
+    exact low-rank FID, which is also far faster than a 2048 x 2048 sqrtm."""
+    keep_raw = spill_dir is None if keep_raw is None else keep_raw
+    acc = FeatureAccumulator(spill_dir, desc or "features", keep_raw=keep_raw)
     for batch in tqdm(batches, total=total, desc=desc or None, unit="batch", disable=not progress):
         acc.add(model(batch))
     return acc.result()

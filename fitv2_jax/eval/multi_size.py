@@ -88,9 +88,13 @@ def evaluate_sizes(
         raise UserError("evaluate runs on one host (with all its devices); on a multi-host slice "
                         "sample with `python -m fitv2_jax.sample` on all hosts and score the .npz "
                         "files with `python -m fitv2_jax.evaluate_npz`")  # fmt: skip
-    if num_samples <= max(k, 1):
+    if k < 1:
+        raise UserError(f"--k {k}: precision/recall need k >= 1 nearest neighbours")
+    if num_samples <= k:
         raise UserError(f"--num_samples {num_samples}: need more than k={k} for precision/recall")
     check_reference_files(reference, plans)  # fail before hours of sampling
+    for plan in plans:
+        sampler.check_fits(plan.h, plan.w)
     inception = inception or load_inception(batch_size=sampler.batch_size)
     labels = evaluation_labels(num_samples, int(sampler.model_cfg["num_classes"]), seed)
     out_dir = os.path.abspath(out_dir)

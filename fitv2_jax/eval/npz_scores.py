@@ -16,37 +16,13 @@ from __future__ import annotations
 import ctypes
 import os
 import tempfile
-import zipfile
 
-from fitv2_jax.data.npz import IMAGES_KEY, NpzArray, NpzImages, npz_keys
+from fitv2_jax.data.npz import NpzArray
 from fitv2_jax.eval.feature_file import FeatureFile
 from fitv2_jax.eval.features import Features, features_from_batches, load_inception
-from fitv2_jax.eval.reference import read_reference
+from fitv2_jax.eval.reference import check_archive
 from fitv2_jax.eval.scoring import score
 from fitv2_jax.utils.errors import MissingFileError, UserError
-
-
-def check_archive(path: str, role: str) -> tuple[NpzImages | None, dict]:
-    """Validates one input before any work. Returns its images (None for a reference made of
-    `pool` features) and its precomputed statistics (without the pool). Errors name the file
-    and the key."""
-    if not os.path.isfile(path):
-        raise MissingFileError(f"{path}: {role} file not found")
-    if not zipfile.is_zipfile(path):
-        raise UserError(f"{path}: {role} is not an .npz archive (expected np.savez output)")
-    keys = npz_keys(path)
-    pre = read_reference(path, with_pool=False)  # checks mu/sigma/mu_s/sigma_s when present
-    if IMAGES_KEY in keys:
-        return NpzImages(path), pre
-    if role == "reference" and "pool" in keys and "mu" in pre:
-        pool = NpzArray(path, "pool")
-        if len(pool.shape) != 2 or pool.shape[1] != pre["mu"].shape[0]:
-            raise UserError(f"{path}: 'pool' has shape {pool.shape}; expected (N, "
-                            f"{pre['mu'].shape[0]}) features matching 'mu'")  # fmt: skip
-        return None, pre
-    need = "'arr_0' (images), or 'pool' features with 'mu', 'sigma', 'mu_s', 'sigma_s'"
-    raise UserError(f"{path}: no {need if role == 'reference' else repr(IMAGES_KEY)} in the "
-                    f"{role} archive (it has {sorted(keys)})")  # fmt: skip
 
 
 def archive_features(path, role, images, pre, inception, batch_size, spill_dir) -> Features:

@@ -14,12 +14,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import sys
+import zipfile
 
 import numpy as np
 from PIL import Image
 
 from fitv2_jax.data.images import BadImage
-from fitv2_jax.data.npz import IMAGES_KEY, NpzImages, npz_keys
+from fitv2_jax.data.npz import IMAGES_KEY, NpzArray, NpzImages, npz_keys
 from fitv2_jax.data.sources import open_source
 from fitv2_jax.eval.features import Features, features_from_batches
 from fitv2_jax.sampling.sizes import parse_per_size, size_name
@@ -203,6 +205,11 @@ def reference_features(reference: Reference, height: int, width: int, inception,
     feats = source_reference(source, height, width, path, inception, num=reference.num,
                              batch_size=batch_size, description=desc, progress=progress)  # fmt: skip
     feats.info["description"] = f"{desc} cover-cropped to {name}"
+    if feats.info.get("skipped"):
+        examples = "; ".join(feats.info.get("skipped_images", [])[:3])
+        print(f"warning: {feats.info['skipped']} reference images of {desc} could not be read "
+              f"and were left out of {name}'s statistics ({examples or 'see ' + path})",
+              file=sys.stderr, flush=True)  # fmt: skip
     return feats
 
 
@@ -215,10 +222,36 @@ def npz_for_size(reference: Reference, size: tuple[int, int]) -> str:
 
 
 def check_reference_files(reference: Reference, plans) -> None:
-    """Every reference .npz exists and its statistics are well-formed (images are not read)."""
+    """Every reference .npz exists and holds images or statistics with pool features, all
+    well-formed (checked from the headers: no image is read)."""
     if reference.npz is None:
         return
     for path in {npz_for_size(reference, (p.height, p.width)) for p in plans}:
         if not os.path.isfile(path):
             raise MissingFileError(f"--ref_npz {path}: file not found")
-        read_reference(path, with_pool=False)
+        images, pre = check_archive(path, "reference")
+        if images is None and "mu" not in pre:
+            raise UserError(f"--ref_npz {path}: no images and no statistics")
+
+
+def check_archive(path: str, role: str) -> tuple[NpzImages | None, dict]:
+    """Validates one input before any work. Returns its images (None for a reference made of
+    `pool` features) and its precomputed statistics (without the pool). Errors name the file
+    and the key."""
+    if not os.path.isfile(path):
+        raise MissingFileError(f"{path}: {role} file not found")
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"{path}: {role} is not an .npz archive (expected np.savez output)")
+    keys = npz_keys(path)
+    pre = read_reference(path, with_pool=False)  # checks mu/sigma/mu_s/sigma_s when present
+    if IMAGES_KEY in keys:
+        return NpzImages(path), pre
+    if role == "reference" and "pool" in keys and "mu" in pre:
+        pool = NpzArray(path, "pool")
+        if len(pool.shape) != 2 or pool.shape[1] != pre["mu"].shape[0]:
+            raise UserError(f"{path}: 'pool' has shape {pool.shape}; expected (N, "
+                            f"{pre['mu'].shape[0]}) features matching 'mu'")  # fmt: skip
+        return None, pre
+    need = "'arr_0' (images), or 'pool' features with 'mu', 'sigma', 'mu_s', 'sigma_s'"
+    raise UserError(f"{path}: no {need if role == 'reference' else repr(IMAGES_KEY)} in the "
+                    f"{role} archive (it has {sorted(keys)})")  # fmt: skip

@@ -15,6 +15,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh
 
+from fitv2_jax.utils.errors import UserError
+
 AXES = ("data", "fsdp", "tensor")
 
 
@@ -24,16 +26,16 @@ def resolve_shape(
     """Replaces one -1 by what is left of num_devices; checks the product."""
     shape = [int(s) for s in shape]
     if len(shape) != len(AXES):
-        raise ValueError(f"{what}={shape}: give {len(AXES)} sizes for axes {AXES}.")
+        raise UserError(f"{what}={shape}: give {len(AXES)} sizes for axes {AXES}.")
     if shape.count(-1) > 1:
-        raise ValueError(f"{what}={shape}: at most one -1.")
+        raise UserError(f"{what}={shape}: at most one -1.")
     known = math.prod(s for s in shape if s != -1)
     if -1 in shape:
         if num_devices % known:
-            raise ValueError(f"{what}={shape}: {num_devices} devices are not divisible by {known}.")
+            raise UserError(f"{what}={shape}: {num_devices} devices are not divisible by {known}.")
         shape[shape.index(-1)] = num_devices // known
     if math.prod(shape) != num_devices:
-        raise ValueError(
+        raise UserError(
             f"{what}={shape} needs {math.prod(shape)} devices but {num_devices} are available; "
             "use -1 for one axis to fill the rest."
         )

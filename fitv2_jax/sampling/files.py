@@ -35,18 +35,23 @@ def _sample_one_size(sampler, plan, labels, key, options, size_dir, png, grid_im
         os.makedirs(size_dir, exist_ok=True)
         npz = NpzStreamWriter(npz_path, (n, plan.height, plan.width, 3))
     grid, nfes = [], []
-    for start in range(0, n, bs):
-        ids = np.arange(start, min(start + bs, n))
-        images, nfe = sampler.plan_images(plan, ids, labels[ids], key, options)
-        nfes.append(nfe)
-        bar.update(len(ids))
-        if not writes:
-            continue
-        npz.write(images)
-        if png:
-            for i, img in zip(ids, images, strict=True):
-                Image.fromarray(img).save(os.path.join(size_dir, f"{i:06d}.png"))
-        grid.extend(images[: max(0, grid_images - len(grid))])
+    try:
+        for start in range(0, n, bs):
+            ids = np.arange(start, min(start + bs, n))
+            images, nfe = sampler.plan_images(plan, ids, labels[ids], key, options)
+            nfes.append(nfe)
+            bar.update(len(ids))
+            if not writes:
+                continue
+            npz.write(images)
+            if png:
+                for i, img in zip(ids, images, strict=True):
+                    Image.fromarray(img).save(os.path.join(size_dir, f"{i:06d}.png"))
+            grid.extend(images[: max(0, grid_images - len(grid))])
+    except BaseException:
+        if writes:
+            npz.abort()
+        raise
     if writes:
         npz.close(arr_1=labels.astype(np.int64))
         Image.fromarray(image_grid(np.stack(grid))).save(os.path.join(size_dir, "grid.png"))
@@ -69,6 +74,8 @@ def sample_to_files(
     """len(labels) samples at every planned size (sample i: label i, noise from (key, i)).
     Returns the sample_info dict (also written as OUT/sample_info.json): `info` plus settings,
     and per size its rule, CFG scale, evaluations per batch, seconds and files."""
+    for plan in plans:  # every size fits before anything is written
+        sampler.check_fits(plan.h, plan.w)
     out_dir = os.path.abspath(out_dir)
     info = dict(info or {}, **options.describe(), batch_size=sampler.batch_size,
                 devices=int(sampler.mesh.devices.size), sizes={})  # fmt: skip

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -50,7 +51,11 @@ class SolverOptions:
         if self.method not in METHODS:
             raise UserError(f"unknown solver {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.num_steps < 1:
-            raise UserError(f"num_steps={self.num_steps}: give at least 1 step")
+            raise UserError(f"--num_steps {self.num_steps}: give at least 1 step")
+        if not (self.atol > 0 and self.rtol > 0):
+            raise UserError(f"--atol {self.atol} --rtol {self.rtol}: tolerances must be > 0")
+        if not math.isfinite(self.scale_pow) or self.scale_pow < 0:
+            raise UserError(f"--scale_pow {self.scale_pow}: give a finite value >= 0")
         if self.cfg_channels not in ("official", "all"):
             raise UserError(f"cfg_channels={self.cfg_channels!r}: use official or all")
         if self.cfg_state not in ("official", "single"):

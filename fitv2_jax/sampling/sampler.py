@@ -11,6 +11,9 @@ mesh's data x fsdp devices, generated, gathered and decoded.
 
 from __future__ import annotations
 
+import math
+import os
+
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
@@ -39,6 +42,35 @@ def _to_global(x, sharding):
 def batch_devices(mesh) -> int:
     """How many ways the batch is split: the mesh's data x fsdp axes."""
     return int(mesh.shape["data"] * mesh.shape["fsdp"])
+
+
+def device_memory_bytes(device) -> int:
+    """What one device can hold: the accelerator's limit, or this host's RAM for a CPU."""
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def attention_bytes(model_cfg, tokens: int, rows: int) -> int:
+    """float32 attention scores of one block for `rows` sequences of `tokens` tokens: XLA
+    attention materialises them (the largest buffer of a sampling step at large sizes)."""
+    return rows * int(model_cfg["num_heads"]) * tokens * tokens * 4
+
+
+def check_fits(model_cfg, h: int, w: int, rows_per_device: int, device) -> None:
+    """Refuses, before any compile, a size whose attention scores cannot fit on a device."""
+    if model_cfg.get("attention_backend", "xla") not in ("xla", "einsum"):
+        return  # flash / splash kernels never hold the scores
+    need, have = attention_bytes(model_cfg, h * w, rows_per_device), device_memory_bytes(device)
+    if need > have:
+        side = math.isqrt(math.isqrt(have // (rows_per_device * int(model_cfg["num_heads"]) * 4)))
+        raise UserError(
+            f"a {h}x{w}-patch image ({h * w} tokens) needs {need / 2**30:.3g} GiB of attention "
+            f"scores per device ({rows_per_device} sequences incl. CFG), but a device holds "
+            f"{have / 2**30:.3g} GiB; lower --batch_size or use sizes up to ~{side}x{side} "
+            "patches"
+        )
 
 
 def class_labels(num: int, num_classes: int, seed: int, given=None) -> np.ndarray:
@@ -81,6 +113,7 @@ class Sampler:
         pad = self.batch_size - n
         ids = np.concatenate([ids, ids.max(initial=-1) + 1 + np.arange(pad)])
         labels = np.concatenate([labels, np.resize(labels, pad)])
+        self.check_fits(h, w)
         model = model_for_size(self.model_cfg, h, w, resolve_rule(rule, self.model_cfg, h, w))
         p, c = model.patch_size, model.in_channels
         noise_key, sde_key = jax.random.split(key)
@@ -92,6 +125,11 @@ class Sampler:
         if not tokens.is_fully_addressable:  # several hosts: every host gets the whole batch
             tokens = multihost_utils.process_allgather(tokens, tiled=True)
         return tokens[:n], int(nfe)
+
+    def check_fits(self, h: int, w: int) -> None:
+        """A UserError, before any work, when an h x w-patch batch cannot fit on a device."""
+        rows = 2 * self.batch_size // batch_devices(self.mesh)  # CFG doubles the batch
+        check_fits(self.model_cfg, h, w, rows, self.mesh.devices.flat[0])
 
     def images(self, h, w, ids, labels, key, **kw):
         tokens, nfe = self.tokens(h, w, ids, labels, key, **kw)

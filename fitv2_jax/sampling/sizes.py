@@ -10,6 +10,7 @@ the SD-VAE latent configs; the patch size for pixel-space configs, config.latent
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 
 from fitv2_jax.sampling.rules import check_rule, resolve_rule
@@ -146,6 +147,8 @@ def plan_sizes(config, sizes, rule="auto", cfg_scale=1.5, vae=None) -> list[Size
         if cfgs[size] is None or rules[size] is None:
             what = "--cfg_scale" if cfgs[size] is None else "--rule"
             raise UserError(f"{what} gives no value for {size_name(*size)}")
+        if not math.isfinite(float(cfgs[size])):
+            raise UserError(f"--cfg_scale {cfgs[size]} for {size_name(*size)}: give a finite scale")
         h, w = patches_for(*size, multiple)
         plans.append(SizePlan(*size, h, w, resolve_rule(rules[size], config.model, h, w),
                               float(cfgs[size])))  # fmt: skip

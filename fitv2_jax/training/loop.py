@@ -8,9 +8,11 @@ with a clear error on a NaN/Inf loss without writing a checkpoint of the bad sta
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -36,7 +38,7 @@ from fitv2_jax.training.writers import MetricWriter, create_writer
 from fitv2_jax.utils.errors import UserError
 from fitv2_jax.utils.files import write_text_atomic
 from fitv2_jax.utils.timing import matmul_peak_flops
-from fitv2_jax.weights.checkpoints import CONFIG_JSON
+from fitv2_jax.weights.checkpoints import CONFIG_JSON, saved_config
 from fitv2_jax.weights.fit import load_fit_params
 from fitv2_jax.weights.vae import load_vae
 
@@ -137,11 +139,57 @@ def _warm_start(setup: TrainSetup, state: TrainState) -> TrainState:
     return state.replace(params=params, ema_params=ema)
 
 
+# Model fields that may change when a run resumes: how it computes, not what it computes.
+COMPUTE_FIELDS = ("dtype", "param_dtype", "remat_policy", "attention_backend", "scan_unroll")
+
+
+def check_resume_config(config, saved, directory: str) -> None:
+    """A run resumes only with the model it was saved with (compute options may change)."""
+    if saved is None or "model" not in saved:
+        return
+    new = json.loads(config.model.to_json_best_effort())  # the form it was saved in
+    old = json.loads(saved.model.to_json_best_effort())
+    diff = {k: (old.get(k), new.get(k)) for k in set(new) | set(old)
+            if k not in COMPUTE_FIELDS and old.get(k) != new.get(k)}  # fmt: skip
+    if (
+        "data" in saved
+        and saved.data.get("patch_size", config.data.patch_size) != config.data.patch_size
+    ):
+        diff["data.patch_size"] = (saved.data.get("patch_size"), config.data.patch_size)
+    if diff:
+        changes = ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in sorted(diff.items()))
+        raise UserError(f"{directory} holds a run of another model ({changes}); resume with "
+                        "the same config or use another --workdir")  # fmt: skip
+
+
+def _quarantine(ckpt: Checkpoints, step: int) -> str:
+    """Moves a step that cannot be restored aside (never deleted), so the run can save it again."""
+    src = os.path.join(ckpt.directory, str(step))
+    dst = f"{src}.unreadable-{int(time.time())}"
+    if jax.process_index() == 0:
+        os.replace(src, dst)
+    ckpt.manager.reload()
+    return dst
+
+
 def _restore_or_init(setup: TrainSetup, ckpt: Checkpoints, data_it) -> tuple[TrainState, int]:
-    start = ckpt.latest_step()
-    if start is not None:
-        print(f"Resuming from checkpoint step {start} in {ckpt.directory}", flush=True)
-        return ckpt.restore(start, setup.abstract_state, setup.shardings, data_it), start
+    """The latest step that restores (damaged newer steps are moved aside with a warning), or
+    a fresh state (warm-started from train.init_from) when there is none."""
+    failures = []
+    for step in sorted(ckpt.all_steps(), reverse=True):
+        try:
+            state = ckpt.restore(step, setup.abstract_state, setup.shardings, data_it)
+        except Exception as e:  # noqa: BLE001 - damaged files of any kind (tensorstore, JSON)
+            failures.append(f"step {step}: {' '.join(str(e).split())[:200]}")
+            continue
+        for bad in failures:
+            moved = _quarantine(ckpt, int(bad.split(":")[0].split()[1]))
+            print(f"warning: checkpoint {bad}; moved to {moved}", file=sys.stderr, flush=True)
+        print(f"Resuming from checkpoint step {step} in {ckpt.directory}", flush=True)
+        return state, step
+    if failures:
+        raise UserError(f"no checkpoint in {ckpt.directory} can be restored ({'; '.join(failures)}); "
+                        "move them away to start afresh, or use another --workdir")  # fmt: skip
     state = setup.init_state(jax.random.key(setup.config.seed))
     if setup.config.train.init_from:
         state = _warm_start(setup, state)
@@ -245,6 +293,7 @@ def _peak_flops(config) -> tuple[float, str]:
 
 
 def check_workdir(workdir: str) -> None:
+    """A local (or mounted) directory this process can write; made if missing."""
     if "://" in str(workdir):
         # os.makedirs would quietly make a local "gs:" directory for config.json and metrics
         # while Orbax wrote checkpoints to the bucket: a resume elsewhere would miss half the run.
@@ -254,16 +303,23 @@ def check_workdir(workdir: str) -> None:
             "every host (e.g. `gcsfuse --implicit-dirs BUCKET /gcs/BUCKET`) and pass the mount "
             "path, e.g. --workdir /gcs/BUCKET/run"
         )
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--workdir {workdir}: cannot create it ({e.strerror})") from e
+    if not os.access(workdir, os.W_OK | os.X_OK):
+        raise UserError(f"--workdir {workdir}: not writable by this user; choose another")
 
 
 def train(config, workdir: str) -> dict[str, Any]:
     """Trains until config.train.total_steps (or preemption). Returns the last logged metrics
     plus {"step", "status"} with status "done", "preempted" or "data_exhausted"."""
     check_workdir(workdir)
-    os.makedirs(workdir, exist_ok=True)
+    check_resume_config(config, saved_config(workdir), workdir)
     setup = build_setup(config)
     data_it = make_train_iterator(config.data, process_index=jax.process_index(),
-                                  process_count=jax.process_count(), seed=config.seed)  # fmt: skip
+                                  process_count=jax.process_count(), seed=config.seed,
+                                  num_classes=int(config.model.num_classes))  # fmt: skip
     ckpt = Checkpoints(workdir, config.train)
     main = jax.process_index() == 0
     try:

@@ -33,6 +33,7 @@ from fitv2_jax.training.state import (
     state_shardings,
 )
 from fitv2_jax.training.step import make_train_step
+from fitv2_jax.utils.errors import UserError
 
 
 @dataclasses.dataclass
@@ -81,6 +82,12 @@ def build_setup(config, global_batch: int | None = None, mesh: Mesh | None = Non
     mesh = mesh or create_mesh(config.mesh.ici, config.mesh.dcn)
     model = build_model(config.model)
     gb = int(global_batch or config.data.global_batch_size)
+    ways = int(mesh.shape["data"] * mesh.shape["fsdp"])
+    accum = int(config.train.grad_accum_steps)
+    if gb < 1 or accum < 1 or gb % (ways * accum):
+        raise UserError(f"config.data.global_batch_size = {gb} must be a positive multiple of "
+                        f"the mesh's data x fsdp devices ({ways}) x train.grad_accum_steps "
+                        f"({accum})")  # fmt: skip
     tx_factory = lambda params: make_optimizer(config.train, gb, params)
     abstract_state, shardings = state_shardings(model, tx_factory, mesh)
     tx = tx_factory(abstract_state.params)

@@ -11,14 +11,16 @@ warm starts read it here, without building an optimizer.
 
 from __future__ import annotations
 
+import json
 import os
 
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
 from fitv2_jax.models.build import abstract_params
-from fitv2_jax.utils.errors import MissingFileError
+from fitv2_jax.utils.errors import MissingFileError, UserError
 
 CHECKPOINT_DIR = "checkpoints"
 ITEMS = ("state", "data", "config")
@@ -49,6 +51,42 @@ def read_only_manager(workdir: str) -> ocp.CheckpointManager:
     )
 
 
+def saved_config(path: str) -> ml_collections.ConfigDict | None:
+    """The config a run was saved with: that of the step (`.../checkpoints/STEP`) or the latest
+    step, else WORKDIR/config.json; None when the run has neither."""
+    workdir, step = split_step_dir(path)
+    if os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)):
+        manager = read_only_manager(workdir)
+        step = step if step is not None else manager.latest_step()
+        if step is not None and step in manager.all_steps():
+            try:
+                item = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+                return ml_collections.ConfigDict(item["config"])
+            except Exception:  # noqa: BLE001 - a damaged item: fall back to config.json
+                pass
+            finally:
+                manager.close()
+    path = os.path.join(workdir, CONFIG_JSON)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return ml_collections.ConfigDict(json.load(f))
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: unreadable ({e}); pass --config") from e
+
+
+def check_finite(params, source: str) -> None:
+    """Every tensor a float without NaN/Inf, else a UserError naming the first bad one."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        value = np.asarray(leaf)
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        if not np.issubdtype(value.dtype, np.floating):
+            raise UserError(f"{source}: tensor {name} is {value.dtype}, expected floating point")
+        if not np.isfinite(value).all():
+            raise UserError(f"{source}: tensor {name} has NaN or Inf values")
+
+
 def restore_run_params(path: str, model_config, use_ema: bool = True, step: int | None = None):
     """The (EMA) params of one step of a run as numpy arrays, without the optimizer state.
 
@@ -76,6 +114,14 @@ def restore_run_params(path: str, model_config, use_ema: bool = True, step: int 
         restore_args=ocp.checkpoint_utils.construct_restore_args(item),
         partial_restore=True,
     )
-    restored = manager.restore(step, args=ocp.args.Composite(state=args))["state"][key]
-    manager.close()
-    return jax.tree.map(np.asarray, restored)
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(state=args))["state"][key]
+    except Exception as e:  # noqa: BLE001 - damaged files or another model's checkpoint
+        message = " ".join(str(e).split())[:300]
+        raise UserError(f"{path}: cannot read the {key} of step {step} ({message}); is it this "
+                        "config's model, and is the step complete?") from e  # fmt: skip
+    finally:
+        manager.close()
+    params = jax.tree.map(np.asarray, restored)
+    check_finite(params, f"{path} (step {step})")
+    return params

@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
 from fitv2_jax.models.vae import SD_SCALING_FACTOR, VAE, AutoencoderKL
@@ -128,7 +129,10 @@ def infer_config(state: Mapping[str, np.ndarray]) -> dict[str, Any]:
 
 def _load_file(path: str) -> dict[str, np.ndarray]:
     if path.endswith(".safetensors"):
-        return load_file(path)
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"{path}: not a readable .safetensors file ({e})") from e
     if path.endswith((".ckpt", ".bin", ".pt", ".pth")):
         obj = load_torch_file(path)
         if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
