@@ -14,4 +14,4 @@ echo "== ruff"
 
 echo "== pytest"
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=8"
-exec "$VENV/bin/python" -m pytest -q -x --durations=15 "$@"
+exec "$VENV/bin/python" -m pytest -q -x -n 2 --dist loadfile --durations=15 "$@"

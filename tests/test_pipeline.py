@@ -227,7 +227,7 @@ def test_config_errors_are_clear(demo_ds, tmp_path):
         )
     with pytest.raises(ValueError, match="patch size 2 but config.data.patch_size = 4"):
         make_train_iterator(_cfg(demo_ds, patch_size=4), process_index=0, process_count=1, seed=0)
-    with pytest.raises(ValueError, match="not divisible"):
+    with pytest.raises(ValueError, match="not a positive multiple of the 3 processes"):
         make_train_iterator(_cfg(demo_ds), process_index=0, process_count=3, seed=0)
     with pytest.raises(ValueError, match="largest bucket is 32"):
         make_train_iterator(

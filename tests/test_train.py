@@ -369,3 +369,31 @@ def test_url_workdir_is_refused_before_anything_is_written(tmp_path, monkeypatch
     ):
         train(None, "gs://bucket/run")
     assert not os.path.exists(tmp_path / "gs:")
+
+
+def test_damaged_checkpoints_are_moved_aside_and_the_run_resumes_from_an_intact_one(
+    demo_px, tmp_path, capsys
+):
+    """Step 3's iterator file emptied and step 2's array files overwritten: the rerun warns,
+    moves both aside (nothing deleted), resumes from step 1 and saves steps 2-4 again."""
+    config = tiny_config(demo_px, total_steps=3, checkpoint_every=1, keep_last=5,
+                         async_checkpoint=False)  # fmt: skip
+    config.mesh.ici = (1, -1, 1)
+    train(config, str(tmp_path))
+    ckpts = tmp_path / "checkpoints"
+    for f in (ckpts / "3" / "data").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"")
+    for f in (ckpts / "2" / "state").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0:
+            f.write_bytes(b"\x00garbage" * 8)
+    capsys.readouterr()
+    config.train.total_steps = 4
+    result = train(config, str(tmp_path))
+    out, err = capsys.readouterr()
+    assert "Resuming from checkpoint step 1" in out
+    assert err.count("warning: checkpoint step") == 2, err
+    assert result["step"] == 4 and result["status"] == "done"
+    moved = sorted(p.name.split(".")[0] for p in ckpts.glob("*.unreadable-*"))
+    assert moved == ["2", "3"]
+    assert Checkpoints(str(tmp_path), config.train).all_steps() == [1, 2, 3, 4]
