@@ -7,7 +7,7 @@
     params = random_params(config.model, seed=0)                        # smoke tests
     save_official(params, config.model, "fitv2_ema.safetensors")       # loads in the official code
 
-Official files are `.safetensors` (read with safetensors.numpy) or torch pickles (`.bin`, `.pt`,
+Official files are `.safetensors` (bfloat16 included) or torch pickles (`.bin`, `.pt`,
 `.pth`, `.ckpt`), read without torch (`torch_files`). Every loaded tensor must be a finite float.
 """
 
@@ -19,12 +19,12 @@ from collections.abc import Mapping
 
 import jax
 import numpy as np
-from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 from fitv2_jax.models.build import abstract_params
 from fitv2_jax.models.convert import from_torch_state_dict, to_torch_state_dict
 from fitv2_jax.utils.errors import MissingFileError, UserError
+from fitv2_jax.utils.safetensors_io import read_safetensors
 from fitv2_jax.weights.checkpoints import is_run_dir, restore_run_params
 from fitv2_jax.weights.torch_files import flatten_tree, load_torch_file
 
@@ -56,10 +56,7 @@ def read_state_dict(path: str, key: str | None = None) -> dict[str, np.ndarray]:
     if not os.path.isfile(path):
         raise MissingFileError(f"{path}: checkpoint file not found")
     if path.endswith(".safetensors"):
-        try:
-            raw = load_file(path)
-        except (SafetensorError, OSError) as e:
-            raise UserError(f"{path}: not a readable .safetensors file ({e})") from e
+        raw = read_safetensors(path)
     elif path.endswith(TORCH_SUFFIXES):
         raw = flatten_tree(_unwrap(load_torch_file(path), path, key))
     else:

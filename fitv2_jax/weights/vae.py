@@ -8,8 +8,8 @@ Everything is normalised to the current diffusers key names first:
 - the CompVis layout (`encoder.down.{i}.block.{j}`, `mid.attn_1.q`, `decoder.up.{i}` counted from
   the lowest resolution, `nin_shortcut`, `norm_out`) -> the diffusers module tree;
 then renamed to Flax paths and transposed (conv OIHW -> HWIO, linear (out, in) -> (in, out),
-norm weight -> scale). Weights are read with `safetensors.numpy`, and .ckpt/.bin/.pt files
-without torch (`torch_files`).
+norm weight -> scale). Weights are read without torch: .safetensors by `safetensors_io`,
+.ckpt/.bin/.pt files by `torch_files`.
 """
 
 from __future__ import annotations
@@ -24,11 +24,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import SafetensorError
-from safetensors.numpy import load_file
 
 from fitv2_jax.models.vae import SD_SCALING_FACTOR, VAE, AutoencoderKL
 from fitv2_jax.utils.errors import MissingFileError, UserError
+from fitv2_jax.utils.safetensors_io import read_safetensors
 from fitv2_jax.weights.torch_files import flatten_tree, load_torch_file
 
 # Training-time extras found in original VAE checkpoints (discriminator / LPIPS / EMA bookkeeping):
@@ -129,10 +128,8 @@ def infer_config(state: Mapping[str, np.ndarray]) -> dict[str, Any]:
 
 def _load_file(path: str) -> dict[str, np.ndarray]:
     if path.endswith(".safetensors"):
-        try:
-            return load_file(path)
-        except (SafetensorError, OSError) as e:
-            raise UserError(f"{path}: not a readable .safetensors file ({e})") from e
+        return {k: np.asarray(v, np.float32) if v.dtype.name == "bfloat16" else v
+                for k, v in read_safetensors(path).items()}  # fmt: skip
     if path.endswith((".ckpt", ".bin", ".pt", ".pth")):
         obj = load_torch_file(path)
         if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
