@@ -29,7 +29,8 @@ def _img(path, arr, mode=None, fmt=None, **kw):
 
 @pytest.fixture(scope="module")
 def bad_tree(tmp_path_factory):
-    """12 files: 8 usable (odd modes included), 2 too small, 1 corrupt, 1 truncated."""
+    """12 files: 9 usable (odd modes included; the sliver's 1 px side is scaled up to one
+    patch, as the official resize does), 1 too small, 1 corrupt, 1 truncated."""
     root = tmp_path_factory.mktemp("bad")
     rng = np.random.default_rng(0)
     a = str(root / "a")
@@ -43,7 +44,7 @@ def bad_tree(tmp_path_factory):
     pal.save(f"{a}/pal.gif", transparency=3)
     _img(f"{a}/extreme.png", rng.integers(0, 255, (10, 200, 3), dtype=np.uint8))  # 1:20
     _img(f"{a}/tiny.png", np.zeros((6, 6, 3), np.uint8))  # 9 tokens < 16
-    _img(f"{a}/sliver.png", np.zeros((1, 40, 3), np.uint8))  # side under one patch
+    _img(f"{a}/sliver.png", np.zeros((1, 40, 3), np.uint8))  # 1 px: scaled up to 2 x 80
     with open(f"{a}/corrupt.jpg", "wb") as f:
         f.write(b"\xff\xd8\xff garbage" * 10)
     buf = io.BytesIO()
@@ -68,18 +69,18 @@ def test_bad_inputs_are_counted_and_the_pipeline_sees_exactly_the_written_ones(b
     out = str(tmp_path / "ds")
     s = _prepare(bad_tree, out)
     a = s["all_shards_this_host"]
-    assert (a["read"], a["written"], a["skipped"]) == (12, 8, 4)
-    assert a["skipped_by_reason"] == {"too_small": 2, "corrupt": 1, "truncated": 1}
+    assert (a["read"], a["written"], a["skipped"]) == (12, 9, 3)
+    assert a["skipped_by_reason"] == {"too_small": 1, "corrupt": 1, "truncated": 1}
     assert s["source_problems"] == {"empty_class_folder": ["c"]}
 
     ds = PreparedDataset(out)
-    assert len(ds) == 8 and ds.meta["num_classes"] == 3
+    assert len(ds) == 9 and ds.meta["num_classes"] == 3
     cfg = data_defaults()
     cfg.update(path=out, global_batch_size=1, num_epochs=1)
     it = make_train_iterator(cfg, process_index=0, process_count=1, seed=0)
     seen = [(int(b["index"][0]), int(b["y"][0])) for b in it]
-    assert sorted(i for i, _ in seen) == list(range(8))  # one epoch: every record once
-    assert sorted(y for _, y in seen) == [0] * 7 + [1]
+    assert sorted(i for i, _ in seen) == list(range(9))  # one epoch: every record once
+    assert sorted(y for _, y in seen) == [0] * 8 + [1]
 
 
 def test_stored_pixels_match_pil_resize_and_both_flips(bad_tree, tmp_path):
@@ -88,13 +89,13 @@ def test_stored_pixels_match_pil_resize_and_both_flips(bad_tree, tmp_path):
     src = grain.sources.ArrayRecordDataSource(PreparedDataset(out).shards)
     recs = {r["key"]: r for r in (decode_record(src[i]) for i in range(len(src)))}
     r = recs["a/good.jpg"]
-    # 60x80 px, 64 tokens of 2x2: a=6.93, b=9.24 -> 7x9 patches = 14x18 px; crop S = 16
+    # 60x80 px, 64 tokens of 2x2 (the official rule): 18.5 x 13.9 px -> 9x6 patches; crop 16
     assert r["variants"] == ["resize", "crop"]
-    assert r["size"].tolist() == [[7, 9], [8, 8]] and r["tokens"].tolist() == [63, 64]
+    assert r["size"].tolist() == [[6, 9], [8, 8]] and r["tokens"].tolist() == [54, 64]
     want = np.asarray(
         Image.open(os.path.join(bad_tree, "a/good.jpg"))
         .convert("RGB")
-        .resize((18, 14), Image.Resampling.BICUBIC)
+        .resize((18, 12), Image.Resampling.BICUBIC)
     )
     np.testing.assert_array_equal(r["x_resize_0"], want)
     np.testing.assert_array_equal(r["x_resize_1"], want[:, ::-1])
@@ -120,8 +121,8 @@ def test_resume_redoes_only_half_written_shards(bad_tree, tmp_path):
     again = run_cli("prepare", *argv, *PX, *HOST0).stdout
     assert "1 written now, 2 already done" in again
     assert not os.path.exists(stem + ".array_record.tmp")
-    assert len(PreparedDataset(out)) == 8
-    assert "images read 12, written 8, skipped 4" in again
+    assert len(PreparedDataset(out)) == 9
+    assert "images read 12, written 9, skipped 3" in again
     assert again.strip().splitlines()[-1] == f"prepared dataset: {out} (split train)"
 
 
@@ -134,7 +135,7 @@ def test_hosts_write_disjoint_shards(bad_tree, tmp_path):
     h1 = _prepare(bad_tree, out, num_shards=3, process_index=1, process_count=2)
     assert h1["shards_this_host"] == 1
     assert h0["all_shards_this_host"]["read"] + h1["all_shards_this_host"]["read"] == 12
-    assert len(PreparedDataset(out)) == 8
+    assert len(PreparedDataset(out)) == 9
 
 
 @pytest.mark.parametrize(
@@ -188,4 +189,4 @@ def test_decode_threads_do_not_change_the_records(bad_tree, tmp_path):
         _prepare(bad_tree, out, workers=workers)
         src = grain.sources.ArrayRecordDataSource(PreparedDataset(out).shards)
         outs.append([src[i] for i in range(len(src))])
-    assert outs[0] == outs[1] and len(outs[0]) == 8
+    assert outs[0] == outs[1] and len(outs[0]) == 9

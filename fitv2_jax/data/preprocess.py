@@ -12,27 +12,33 @@ import math
 import numpy as np
 from PIL import Image
 
+from fitv2_jax.utils.errors import UserError
+
 MIN_TOKENS = 16  # FiTv2 drops images under 16 tokens
+RESIZE_RULES = ("official", "max_tokens")
 
 
-def target_size(
-    height: int,
-    width: int,
-    max_tokens: int,
-    patch_size: int,
-    downsample: int,
-    min_tokens: int = MIN_TOKENS,
-) -> tuple[int, int] | None:
-    """Aspect-preserving target size (H', W') in pixels, or None if the image is too small.
+def official_size(height: int, width: int, max_tokens: int, m: int) -> tuple[int, int]:
+    """The official `resize_arr` (FITV2_FACTS.md §2), in pixels (H', W'), possibly 0 or over the
+    budget: an image of area >= S^2 (S^2 = max_tokens * m^2: 256 px at 256 tokens) is scaled to
+    exact area S^2 keeping its aspect ratio; a side under m is scaled up to m; otherwise the
+    size is kept. Both sides are then floored to multiples of m."""
+    w, h = width, height
+    if w * h >= max_tokens * m * m:
+        new_w = math.sqrt(w / h) * (math.sqrt(max_tokens) * m)
+        new_h = new_w * h / w
+    elif w < m:  # an upscale (twice in ImageNet)
+        new_w, new_h = m, m * h / w
+    elif h < m:
+        new_h, new_w = m, m * w / h
+    else:
+        new_w, new_h = w, h
+    return int(new_h / m) * m, int(new_w / m) * m
 
-    Rule: scale the image (never up) to the exact aspect ratio with area `max_tokens` units,
-    giving `a x b` grid units (fractional). Each side is then the floor or the ceil of that
-    (clamped to [1, input side // m]); among those candidates with at most `max_tokens` tokens the
-    one with the most tokens wins, ties going to the closer aspect ratio. This keeps each side
-    within one unit of the exact aspect ratio and is never smaller than the official
-    floor-both-sides rounding. Returns None below `min_tokens` tokens or when a side is under m.
-    """
-    m = patch_size * downsample
+
+def _max_token_size(height, width, max_tokens, m, limit) -> tuple[int, int] | None:
+    """Most tokens among the sizes with each side the floor or ceil of the exact-aspect area
+    `max_tokens` size (never upscaled), whose aspect error does not exceed `limit`."""
     hmax, wmax = height // m, width // m
     if hmax < 1 or wmax < 1:
         return None
@@ -51,12 +57,41 @@ def target_size(
                     hh = max_tokens // ww
                 else:
                     continue
-            key = (hh * ww, -abs(math.log(hh / ww) - log_aspect), hh)
-            if best_key is None or key > best_key:
+            error = abs(math.log(hh / ww) - log_aspect)
+            key = (hh * ww, -error, hh)
+            if error <= limit + 1e-12 and (best_key is None or key > best_key):
                 best, best_key = (hh, ww), key
-    if best is None or best[0] * best[1] < min_tokens:
+    return None if best is None else (best[0] * m, best[1] * m)
+
+
+def target_size(
+    height: int,
+    width: int,
+    max_tokens: int,
+    patch_size: int,
+    downsample: int,
+    min_tokens: int = MIN_TOKENS,
+    rule: str = "official",
+) -> tuple[int, int] | None:
+    """The size (H', W') in pixels an image is resized to, or None when it is dropped.
+
+    rule "official": `official_size`, the official code's rule. "max_tokens": the size with the
+    most tokens whose sides are within one unit of the exact-aspect size and whose aspect ratio
+    is no further from the image's than the official size's is (never upscaled). An image is
+    dropped below `min_tokens` tokens, with a side under one unit, or over `max_tokens` (the
+    official upscale of a side under m can overflow the budget for extreme aspect ratios).
+    """
+    if rule not in RESIZE_RULES:
+        raise UserError(f"resize rule {rule!r}: use one of {', '.join(RESIZE_RULES)}")
+    m = patch_size * downsample
+    size = official_size(height, width, max_tokens, m)
+    if rule == "max_tokens" and min(size) >= m:
+        limit = abs(math.log(size[0] / size[1]) - math.log(height / width))
+        size = _max_token_size(height, width, max_tokens, m, limit) or size
+    tokens = (size[0] // m) * (size[1] // m)
+    if min(size) < m or not min_tokens <= tokens <= max_tokens:
         return None
-    return best[0] * m, best[1] * m
+    return size
 
 
 def resize(img: Image.Image, size: tuple[int, int]) -> Image.Image:
@@ -89,6 +124,7 @@ def variants(
     patch_size: int,
     downsample: int,
     min_tokens: int = MIN_TOKENS,
+    rule: str = "official",
 ) -> dict[str, Image.Image]:
     """Every variant FiTv2's Algorithm 1 can pick for one image, before flipping.
 
@@ -96,7 +132,7 @@ def variants(
     (S x S, S = crop_side) when both sides exceed S, where Algorithm 1 picks either with p = 1/2.
     """
     w, h = img.size
-    size = target_size(h, w, max_tokens, patch_size, downsample, min_tokens)
+    size = target_size(h, w, max_tokens, patch_size, downsample, min_tokens, rule)
     if size is None:
         return {}
     out = {"resize": resize(img, size)}
