@@ -6,6 +6,9 @@ r"""Prepare a dataset once: preprocess (FiT resize rule + Algorithm-1 crop, both
   # ImageNet train as SD-VAE latents for 256-token pre-training:
   python -m fitv2_jax.prepare --source imagenet --root /data/imagenet --split train \
       --out /data/in1k_latents_256 --vae /weights/sd-vae-ft-ema --max_tokens 256 --patch_size 2
+  # the official pre-extracted latents (no re-encoding):
+  python -m fitv2_jax.prepare --source official_latents --root datasets/imagenet1k_latents_256_sd_vae_ft_ema \
+      --out /data/in1k_official_latents_256 --max_tokens 256 --patch_size 2
 
 On several hosts run the same command on every host: shard i is written by the host with
 `i % process_count == process_index` (jax.process_index()/process_count() unless given).
@@ -18,17 +21,20 @@ from absl import flags
 from fitv2_jax.cli import flags as cli
 from fitv2_jax.cli.app import run
 from fitv2_jax.data.encoders import PixelEncoder, VaeEncoder
-from fitv2_jax.data.preprocess import MIN_TOKENS
+from fitv2_jax.data.preprocess import MIN_TOKENS, RESIZE_RULES
 from fitv2_jax.data.shard_writer import PrepareSettings, prepare_split
 from fitv2_jax.data.sources import open_source
 from fitv2_jax.utils.errors import UserError
 from fitv2_jax.weights.vae import load_vae
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("source", None, ["imagenet", "folder", "tfds", "demo"],
+flags.DEFINE_enum("source", None, ["imagenet", "folder", "tfds", "demo", "official_latents"],
                   "imagenet: ROOT/train/<wnid>/*.JPEG (+ ROOT/val); folder: any "
                   "ROOT/<class>/<image> tree; tfds: a prepared tensorflow-datasets dataset; demo: "
-                  "crops of scikit-image's bundled photos (offline)")  # fmt: skip
+                  "crops of scikit-image's bundled photos (offline); official_latents: the "
+                  "official pre-extracted ImageNet latents (ROOT/from_16_to_256/, "
+                  "ROOT/greater_than_256_resize/, ROOT/greater_than_256_crop/), converted as "
+                  "they are")  # fmt: skip
 flags.DEFINE_string("root", None, "dataset folder (imagenet, folder)")
 flags.DEFINE_string("split", "train", "train | val (imagenet, tfds) | heldout (demo); names the "
                     "shard files")  # fmt: skip
@@ -41,6 +47,9 @@ flags.DEFINE_integer("max_tokens", 256, "token budget per image: 256 for pre-tra
                      "high-res")  # fmt: skip
 flags.DEFINE_integer("patch_size", 2, "model patch size p")
 flags.DEFINE_integer("min_tokens", MIN_TOKENS, "smaller images are skipped (reason too_small)")
+flags.DEFINE_enum("resize_rule", "official", list(RESIZE_RULES), "official: the official code's "
+                  "resize (exact area, sides floored to multiples of patch x VAE); max_tokens: "
+                  "as many tokens as fit without a larger aspect error than official")  # fmt: skip
 flags.DEFINE_integer("records_per_shard", 1024, "records per ArrayRecord shard")
 flags.DEFINE_integer("num_shards", None, "overrides --records_per_shard")
 flags.DEFINE_integer("workers", 4, "threads decoding and resizing images")
@@ -69,17 +78,19 @@ def main(argv):
         raise UserError(f"unexpected arguments {argv[1:]}; flags look like --out DIR")
     settings = PrepareSettings(
         out=FLAGS.out, split=FLAGS.split, max_tokens=FLAGS.max_tokens,
-        patch_size=FLAGS.patch_size, min_tokens=FLAGS.min_tokens,
+        patch_size=FLAGS.patch_size, min_tokens=FLAGS.min_tokens, resize_rule=FLAGS.resize_rule,
         records_per_shard=FLAGS.records_per_shard, num_shards=FLAGS.num_shards,
         limit=FLAGS.limit, workers=FLAGS.workers, encode_batch=FLAGS.encode_batch,
         process_index=FLAGS.process_index, process_count=FLAGS.process_count,
         log_skipped=FLAGS.log_skipped, progress=FLAGS.progress, source_kind=FLAGS.source,
         source_root=FLAGS.root,
     )  # fmt: skip
+    if FLAGS.source == "official_latents" and FLAGS.vae:
+        raise UserError("--source official_latents is already encoded: drop --vae")
     source = open_source(FLAGS.source, FLAGS.root, FLAGS.split, val_labels=FLAGS.val_labels,
                          tfds_name=FLAGS.tfds_name, tfds_data_dir=FLAGS.tfds_data_dir,
-                         demo_crops=FLAGS.demo_crops)  # fmt: skip
-    encoder = PixelEncoder()
+                         demo_crops=FLAGS.demo_crops, max_tokens=FLAGS.max_tokens)  # fmt: skip
+    encoder = None if FLAGS.source == "official_latents" else PixelEncoder()
     if FLAGS.vae:
         encoder = VaeEncoder(load_vae(FLAGS.vae), FLAGS.vae, FLAGS.dtype)
     prepare_split(source, encoder, settings)

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from fitv2_jax.data import preprocess
 from fitv2_jax.data.images import BadImage
 from fitv2_jax.data.records import DATASET_JSON, array_name, encode_record, shard_stem, sum_stats
+from fitv2_jax.data.tokens import unpatchify
 from fitv2_jax.utils.errors import UserError
 from fitv2_jax.utils.files import write_json_atomic
 
@@ -39,6 +40,7 @@ class PrepareSettings:
     max_tokens: int = 256  # token budget per image: 256 for pre-training, 1024 for high-res
     patch_size: int = 2
     min_tokens: int = preprocess.MIN_TOKENS  # smaller images are skipped (too_small)
+    resize_rule: str = "official"  # preprocess.RESIZE_RULES
     records_per_shard: int = 1024
     num_shards: int | None = None  # overrides records_per_shard
     limit: int | None = None  # only the first N images
@@ -59,6 +61,9 @@ class PrepareSettings:
         if self.max_tokens < self.min_tokens:
             raise UserError(f"--max_tokens {self.max_tokens} is below --min_tokens "
                             f"{self.min_tokens}")  # fmt: skip
+        if self.resize_rule not in preprocess.RESIZE_RULES:
+            raise UserError(f"--resize_rule {self.resize_rule}: use one of "
+                            f"{', '.join(preprocess.RESIZE_RULES)}")  # fmt: skip
         if self.num_shards is not None and self.num_shards < 1:
             raise UserError(f"--num_shards {self.num_shards}: give a positive number")
 
@@ -67,14 +72,15 @@ FORMAT_VERSION = 1
 VARIANTS = ["resize", "crop"]
 
 
-def load_variants(item, max_tokens: int, patch_size: int, downsample: int, min_tokens: int):
+def load_variants(item, max_tokens: int, patch_size: int, downsample: int, min_tokens: int,
+                  rule: str = "official"):  # fmt: skip
     """Decode one source item and make its Algorithm-1 variants (uint8 arrays); raises
     BadImage (with a reason) to skip it. Thread-safe: PIL releases the GIL while decoding."""
     try:
         img = item.load()
     except FileNotFoundError as e:
         raise BadImage("missing_file", str(e)) from e
-    vs = preprocess.variants(img, max_tokens, patch_size, downsample, min_tokens)
+    vs = preprocess.variants(img, max_tokens, patch_size, downsample, min_tokens, rule)
     if not vs:
         raise BadImage("too_small", f"{img.size[0]}x{img.size[1]} px")
     return {name: np.asarray(v, np.uint8) for name, v in vs.items()}
@@ -113,7 +119,8 @@ def _decoded(source, lo: int, hi: int, downsample: int, s: PrepareSettings):
     def work(i):
         item = source[i]
         try:
-            vs = load_variants(item, s.max_tokens, s.patch_size, downsample, s.min_tokens)
+            vs = load_variants(item, s.max_tokens, s.patch_size, downsample, s.min_tokens,
+                               s.resize_rule)  # fmt: skip
             return item, vs, None
         except BadImage as e:
             return item, None, e
@@ -127,7 +134,55 @@ def _decoded(source, lo: int, hi: int, downsample: int, s: PrepareSettings):
             yield from pool.map(work, range(c, min(c + chunk, hi)))
 
 
-def _write_shard(source, lo: int, hi: int, stem: str, encoder, s: PrepareSettings, bar) -> dict:
+def _image_records(source, lo: int, hi: int, encoder, s: PrepareSettings):
+    """(key, record fields or BadImage) per item in order: decoded on threads, encoded in
+    batches of s.encode_batch (bad images are reported at once)."""
+    pending: list = []
+
+    def flush():
+        done = encode_batch(pending, encoder, s.patch_size)
+        out = [(item.key, fields) for (item, _), fields in zip(pending, done, strict=True)]
+        pending.clear()
+        return out
+
+    for item, vs, bad in _decoded(source, lo, hi, encoder.downsample, s):
+        if bad is not None:
+            yield item.key, bad
+            continue
+        pending.append((item, vs))
+        if len(pending) >= s.encode_batch:
+            yield from flush()
+    yield from flush()
+
+
+def _latent_records(source, lo: int, hi: int, patch_size: int):
+    """(key, record fields or BadImage) per pre-encoded item (official latent files): both
+    flips of every variant, tokens unpatchified back to (h*p, w*p, C) latents."""
+    for i in range(lo, hi):
+        item = source[i]
+        try:
+            latents, label = item.load()
+        except BadImage as e:
+            yield item.key, e
+            continue
+        fields, sizes = {}, []
+        for name, flips in latents.items():  # flips: (2, h, w, p*p*C) tokens
+            if flips.dtype.name == "bfloat16":  # records store numpy dtypes
+                flips = flips.astype(np.float32)
+            _, h, w, d = flips.shape
+            for flip in (0, 1):
+                fields[array_name(name, flip)] = unpatchify(flips[flip].reshape(h * w, d), h, w,
+                                                            patch_size)  # fmt: skip
+            sizes.append((h, w))
+        fields.update(label=int(label), key=item.key, variants=list(latents))
+        fields["size"] = np.asarray(sizes, np.int32)
+        fields["tokens"] = np.asarray([h * w for h, w in sizes], np.int32)
+        yield item.key, fields
+
+
+def _write_shard(records, n: int, stem: str, s: PrepareSettings, bar) -> dict:
+    """Writes the n records of one shard to a temporary file, renamed when complete; its
+    counts file, written last, marks the shard finished."""
     final = stem + ".array_record"
     tmp = final + ".tmp"
     if os.path.exists(tmp):
@@ -135,33 +190,21 @@ def _write_shard(source, lo: int, hi: int, stem: str, encoder, s: PrepareSetting
     writer = ArrayRecordWriter(tmp, "group_size:1")  # group 1: cheap random access
     reasons: Counter = Counter()
     tokens, written = [], 0
-    pending: list = []
-
-    def flush():
-        nonlocal written
-        for fields in encode_batch(pending, encoder, s.patch_size):
-            writer.write(encode_record(fields))
-            t = dict(zip(fields["variants"], fields["tokens"].tolist(), strict=True))
-            tokens.append([t.get(v, 0) for v in VARIANTS])
-            written += 1
-        bar.update(len(pending))
-        pending.clear()
-
-    for item, vs, bad in _decoded(source, lo, hi, encoder.downsample, s):
-        if bad is not None:
-            reasons[bad.reason] += 1
-            bar.update(1)
+    for key, fields in records:
+        bar.update(1)
+        if isinstance(fields, BadImage):
+            reasons[fields.reason] += 1
             if s.log_skipped:
-                tqdm.write(f"skip {item.key}: {bad}")
+                tqdm.write(f"skip {key}: {fields}")
             continue
-        pending.append((item, vs))
-        if len(pending) >= s.encode_batch:
-            flush()
-    flush()
+        writer.write(encode_record(fields))
+        t = dict(zip(fields["variants"], fields["tokens"].tolist(), strict=True))
+        tokens.append([t.get(v, 0) for v in VARIANTS])
+        written += 1
     writer.close()
     os.replace(tmp, final)
     stats = {
-        "read": hi - lo,
+        "read": n,
         "written": written,
         "skipped": sum(reasons.values()),
         "skipped_by_reason": dict(reasons),
@@ -174,10 +217,11 @@ def _write_shard(source, lo: int, hi: int, stem: str, encoder, s: PrepareSetting
 def _dataset_meta(s: PrepareSettings, encoder, source, num_shards: int) -> dict:
     return {
         "format_version": FORMAT_VERSION,
-        "encoder": encoder.describe(),
+        "encoder": encoder.describe() if encoder is not None else source.encoder_description(),
         "patch_size": s.patch_size,
         "max_tokens": s.max_tokens,
         "min_tokens": s.min_tokens,
+        "resize_rule": s.resize_rule,
         "variants": VARIANTS,
         "num_classes": source.num_classes,
         "class_names": list(source.class_names),
@@ -198,8 +242,8 @@ def _merge_meta(path: str, meta: dict) -> None:
             old = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"{path}: unreadable ({e}); use another --out directory") from e
-    keys = ("format_version", "encoder", "patch_size", "max_tokens", "min_tokens", "variants",
-            "class_names")  # fmt: skip
+    keys = ("format_version", "encoder", "patch_size", "max_tokens", "min_tokens", "resize_rule",
+            "variants", "class_names")  # fmt: skip
     split = next(iter(meta["num_shards"]))
     diff = {k: (old.get(k), meta[k]) for k in keys if old.get(k, meta[k]) != meta[k]}
     old_source = old.get("sources", {}).get(split)
@@ -245,7 +289,15 @@ def _shard_plan(s: PrepareSettings, n: int, num_shards: int) -> tuple[list, list
 
 
 def prepare_split(source, encoder, s: PrepareSettings) -> dict:
-    """Writes this host's shards of one split; returns the summary dict (also printed)."""
+    """Writes this host's shards of one split; returns the summary dict (also printed).
+
+    encoder: PixelEncoder or VaeEncoder for image sources; None for a source of latents already
+    encoded (`sources.OfficialLatentSource`), whose files are converted as they are."""
+    if encoder is None and not getattr(source, "pre_encoded", False):
+        raise UserError("an image source needs an encoder (pixels, or --vae for latents)")
+    if encoder is None and s.patch_size != source.patch_size:
+        raise UserError(f"--patch_size {s.patch_size}: the official latents are patchified with "
+                        f"p = {source.patch_size}")  # fmt: skip
     n = len(source) if s.limit is None else min(len(source), s.limit)
     num_shards = s.num_shards or max(1, math.ceil(n / s.records_per_shard))
     os.makedirs(s.out, exist_ok=True)
@@ -255,7 +307,12 @@ def prepare_split(source, encoder, s: PrepareSettings) -> dict:
     new_stats = []
     with tqdm(total=total, desc=f"prepare {s.split}", unit="img", disable=not s.progress) as bar:
         for j, stem in todo:
-            new_stats.append(_write_shard(source, *bounds[j], stem, encoder, s, bar))
+            lo, hi = bounds[j]
+            if encoder is None:
+                records = _latent_records(source, lo, hi, s.patch_size)
+            else:
+                records = _image_records(source, lo, hi, encoder, s)
+            new_stats.append(_write_shard(records, hi - lo, stem, s, bar))
     summary = {
         "out": s.out,
         "split": s.split,

@@ -8,6 +8,7 @@
   Kaggle's `LOC_val_solution.csv`).
 - `TfdsSource`: `imagenet2012` (or any image dataset) prepared by the user for tensorflow-datasets
   in array_record format, read through `tfds.data_source` (no TensorFlow needed).
+- `OfficialLatentSource`: the official pre-extracted ImageNet latents, converted as they are.
 - `DemoSource`: the small real offline dataset of the CPU demo: crops at several aspect ratios
   and scales of scikit-image's bundled colour photos, one class per photo. Train crops come
   from the left 65% of each photo, held-out crops from the right 35%, so no held-out pixel is
@@ -28,8 +29,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from fitv2_jax.data.images import load_rgb
+from fitv2_jax.data.images import BadImage, load_rgb
+from fitv2_jax.data.tokens import make_grid
 from fitv2_jax.utils.errors import MissingFileError, UserError
+from fitv2_jax.utils.safetensors_io import read_safetensors
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
@@ -292,6 +295,79 @@ class DemoSource:
         return Item(key, label, np.ascontiguousarray(crop))
 
 
+class OfficialLatentSource:
+    """The official pre-extracted ImageNet latents (tools/download_in1k_latents_256.sh of the
+    official repository): ROOT/from_16_to_T/, ROOT/greater_than_T_resize/ and
+    ROOT/greater_than_T_crop/ (a subset of the resize folder's names; less_than_16/ is not
+    used), one .safetensors per image with `feature` (2, h, w, 16): both flips, already
+    patchified (p = 2, 4 latent channels, scaled SD-VAE latents), `grid` (2, h*w), `size` (h, w)
+    and `label`. An image's variants are its resize file and, when present, its crop file, as
+    the official loader picks them. Items' `load()` returns ({variant: feature}, label).
+    """
+
+    pre_encoded = True
+    patch_size = 2
+
+    def __init__(self, root: str, target_len: int = 256, num_classes: int = 1000):
+        _require_dir(root, "official latents --root")
+        folders = {k: os.path.join(root, f) for k, f in (
+            ("small", f"from_16_to_{target_len}"), ("resize", f"greater_than_{target_len}_resize"),
+            ("crop", f"greater_than_{target_len}_crop"))}  # fmt: skip
+        missing = [f for f in folders.values() if not os.path.isdir(f)]
+        if missing:
+            raise MissingFileError(f"--root {root}: no {', '.join(map(os.path.basename, missing))}"
+                                   f" (the official latents for --max_tokens {target_len})")  # fmt: skip
+        names = {k: sorted(n for n in os.listdir(f) if n.endswith(".safetensors"))
+                 for k, f in folders.items()}  # fmt: skip
+        crops = set(names["crop"])
+        self._items = [(n, {"resize": os.path.join(folders["small"], n)}) for n in names["small"]]
+        for n in names["resize"]:
+            files = {"resize": os.path.join(folders["resize"], n)}
+            if n in crops:
+                files["crop"] = os.path.join(folders["crop"], n)
+            self._items.append((n, files))
+        self.num_classes, self.class_names = num_classes, [str(i) for i in range(num_classes)]
+        self.problems = {"crop_without_resize": sorted(crops - set(names["resize"]))}
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, i: int):
+        name, files = self._items[i]
+        return _LatentItem(name, files, self.num_classes)
+
+    @staticmethod
+    def encoder_description() -> dict:
+        return {"kind": "latents", "downsample": 8, "channels": 4, "stored_as": "float",
+                "vae": "official pre-extracted latents (sd-vae-ft-ema)",
+                "scaling_factor": 0.18215}  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class _LatentItem:
+    key: str
+    files: dict[str, str]
+    num_classes: int
+
+    def load(self) -> tuple[dict[str, np.ndarray], int]:
+        latents, label = {}, None
+        for variant, path in self.files.items():
+            try:
+                data = read_safetensors(path)
+                feature, grid, size = data["feature"], data["grid"], data["size"]
+                lab = int(np.asarray(data["label"]).reshape(-1)[0])
+            except (UserError, KeyError, IndexError) as e:
+                raise BadImage("corrupt", f"{path}: {e}") from e
+            h, w = (int(v) for v in np.asarray(size).reshape(-1)[:2])
+            if feature.shape[:3] != (2, h, w) or not np.array_equal(grid, make_grid(h, w)):
+                raise BadImage("corrupt", f"{path}: feature {feature.shape} / grid do not fit "
+                                          f"size ({h}, {w})")  # fmt: skip
+            if not 0 <= lab < self.num_classes or label not in (None, lab):
+                raise BadImage("bad_label", f"{path}: label {lab}")
+            latents[variant], label = feature, lab
+        return latents, label
+
+
 def open_source(
     kind: str,
     root: str | None = None,
@@ -300,9 +376,11 @@ def open_source(
     tfds_name: str = "imagenet2012",
     tfds_data_dir: str | None = None,
     demo_crops: int = 36,
+    max_tokens: int = 256,
 ):
-    """The source named by the prepare CLI flags (kind: imagenet | folder | tfds | demo)."""
-    if kind in ("imagenet", "folder") and not root:
+    """The source named by the prepare CLI flags (kind: imagenet | folder | tfds | demo |
+    official_latents)."""
+    if kind in ("imagenet", "folder", "official_latents") and not root:
         raise UserError(f"--source {kind} needs --root PATH (the dataset folder)")
     if kind == "imagenet":
         return imagenet_source(root, split, val_labels)
@@ -312,4 +390,7 @@ def open_source(
         return TfdsSource(tfds_name, split, tfds_data_dir)
     if kind == "demo":
         return DemoSource("heldout" if split in ("heldout", "val", "test") else "train", demo_crops)
-    raise UserError(f"unknown --source {kind!r}: use imagenet, folder, tfds or demo")
+    if kind == "official_latents":
+        return OfficialLatentSource(root, max_tokens)
+    raise UserError(f"unknown --source {kind!r}: use imagenet, folder, tfds, demo or "
+                    "official_latents")  # fmt: skip
