@@ -48,10 +48,13 @@ def fitv2_model(
         dtype="float32",
         remat_policy="none",
         attention_backend="xla",
+        clamp_time=True,
     )
-    config = ml_collections.ConfigDict(model)
-    config.update(overrides)
-    return config
+    for key, value in overrides.items():
+        if value is None and model.get(key) is not None:
+            value = placeholder(type(model[key]))  # None, still typed for command-line overrides
+        model[key] = value
+    return ml_collections.ConfigDict(model)
 
 
 def train_defaults() -> ml_collections.ConfigDict:
@@ -154,6 +157,21 @@ def data_defaults() -> ml_collections.ConfigDict:
     )
 
 
+def diffusion_defaults() -> ml_collections.ConfigDict:
+    """config.diffusion: what the model learns and how it samples. FiTv2: a rectified flow (the
+    flow solvers; dopri5 by default). FiT v1: improved-diffusion's DDPM with learned sigma over
+    `num_train_steps`, sampled over `sampling_steps` respaced steps."""
+    return ml_collections.ConfigDict(
+        dict(kind="rectified_flow", num_train_steps=1000, sampling_steps=250)
+    )
+
+
+def sampling_defaults() -> ml_collections.ConfigDict:
+    """config.sampling: the official README's guidance scale for this model
+    (`--cfg_scale official`)."""
+    return ml_collections.ConfigDict(dict(official_cfg_scale=1.5))
+
+
 def base_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
@@ -161,6 +179,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.data = data_defaults()
     config.train = train_defaults()
     config.mesh = mesh_defaults()
+    config.diffusion = diffusion_defaults()
+    config.sampling = sampling_defaults()
     config.latent = True  # tokens are SD-VAE latents (False: pixel-space tokens in [-1, 1])
     config.vae_path = ""  # SD VAE (diffusers dir or file) for latent configs: decoding samples
     return config

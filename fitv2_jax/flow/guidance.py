@@ -89,13 +89,15 @@ def cfg_velocity(
     scale_pow: float = 0.0,
     interval: tuple[float, float] | None = None,
     learn_sigma: bool = False,
+    full_output: bool = False,
 ) -> jax.Array:
     """Guided velocity for B samples from one model call on 2B.
 
     x: (B, N, p*p*C) tokens; t: (B,); y: (B,) int labels; grid: (B, 2, N); mask: (B, N);
     size: (B, n, 2) or None. model_apply(x, t, y, grid, mask, size) -> (2B, N, p*p*C_out).
     Returns (B, N, p*p*C): for learn_sigma models the velocity is the first p*p*C output
-    channels (the learned-sigma half is dropped).
+    channels (the learned-sigma half is dropped), unless full_output: then (B, N, p*p*C_out),
+    the guided epsilon and the conditional sigma channels (FiT v1's DDPM sampler).
     """
     c_vel = _check(x, patch_size, in_channels, channels)
     c_out = 2 * c_vel if learn_sigma else c_vel
@@ -103,7 +105,8 @@ def cfg_velocity(
     c_cfg = 3 * patch_size * patch_size if channels == "official" else c_vel
     guided, _ = _guide(out, t, c_cfg, cfg_scale, scale_pow, interval)
     b = x.shape[0]
-    return jnp.concatenate([guided, out[:b, ..., c_cfg:]], axis=-1)[..., :c_vel]
+    full = jnp.concatenate([guided, out[:b, ..., c_cfg:]], axis=-1)
+    return full if full_output else full[..., :c_vel]
 
 
 def cfg_velocity_doubled_state(
@@ -157,6 +160,7 @@ def make_velocity_fn(
     in_channels: int = 4,
     learn_sigma: bool = False,
     doubled_state: bool = False,
+    full_output: bool = False,
     **cfg_opts,
 ) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """velocity_fn(x, t) for the solvers: guided when cfg_scale > 1, else one conditional call.
@@ -164,10 +168,15 @@ def make_velocity_fn(
     Like the official sampler, guidance is switched off entirely (no doubled batch) at scale 1.
     doubled_state=True: the solver state is (2B, ...) as in the official sampler, see
     `cfg_velocity_doubled_state` (start from [z; z], keep [:B]); ignored at scale 1.
+    full_output=True: every output channel (epsilon and learned sigma, for DDPM), see
+    `cfg_velocity`.
     """
     c_vel = patch_size * patch_size * in_channels
     if cfg_scale == 1.0:
-        return lambda x, t: model_apply(x, t, y, grid, mask, size)[..., :c_vel]
+        keep = None if full_output else c_vel
+        return lambda x, t: model_apply(x, t, y, grid, mask, size)[..., :keep]
+    if full_output:
+        cfg_opts["full_output"] = True
     fn = cfg_velocity_doubled_state if doubled_state else cfg_velocity
     opts = dict(
         cfg_scale=cfg_scale,

@@ -13,7 +13,10 @@ passed straight in (`from_official_params`). Fields marked "accepted for compati
 change the network here: `use_sit` (our token layout is always (B, N, C), the SiT layout),
 `use_checkpoint` (use `remat_policy`), `pretrain_ckpt`/`ignore_keys`/`finetune` (training-time
 loading and freezing live in fitv2_jax.training), `abs_pos_embed` (FiT has none).
-Compute options of our own: dtype, param_dtype, remat_policy, attention_backend, scan_unroll.
+Compute options of our own: dtype, param_dtype, remat_policy, attention_backend, scan_unroll;
+and clamp_time: the official code clamps t at 1 after time shifting, which is right for the
+rectified-flow models (t in [0, 1]; dopri5 overshoots past 1) but would pin FiT v1's DDPM steps
+(0..999) at 1, so FiT v1 configs turn it off.
 """
 
 from __future__ import annotations
@@ -194,6 +197,7 @@ class FiT(nn.Module):
     remat_policy: str = "none"
     attention_backend: str = "xla"
     scan_unroll: int = 1
+    clamp_time: bool = True  # t <= 1 after time shifting (flow models); FiT v1 gets DDPM steps
 
     @property
     def out_channels(self) -> int:
@@ -288,7 +292,8 @@ class FiT(nn.Module):
     def __call__(self, x, t, y, grid, mask, size=None, train: bool = False, force_drop=None):
         self._check()
         s = self.time_shifting
-        t = jnp.minimum(s * t / (1 + (s - 1) * t), 1.0).astype(jnp.float32)
+        t = s * t / (1 + (s - 1) * t)
+        t = (jnp.minimum(t, 1.0) if self.clamp_time else t).astype(jnp.float32)
         segment_ids = mask.astype(jnp.int32)
         valid = (segment_ids != 0).astype(jnp.float32)
         # Packed rows (several images per sequence): y, t (B, S) per image, mask = segment ids

@@ -19,19 +19,24 @@ import jax.numpy as jnp
 import numpy as np
 
 from fitv2_jax.data.tokens import make_grid
+from fitv2_jax.flow import solvers
+from fitv2_jax.flow.ddpm import ddpm_sample, make_schedule, space_timesteps
 from fitv2_jax.flow.guidance import make_velocity_fn
-from fitv2_jax.flow.solvers import METHODS
 from fitv2_jax.flow.solvers import sample as solve
 from fitv2_jax.models.fit import FiT
 from fitv2_jax.utils.errors import UserError
+
+METHODS = (*solvers.METHODS, "ddpm")
 
 
 @dataclasses.dataclass(frozen=True)
 class SolverOptions:
     """How to integrate and guide (everything but the size, rule and CFG scale).
 
-    method: euler | heun | dopri5 | sde. num_steps: euler/heun steps (the official
-    --num-sampling-steps K is K - 1 here) or sde grid points; dopri5 is adaptive with atol/rtol.
+    method: euler | heun | dopri5 | sde (rectified flow) or ddpm (FiT v1: ancestral sampling over
+    num_steps respaced steps of ddpm_train_steps). num_steps: euler/heun steps (the official
+    --num-sampling-steps K is K - 1 here), sde grid points or ddpm steps; dopri5 is adaptive
+    with atol/rtol.
     cfg_channels: "official" guides the first 3 of 4 latent channels, "all" every channel.
     scale_pow: power-cosine CFG schedule (0 = constant). cfg_interval: guide only for t in [a, b].
     cfg_state: "official" keeps [cond; uncond] in the solver state as the official sampler
@@ -40,6 +45,7 @@ class SolverOptions:
 
     method: str = "dopri5"
     num_steps: int = 250
+    ddpm_train_steps: int = 1000
     atol: float = 1e-6
     rtol: float = 1e-3
     cfg_channels: str = "official"
@@ -50,6 +56,8 @@ class SolverOptions:
     def __post_init__(self):
         if self.method not in METHODS:
             raise UserError(f"unknown solver {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.method == "ddpm":
+            space_timesteps(self.ddpm_train_steps, self.num_steps)  # validates the step count
         if self.num_steps < 1:
             raise UserError(f"--num_steps {self.num_steps}: give at least 1 step")
         if not (self.atol > 0 and self.rtol > 0):
@@ -71,7 +79,7 @@ class SolverOptions:
         return dict(
             method=self.method, num_steps=self.num_steps, atol=self.atol, rtol=self.rtol,
             channels=self.cfg_channels, scale_pow=self.scale_pow, interval=self.cfg_interval,
-            doubled_state=self.cfg_state == "official",
+            doubled_state=self.cfg_state == "official", ddpm_train_steps=self.ddpm_train_steps,
         )  # fmt: skip
 
     def describe(self) -> dict:
@@ -79,6 +87,8 @@ class SolverOptions:
         out = dataclasses.asdict(self)
         if self.method == "dopri5":
             out["num_steps"] = None
+        if self.method != "ddpm":
+            out.pop("ddpm_train_steps")
         if self.cfg_interval is not None:
             out["cfg_interval"] = list(self.cfg_interval)
         return out
@@ -106,7 +116,7 @@ def initial_noise(key, ids, n_tokens: int, token_dim: int):
     jax.jit,
     static_argnames=(
         "model", "h", "w", "cfg_scale", "method", "num_steps", "channels", "scale_pow", "interval", "solver_opts",
-    "doubled_state",
+    "doubled_state", "ddpm_train_steps",
     ),
 )  # fmt: skip
 def _generate(
@@ -125,6 +135,7 @@ def _generate(
     interval,
     solver_opts,
     doubled_state,
+    ddpm_train_steps=1000,
     x0=None,
 ):
     batch = labels.shape[0]
@@ -139,11 +150,14 @@ def _generate(
 
     guided = cfg_scale != 1.0
     extra = dict(channels=channels, scale_pow=scale_pow, interval=interval) if guided else {}
+    ddpm = method == "ddpm"
     velocity = make_velocity_fn(
         apply, labels, grid, mask, size, cfg_scale=cfg_scale, null_label=model.num_classes,
         patch_size=p, in_channels=c, learn_sigma=model.learn_sigma,
-        doubled_state=doubled_state and guided, **extra,
+        doubled_state=doubled_state and guided and not ddpm, full_output=ddpm, **extra,
     )  # fmt: skip
+    if ddpm:  # the ghost half of the official doubled state never reaches the real samples
+        return ddpm_sample(velocity, x0, make_schedule(ddpm_train_steps, num_steps), key_sde)
     opts = dict(solver_opts)
     if method == "sde":
         opts["key"] = key_sde
@@ -173,11 +187,12 @@ def generate(
     rtol: float = 1e-3,
     x0=None,
     doubled_state: bool = False,
+    ddpm_train_steps: int = 1000,
 ):
     """Samples (B, h*w, p*p*C) tokens for `labels` (B,) from N(0, I) noise drawn with `key`.
 
     x0: optional (B, h*w, p*p*C) starting noise (see `initial_noise`) instead of one draw from
-    `key` (which then only seeds the SDE). doubled_state: the official CFG solver state
+    `key` (which then only seeds the SDE and DDPM noise). doubled_state: the official CFG solver state
     [x; ghost] (only changes dopri5's step sizes, see flow.guidance). Returns (tokens, nfe).
     Jitted per (model, size, options); inputs may be batch-sharded.
     """
@@ -188,5 +203,5 @@ def generate(
         params, key, jnp.asarray(labels, jnp.int32), model=model, h=h, w=w, cfg_scale=float(cfg_scale),
         method=method, num_steps=int(num_steps), channels=channels, scale_pow=float(scale_pow),
         interval=None if interval is None else tuple(interval), solver_opts=solver_opts,
-        doubled_state=bool(doubled_state), x0=x0,
+        doubled_state=bool(doubled_state), ddpm_train_steps=int(ddpm_train_steps), x0=x0,
     )  # fmt: skip

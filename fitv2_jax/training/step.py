@@ -3,7 +3,8 @@
     step_fn = make_train_step(model, config, tx)
     state, metrics = step_fn(state, batch)      # batch: x, grid, mask, y, size (global arrays)
 
-The loss is the official one: velocity MSE over valid tokens per sample, then the batch mean.
+The loss is the official one: velocity MSE over valid tokens per sample, then the batch mean
+(FiT v1 configs, diffusion.kind = "ddpm": the DDPM epsilon MSE + variational bound).
 Labels are dropped to the null class with probability class_dropout_prob here (the model's
 force_drop), with every random draw made per sample (see per_sample_draws).
 With grad_accum_steps = A the batch is split into A microbatches whose gradients are averaged,
@@ -16,27 +17,34 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fitv2_jax.flow.ddpm import DDPMSchedule, ddpm_loss, make_schedule, q_sample
 from fitv2_jax.flow.transport import interpolate, masked_loss, sample_timesteps, velocity_target
 from fitv2_jax.models.fit import FiT
 from fitv2_jax.training.state import TrainState, ema_update
+from fitv2_jax.utils.errors import UserError
 
 BATCH_KEYS = ("x", "grid", "mask", "y", "size", "segment_ids")
 
 
-def per_sample_draws(key, index, shape, model: FiT, train_cfg, segments: int = 0):
+def per_sample_draws(key, index, shape, model: FiT, train_cfg, segments: int = 0,
+                     ddpm_steps: int = 0):  # fmt: skip
     """Time, noise and label-drop draws for each row from fold_in(key, global row index).
 
     Drawing per row makes the step's randomness independent of how the batch is split into
     microbatches or sharded, so gradient accumulation reproduces the full-batch step. Packed rows
-    (segments > 0) draw one t and one label drop per image: (B, S).
+    (segments > 0) draw one t and one label drop per image: (B, S). ddpm_steps > 0: t is a DDPM
+    step index, uniform over [0, ddpm_steps) (FiT v1).
     """
     t_shape = (segments,) if segments else ()
 
     def one(i):
         k_t, k_noise, k_drop = jax.random.split(jax.random.fold_in(key, i), 3)
-        t = sample_timesteps(
-            k_t, t_shape, train_cfg.time_sampler, train_cfg.time_mean, train_cfg.time_std
-        )
+        if ddpm_steps:
+            t = jax.random.randint(k_t, t_shape, 0, ddpm_steps)
+        else:
+            t = sample_timesteps(
+                k_t, t_shape, train_cfg.time_sampler, train_cfg.time_mean, train_cfg.time_std
+            )
         x0 = jax.random.normal(k_noise, shape, jnp.float32)
         drop = jax.random.uniform(k_drop, t_shape) < model.class_dropout_prob
         return t, x0, drop
@@ -56,6 +64,18 @@ def segment_losses(pred, target, segment_ids, segments: int):
     count = jnp.sum(onehot, axis=1)
     losses = jnp.einsum("bn,bns->bs", sq, onehot) / (jnp.maximum(count, 1.0) * pred.shape[-1])
     return losses, count > 0
+
+
+def ddpm_loss_fn(model: FiT, params, batch: dict, key, train_cfg, schedule: DDPMSchedule):
+    """FiT v1's loss (`flow.ddpm.ddpm_loss`: epsilon MSE + variational bound), mean over rows."""
+    x1 = batch["x"]
+    t, noise, drop = per_sample_draws(key, batch["index"], x1.shape[1:], model, train_cfg,
+                                      ddpm_steps=schedule.num_steps)  # fmt: skip
+    x_t = q_sample(x1, noise, t, schedule)
+    out = model.apply({"params": params}, x_t, t.astype(jnp.float32), batch["y"], batch["grid"],
+                      batch["mask"], batch.get("size"), force_drop=drop)  # fmt: skip
+    per_sample = ddpm_loss(out, x1, x_t, noise, t, batch["mask"], schedule)
+    return jnp.mean(per_sample), per_sample
 
 
 def loss_fn(model: FiT, params, batch: dict, key, train_cfg):
@@ -96,12 +116,21 @@ def loss_fn(model: FiT, params, batch: dict, key, train_cfg):
 def make_train_step(model: FiT, config, tx: optax.GradientTransformation):
     train_cfg = config.train
     accum = int(train_cfg.grad_accum_steps)
+    diffusion = config.get("diffusion", {})
+    if diffusion.get("kind", "rectified_flow") == "ddpm":
+        if config.data.packing:
+            raise UserError("FiT v1 (diffusion.kind=ddpm) trains on bucketed rows, not packed "
+                            "ones: set --config.data.packing=False")  # fmt: skip
+        schedule = make_schedule(int(diffusion.num_train_steps))
+        objective = lambda p, b, k: ddpm_loss_fn(model, p, b, k, train_cfg, schedule)[0]
+    else:
+        objective = lambda p, b, k: loss_fn(model, p, b, k, train_cfg)[0]
 
     def step_fn(state: TrainState, batch: dict):
         batch = {k: batch[k] for k in BATCH_KEYS if k in batch}
         batch["index"] = jnp.arange(batch["x"].shape[0])
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        grad_fn = jax.value_and_grad(lambda p, b, k: loss_fn(model, p, b, k, train_cfg)[0])
+        grad_fn = jax.value_and_grad(objective)
 
         if accum == 1:
             loss, grads = grad_fn(state.params, batch, key)
