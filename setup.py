@@ -43,6 +43,7 @@ setup(
         "pillow>=10.0",
         "tqdm>=4.66",
         "tensorboardx>=2.6",
+        "pyyaml>=6.0",
     ],
     extras_require={
         "eval": EVAL,

@@ -76,7 +76,7 @@ def main(argv):
     reference = Reference(npz=FLAGS.ref_npz, source=FLAGS.ref_source, root=FLAGS.ref_root,
                           split=FLAGS.ref_split, num=FLAGS.num_ref)  # fmt: skip
     config = cli.resolve_config(FLAGS.config)
-    options = cli.solver_options()
+    options = cli.solver_options(config)
     params, vae = cli.load_model(config)
     plans = plan_sizes(config, FLAGS.sizes, FLAGS.rule, FLAGS.cfg_scale, vae)
     sampler = Sampler(config.model, params, cli.mesh_for(config), vae=vae,

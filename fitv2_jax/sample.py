@@ -49,7 +49,7 @@ def main(argv):
     config = cli.resolve_config(FLAGS.config)
     params, vae = cli.load_model(config)
     plans = plan_sizes(config, FLAGS.sizes, FLAGS.rule, FLAGS.cfg_scale, vae)
-    options = cli.solver_options()
+    options = cli.solver_options(config)
     if FLAGS.num_samples < 1:
         raise UserError(f"--num_samples {FLAGS.num_samples}: give at least 1")
     try:

@@ -9,6 +9,7 @@ from ml_collections import ConfigDict
 
 from fitv2_jax import sampling
 from fitv2_jax.config.files import load_config
+from fitv2_jax.config.official import config_from_official_yaml
 from fitv2_jax.data.npz import NpzStreamWriter
 from fitv2_jax.utils.errors import UserError
 
@@ -138,3 +139,82 @@ def test_config_overrides_are_typed_by_the_field_as_on_the_command_line():
         load_config("configs/tiny.py", ["laten=false"])
     with pytest.raises(UserError, match="configs/nope.py"):
         load_config("configs/nope.py")
+
+
+def test_official_rule_follows_the_official_readme_commands():
+    """sample_fitv2_ddp.py as the official README runs it: 256x256 without interpolation,
+    160x320 `dynntk --decouple`, 320x320 `ntkpro2 --decouple`; HR models `dynntk --decouple`."""
+    xl, hr = load_config("configs/fitv2_xl.py"), load_config("configs/fitv2_hr_xl.py")
+    want = {(16, 16): "none", (10, 20): "vision-ntk", (8, 24): "vision-ntk",
+            (20, 20): "vision-ntk+attn-scale", (14, 28): "vision-ntk+attn-scale"}  # fmt: skip
+    for (h, w), rule in want.items():
+        assert sampling.resolve_rule("official", xl.model, h, w) == rule, (h, w)
+    assert sampling.resolve_rule("auto", xl.model, 10, 20) == "none"  # the paper's text differs
+    for h, w in ((32, 32), (20, 40), (16, 48)):
+        assert sampling.resolve_rule("official", hr.model, h, w) == "vision-ntk"
+    plans = sampling.plan_sizes(hr, "512x512,320x640", rule="official", cfg_scale="official")
+    assert [(p.rule, p.cfg_scale) for p in plans] == [("vision-ntk", 1.65)] * 2
+    assert sampling.plan_sizes(xl, "256x256", cfg_scale="official")[0].cfg_scale == 1.5
+
+
+OFFICIAL_HR_YAML = """
+diffusion:
+  network_config:
+    target: fit.model.fit_model.FiT
+    params:
+      context_size: 1024
+      hidden_size: 1152
+      depth: 36
+      num_heads: 16
+      learn_sigma: false
+      use_sit: true
+      use_swiglu: true
+      q_norm: layernorm
+      k_norm: layernorm
+      custom_freqs: ntk-aware
+      decouple: true
+      ori_max_pe_len: 16
+      online_rope: true
+      adaln_type: lora
+      adaln_lora_dim: 288
+      pretrain_ckpt: checkpoints/fitv2_xl.safetensors
+      ignore_keys: ['x_embedder', 'bias', 'LN', 'final_layer']
+      finetune: partial
+data:
+  params:
+    train:
+      target_len: 1024
+accelerate:
+  max_train_steps: 400000
+  learning_rate: 1.0e-4
+  max_grad_norm: 1.0
+  optimizer:
+    params:
+      betas: ${tuple:0.9, 0.999}
+      eps: 1.0e-8
+  lr_warmup_steps: 0
+"""
+
+
+def test_official_yaml_builds_the_same_model_as_our_config(tmp_path):
+    path = tmp_path / "config_fitv2_hr_xl.yaml"
+    path.write_text(OFFICIAL_HR_YAML)
+    from_yaml = config_from_official_yaml(str(path))
+    ours = load_config("configs/fitv2_hr_xl.py")
+    same = ("hidden_size", "depth", "num_heads", "adaln_lora_dim", "custom_freqs", "decouple",
+            "ori_max_pe_len", "online_rope", "context_size", "use_swiglu", "q_norm")  # fmt: skip
+    assert {k: from_yaml.model[k] for k in same} == {k: ours.model[k] for k in same}
+    assert (from_yaml.train.b1, from_yaml.train.b2, from_yaml.train.total_steps) == (0.9, 0.999,
+                                                                                     400000)  # fmt: skip
+    assert from_yaml.train.trainable == "post_training" and from_yaml.train.reinit_trainable
+    v1 = tmp_path / "v1.yaml"
+    v1.write_text("diffusion:\n  improved_diffusion:\n    diffusion_steps: 1000\n"
+                  "  network_config:\n    params: {hidden_size: 64, depth: 2, num_heads: 4}\n")  # fmt: skip
+    c = config_from_official_yaml(str(v1))
+    assert c.diffusion.kind == "ddpm" and not c.model.clamp_time
+    assert c.model.adaln_type == "normal" and c.model.learn_sigma  # the official class defaults
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("diffusion:\n  network_config:\n    params: {hidden_size: 64, depth: 2, "
+                   "num_heads: 4, hiden: 3}\n")  # fmt: skip
+    with pytest.raises(UserError, match="unknown network_config.params \\['hiden'\\]"):
+        config_from_official_yaml(str(bad))

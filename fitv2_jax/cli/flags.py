@@ -14,23 +14,22 @@ lists its own flags. Old spellings are defined as flags that fail with the new n
 
 from __future__ import annotations
 
-import os
 import sys
 
 import ml_collections
 from absl import flags
 
+from fitv2_jax.config import files
 from fitv2_jax.parallel.mesh import inference_mesh
 from fitv2_jax.sampling.generate import SolverOptions
 from fitv2_jax.sampling.rules import EXTRAPOLATION_RULES
 from fitv2_jax.sampling.sizes import is_latent
-from fitv2_jax.utils.errors import MissingFileError, UserError
-from fitv2_jax.weights.checkpoints import is_run_dir, saved_config
+from fitv2_jax.utils.errors import UserError
 from fitv2_jax.weights.fit import load_fit_params, random_params
 from fitv2_jax.weights.vae import load_vae
 
 FLAGS = flags.FLAGS
-SOLVERS = ("dopri5", "euler", "heun", "sde")
+SOLVERS = ("auto", "dopri5", "euler", "heun", "sde", "ddpm")
 
 
 def _module(name: str) -> str:
@@ -49,6 +48,8 @@ def define_renamed(old: str, new: str, boolean: bool = False) -> None:
 def define_model_flags(module: str) -> None:
     """--checkpoint | --random_init, --params, --vae (the command defines --config)."""
     m = _module(module)
+    flags.DEFINE_string("official_config", None, "an official YAML (configs/fitv2/"
+                        "config_fitv2_xl.yaml) instead of --config", module_name=m)  # fmt: skip
     flags.DEFINE_string("checkpoint", None, "official .safetensors/.bin file or Hugging Face "
                         "folder, a training workdir (latest step) or WORKDIR/checkpoints/STEP",
                         module_name=m)  # fmt: skip
@@ -67,11 +68,15 @@ def define_sampling_flags(module: str, *, sizes: str, num_samples: int, batch_si
     rules = ", ".join(EXTRAPOLATION_RULES)
     flags.DEFINE_string("sizes", sizes, "comma list of HEIGHTxWIDTH in pixels", module_name=m)
     flags.DEFINE_string("rule", "auto", "RoPE extrapolation rule, for all sizes or per size "
-                        "('256x256=none,320x320=vision-ntk'): auto (the paper's choice: plain "
-                        f"RoPE within the training context, VisionNTK + attention scale beyond), "
-                        f"{rules}", module_name=m)  # fmt: skip
+                        "('256x256=none,320x320=vision-ntk'): auto (the paper's text: plain "
+                        "RoPE within the training context, VisionNTK + attention scale beyond), "
+                        "official (the official README's commands: VisionNTK also at "
+                        f"in-distribution grids off the training one), {rules}",
+                        module_name=m)  # fmt: skip
     flags.DEFINE_string("cfg_scale", "1.5", "classifier-free guidance scale (1 = off), for all "
-                        "sizes or per size ('256x256=1.5,512x512=1.65')", module_name=m)  # fmt: skip
+                        "sizes or per size ('256x256=1.5,512x512=1.65'); official: the README's "
+                        "scale for this model (1.65 for FiTv2-XL/2 HR, else 1.5)",
+                        module_name=m)  # fmt: skip
     flags.DEFINE_float("scale_pow", 0.0, "power-cosine CFG schedule (0 = constant)", module_name=m)
     flags.DEFINE_enum("cfg_channels", "official", ["official", "all"], "official: guide the "
                       "first 3 of 4 latent channels (as the official code); all", module_name=m)  # fmt: skip
@@ -80,10 +85,12 @@ def define_sampling_flags(module: str, *, sizes: str, num_samples: int, batch_si
     flags.DEFINE_enum("cfg_state", "official", ["official", "single"], "official: the solver "
                       "state holds [cond; uncond] as the official sampler (changes dopri5's step "
                       "sizes only); single: only the guided samples", module_name=m)  # fmt: skip
-    flags.DEFINE_enum("solver", "dopri5", list(SOLVERS), "ODE/SDE solver", module_name=m)
+    flags.DEFINE_enum("solver", "auto", list(SOLVERS), "auto: the official sampler of the model "
+                      "(dopri5 for FiTv2's rectified flow, ddpm for FiT v1); euler, heun, dopri5, "
+                      "sde (flow models) or ddpm (FiT v1)", module_name=m)  # fmt: skip
     flags.DEFINE_integer("num_steps", 250, "steps of euler/heun (the official "
-                         "--num-sampling-steps K is K-1 here) or grid points of sde; dopri5 is "
-                         "adaptive", module_name=m)  # fmt: skip
+                         "--num-sampling-steps K is K-1 here), grid points of sde, respaced DDPM "
+                         "steps (the official K is K here); dopri5 is adaptive", module_name=m)  # fmt: skip
     flags.DEFINE_float("atol", 1e-6, "dopri5 absolute tolerance", module_name=m)
     flags.DEFINE_float("rtol", 1e-3, "dopri5 relative tolerance", module_name=m)
     flags.DEFINE_integer("seed", 0, "noise and random labels", module_name=m)
@@ -97,7 +104,13 @@ def define_sampling_flags(module: str, *, sizes: str, num_samples: int, batch_si
     define_renamed("no_progress", "noprogress", boolean=True)
 
 
-def solver_options() -> SolverOptions:
+def solver_options(config) -> SolverOptions:
+    """--solver and friends for this config's diffusion (auto: its official sampler)."""
+    ddpm = config.get("diffusion", {}).get("kind", "rectified_flow") == "ddpm"
+    method = FLAGS.solver if FLAGS.solver != "auto" else "ddpm" if ddpm else "dopri5"
+    if (method == "ddpm") != ddpm:
+        kind = "a DDPM (FiT v1): use --solver ddpm" if ddpm else "a rectified flow: not ddpm"
+        raise UserError(f"--solver {method}: this config's model is {kind}")
     interval = None
     if FLAGS.cfg_interval:
         try:
@@ -107,27 +120,20 @@ def solver_options() -> SolverOptions:
         if len(interval) != 2:
             raise UserError(f"--cfg_interval {','.join(FLAGS.cfg_interval)}: give two times A,B")
     return SolverOptions(
-        method=FLAGS.solver, num_steps=FLAGS.num_steps, atol=FLAGS.atol, rtol=FLAGS.rtol,
+        method=method, num_steps=FLAGS.num_steps, atol=FLAGS.atol, rtol=FLAGS.rtol,
+        ddpm_train_steps=int(config.get("diffusion", {}).get("num_train_steps", 1000)),
         cfg_channels=FLAGS.cfg_channels, scale_pow=FLAGS.scale_pow, cfg_interval=interval,
         cfg_state=FLAGS.cfg_state,
     )  # fmt: skip
 
 
 def resolve_config(config: ml_collections.ConfigDict | None) -> ml_collections.ConfigDict:
-    """--config, or the config saved with a --checkpoint that is one of our runs."""
-    if config is not None:
-        return config
-    if FLAGS.checkpoint and not os.path.exists(FLAGS.checkpoint):
-        raise MissingFileError(f"--checkpoint {FLAGS.checkpoint}: not found")
-    saved = (
-        saved_config(FLAGS.checkpoint)
-        if FLAGS.checkpoint and is_run_dir(FLAGS.checkpoint)
-        else None
-    )
-    if saved is not None:
-        return saved
-    raise UserError("--config is required (e.g. --config configs/fitv2_xl.py), unless "
-                    "--checkpoint is a training run, whose saved config is used")  # fmt: skip
+    """--config, --official_config, or the config saved with a --checkpoint of our runs."""
+    official = FLAGS["official_config"].value if "official_config" in FLAGS else None
+    if config is not None and official:
+        raise UserError("give --config or --official_config, not both")
+    checkpoint = FLAGS.checkpoint if "checkpoint" in FLAGS else None
+    return files.resolve_config(config if config is not None else official, checkpoint)
 
 
 def load_model(config) -> tuple[dict, object]:

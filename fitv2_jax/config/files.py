@@ -8,13 +8,16 @@ missing file is the same error. A `:arg` suffix is passed to `get_config(arg)`.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from fitv2_jax.utils.errors import UserError
+from fitv2_jax.config.official import config_from_official_yaml
+from fitv2_jax.utils.errors import MissingFileError, UserError
+from fitv2_jax.weights.checkpoints import is_run_dir, saved_config
 
 
 def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
@@ -52,3 +55,22 @@ def check_loaded(config) -> ml_collections.ConfigDict:
     if not isinstance(config, ml_collections.ConfigDict):
         config.keys()
     return config
+
+
+def resolve_config(config, checkpoint: str | None = None) -> ml_collections.ConfigDict:
+    """A config given as a ConfigDict, a configs/*.py file, an official YAML, or None: the
+    config saved with `checkpoint` when that is one of our runs."""
+    if isinstance(config, ml_collections.ConfigDict):
+        return config
+    if isinstance(config, str):
+        if config.endswith((".yaml", ".yml")):
+            return config_from_official_yaml(config)
+        return load_config(config)
+    if checkpoint and checkpoint != "random" and not os.path.exists(checkpoint):
+        raise MissingFileError(f"--checkpoint {checkpoint}: not found")
+    saved = saved_config(checkpoint) if checkpoint and is_run_dir(checkpoint) else None
+    if saved is None:
+        raise UserError("--config is required (e.g. --config configs/fitv2_xl.py or "
+                        "--official_config config_fitv2_xl.yaml), unless --checkpoint is a "
+                        "training run, whose saved config is used")  # fmt: skip
+    return saved

@@ -32,10 +32,14 @@ EXTRAPOLATION_RULES: dict[str, dict] = {
 __doc__ += "\n".join(f"  {k:<28}{v}" for k, v in EXTRAPOLATION_RULES.items()) + "\n"
 
 
+# Rule names that pick a rule per model and size: the paper's text, or the official README.
+CHOOSERS = ("auto", "official")
+
+
 def check_rule(rule: str, allow_auto: bool = True) -> str:
-    if rule in EXTRAPOLATION_RULES or (allow_auto and rule == "auto"):
+    if rule in EXTRAPOLATION_RULES or (allow_auto and rule in CHOOSERS):
         return rule
-    names = (["auto"] if allow_auto else []) + list(EXTRAPOLATION_RULES)
+    names = (list(CHOOSERS) if allow_auto else []) + list(EXTRAPOLATION_RULES)
     raise UserError(f"unknown RoPE extrapolation rule {rule!r}; choose one of {', '.join(names)}")
 
 
@@ -57,10 +61,29 @@ def rule_of_config(model_cfg) -> str | None:
     raise UserError(f"config.model.custom_freqs={freqs!r} matches no extrapolation rule")
 
 
+def official_rule(model_cfg, h: int, w: int) -> str:
+    """The official README's commands (sample_fitv2_ddp.py, static RoPE, ori_max_pe_len 16):
+    no interpolation on the training grid (256x256), `dynntk --decouple` (VisionNTK) for other
+    grids within the context (160x320), `ntkpro2 --decouple` (VisionNTK + attention scale)
+    beyond it (320x320); the high-resolution models `dynntk --decouple` at every size."""
+    trained = rule_of_config(model_cfg)
+    if trained is not None:
+        return trained
+    side = int(
+        model_cfg.get("ori_max_pe_len") or math.isqrt(int(model_cfg.get("context_size", 256)))
+    )
+    if h <= side and w <= side:
+        return "none"
+    return "vision-ntk" if in_distribution(model_cfg, h, w) else "vision-ntk+attn-scale"
+
+
 def resolve_rule(rule: str | None, model_cfg, h: int, w: int) -> str:
-    """'auto' (or None) -> the paper's choice: a model trained with a RoPE rule (high-resolution
+    """'auto' (or None) -> the paper's text: a model trained with a RoPE rule (high-resolution
     post-training) keeps it at every size; otherwise 'none' in distribution and
-    'vision-ntk+attn-scale' beyond the training context."""
+    'vision-ntk+attn-scale' beyond the training context. 'official' -> `official_rule`, which
+    differs from the paper's text at in-distribution grids off 16x16 (160x320: VisionNTK)."""
+    if rule == "official":
+        return official_rule(model_cfg, h, w)
     if rule not in (None, "auto"):
         return check_rule(rule, allow_auto=False)
     trained = rule_of_config(model_cfg)

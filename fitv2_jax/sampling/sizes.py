@@ -137,11 +137,15 @@ def size_multiple(config, vae=None) -> int:
 
 def plan_sizes(config, sizes, rule="auto", cfg_scale=1.5, vae=None) -> list[SizePlan]:
     """The per-size plan: rule and cfg_scale are one value or per size (see parse_per_size);
-    'auto' resolves to the paper's rule for each size."""
+    rule 'auto' resolves to the paper's rule for each size, 'official' to the official
+    README's; cfg_scale 'official' is the README's scale for this model
+    (config.sampling.official_cfg_scale)."""
     sizes = parse_sizes(sizes)
     multiple = size_multiple(config, vae)
     rules = parse_per_size(rule, sizes, lambda r: check_rule(str(r)), "--rule")
-    cfgs = parse_per_size(cfg_scale, sizes, float, "--cfg_scale")
+    official = float(config.get("sampling", {}).get("official_cfg_scale", 1.5))
+    cfgs = parse_per_size(cfg_scale, sizes, lambda v: official if v == "official" else float(v),
+                          "--cfg_scale")  # fmt: skip
     plans = []
     for size in sizes:
         if cfgs[size] is None or rules[size] is None:
