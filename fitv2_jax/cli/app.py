@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from fitv2_jax.config.files import CONFIG_ERRORS, check_loaded, config_error_message
 from fitv2_jax.utils.errors import UserError
@@ -18,8 +18,6 @@ from fitv2_jax.utils.errors import UserError
 flags.DEFINE_bool("traceback", False, "show the Python traceback of input errors too",
                   module_name="fitv2_jax.cli.app")  # fmt: skip
 FLAGS = flags.FLAGS
-# Warnings and errors only (the commands print their own progress); --verbosity=0 shows INFO.
-FLAGS.set_default("verbosity", -1)
 
 
 def one_line(error: BaseException) -> str:
@@ -44,6 +42,10 @@ def run(main: Callable[[list[str]], None]) -> None:
     """app.run(main); main returns None (absl would use a return value as the exit status)."""
 
     def wrapped(argv):
+        if not FLAGS["verbosity"].present:
+            # warnings and errors only (the commands print their own progress): libraries
+            # such as Orbax log every save at INFO; --verbosity=0 shows them
+            logging.set_verbosity(logging.WARNING)
         try:
             main(argv)
         except UserError as e:
