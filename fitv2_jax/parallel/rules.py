@@ -36,6 +36,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("qkv", None),
     ("kv", None),
     ("vocab", None),
+    ("vocab_embed", None),
     ("patch_in", None),
     ("patch_out", None),
     ("freq", None),
