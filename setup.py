@@ -8,7 +8,9 @@ each), not guesses at older ones. Extras:
          extra would install for an 87 MB weights file
   demo   the offline demo: scikit-image's bundled photos, matplotlib for the report
   tfds   `--source tfds` (tensorflow-datasets)
-  test   pytest, ruff and the reference implementations the tests compare against (torch CPU,
+  tpu    jax[tpu] (libtpu): training on TPU VMs, and on any host `train --dry_run --topology`
+         and `bench --suite tpu`, which compile for TPU slices with the real TPU compiler
+  test   the tpu extra (the suite compiles a splash train step for a TPU topology), pytest, ruff and the reference implementations the tests compare against (torch CPU,
          diffusers, diffrax, einops); launch/test.sh pins torch to the CPU wheel first
 """
 
@@ -16,6 +18,7 @@ from setuptools import find_packages, setup
 
 EVAL = ["matplotlib>=3.8"]
 DEMO = ["scikit-image>=0.22", *EVAL]
+TPU = ["jax[tpu]>=0.10.1"]
 
 setup(
     name="fitv2_jax",
@@ -49,8 +52,10 @@ setup(
         "eval": EVAL,
         "demo": DEMO,
         "tfds": ["tensorflow-datasets>=4.9.7"],
+        "tpu": TPU,
         "test": [
             *DEMO,
+            *TPU,
             "pytest>=8.0",
             "pytest-xdist>=3.5",
             "hypothesis>=6.100",

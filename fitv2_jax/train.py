@@ -3,7 +3,10 @@ r"""Train FiT/FiTv2: `python -m fitv2_jax.train --config configs/X.py --workdir 
   # resume is automatic: rerunning the same command continues from DIR's latest checkpoint
   python -m fitv2_jax.train --config configs/fitv2_xl.py --workdir /gcs/bucket/xl \
       --config.data.path=/data/in1k_latents_256 --config.data.global_batch_size=256
-  # compile the real step ahead of time on N fake devices and report memory and collectives
+  # compile the real step for a TPU pod with the TPU compiler (needs the [tpu] extra):
+  # per-chip memory, collectives, the compiler's step-time estimate and MFU
+  python -m fitv2_jax.train --config configs/fitv2_xl.py --dry_run --topology v5p-64
+  # the same on N fake CPU devices (CPU compiler, no estimate)
   python -m fitv2_jax.train --config configs/fitv2_3b.py --dry_run --num_devices 64
 
 WORKDIR must be a path every host sees (a gcsfuse mount of a bucket, or NFS), not a gs:// URL.
@@ -28,9 +31,13 @@ config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/fitv2
                                 lock_config=False)  # fmt: skip
 flags.DEFINE_string("workdir", None, "run directory: checkpoints, metrics.jsonl, tensorboard/, "
                     "samples/")  # fmt: skip
-flags.DEFINE_bool("dry_run", False, "AOT-compile one train step on --num_devices fake CPU "
-                  "devices and report memory")  # fmt: skip
-flags.DEFINE_integer("num_devices", 8, "fake devices for --dry_run")
+flags.DEFINE_bool("dry_run", False, "AOT-compile one train step for --topology (TPU compiler) "
+                  "or on --num_devices fake CPU devices, and report memory")  # fmt: skip
+flags.DEFINE_string("topology", None, "--dry_run for a TPU slice: v5p-64, v5e-256, v6e-64, "
+                    "v4-32 or kind:grid (v5p:4x4x2); multi-slice per config.mesh.dcn")  # fmt: skip
+flags.DEFINE_bool("estimate", True, "--dry_run --topology: also compile the two programs of the "
+                  "compiler's step-time estimate")  # fmt: skip
+flags.DEFINE_integer("num_devices", 8, "fake CPU devices for --dry_run without --topology")
 flags.DEFINE_integer("dry_run_batch", None, "global batch for --dry_run (default: "
                      "config.data.global_batch_size)")  # fmt: skip
 flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"], "call jax.distributed.initialize()")
@@ -52,7 +59,7 @@ def main(argv):
     if FLAGS.dry_run:
         jax.config.update("jax_platforms", "cpu")  # before any device is touched
         jax.config.update("jax_num_cpu_devices", FLAGS.num_devices)
-        dry_run(FLAGS.config, FLAGS.dry_run_batch)
+        dry_run(FLAGS.config, FLAGS.dry_run_batch, FLAGS.topology, FLAGS.estimate)
         return
     if not FLAGS.workdir:
         raise UserError("--workdir is required: the run directory for checkpoints and metrics")

@@ -23,7 +23,7 @@ if [ "${SETUP:-0}" = 1 ]; then
   "${GCLOUD[@]}" ssh "$TPU_NAME" --zone "$ZONE" --worker=all "${PROJECT_FLAG[@]}" --command "
     mkdir -p $REMOTE_DIR && tar xzf /tmp/fitv2-jax.tgz -C $REMOTE_DIR && cd $REMOTE_DIR &&
     python3 -m venv .venv && .venv/bin/pip install -q -U pip &&
-    .venv/bin/pip install -q -e '.[eval]' 'jax[tpu]'"
+    .venv/bin/pip install -q -e '.[eval,tpu]'"
   echo "installed on every worker of $TPU_NAME in ~/$REMOTE_DIR"
   exit 0
 fi

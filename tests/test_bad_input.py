@@ -72,6 +72,8 @@ CASES = [
     ("train", [*TRAIN, "--config.data.global_batch_size=3", "--workdir", "{o}"],
      "positive multiple"),
     ("train", [*TRAIN, "--config.mesh.ici=(3,-1,1)", "--workdir", "{o}"], "mesh.ici"),
+    ("train", [*TRAIN, "--dry_run", "--topology", "v7-8"], "--topology='v7-8': expected a pod"),
+    ("train", [*TRAIN, "--dry_run", "--topology", "v5p-63"], "--topology=v5p-63: v5p pod names"),
     ("train", [*TRAIN, "--config.train.trainable=some", "--workdir", "{o}"], "trainable='some'"),
     ("train", [*TRAIN, "--workdir", "{o}", "now"], "unexpected arguments"),
     # sample

@@ -1,26 +1,34 @@
-"""Compile the real train step ahead of time on fake devices: memory per device and collectives.
+"""Compile the real train step ahead of time: per-device memory, collectives, and on a TPU
+topology the compiler's step-time estimate and the MFU it implies.
 
-    python -m fitv2_jax.train --config configs/fitv2_3b.py --dry_run --num_devices 64
+    python -m fitv2_jax.train --config configs/fitv2_xl.py --dry_run --topology v5p-64
+    python -m fitv2_jax.train --config configs/fitv2_3b.py --dry_run --num_devices 64   # CPU
 
-The step is the train loop's own (`training.setup.build_setup`). Nothing is allocated: the state and batch are abstract (ShapeDtypeStruct with shardings), the step
-is lowered and compiled for the mesh in config.mesh over N fake CPU devices, and the report gives
-per-device bytes of parameters, EMA and optimizer state (from the shardings), the compiled step's
-memory analysis (arguments, outputs, temporaries, peak estimate) and the collectives in its HLO.
-CPU compilation approximates a TPU's memory plan (same SPMD partitioning, different fusion), so
-treat the peak as an estimate; the state bytes are exact.
+The step is the train loop's own (`training.setup.build_setup`). Nothing is allocated: state and
+batch are abstract (ShapeDtypeStruct with shardings), the step is lowered for config.mesh over
+the devices and compiled. With --topology the devices are compile-only TPU devices from libtpu
+(`parallel.topology`; multi-slice when config.mesh.dcn asks for slices) and the compiler is the
+TPU one, so the memory plan is the TPU's; without it they are fake CPU devices and the memory is
+the CPU compiler's approximation. State bytes are exact either way (from the shardings).
+The TPU estimate (`parallel.cost`) is the compiler's cost model, not a measurement.
 """
 
 from __future__ import annotations
 
+import copy
 import math
-import re
-from collections import Counter
+import time
 
 import jax
 
+from fitv2_jax.models.summary import summarize, train_step_flops
+from fitv2_jax.parallel.cost import ESTIMATE_OPTIONS, scanned_cost
+from fitv2_jax.parallel.hlo import collectives
+from fitv2_jax.parallel.mesh import create_mesh
+from fitv2_jax.parallel.topology import per_device, topology_devices
 from fitv2_jax.training.setup import build_setup
 
-COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+GIB = 2.0**30
 
 
 def _per_device_bytes(tree, shardings) -> int:
@@ -34,59 +42,103 @@ def _total_bytes(tree) -> int:
     return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def count_collectives(hlo_text: str) -> dict[str, int]:
-    counts = Counter()
-    for name in COLLECTIVES:
-        # ops appear as e.g. "all-gather(" or "all-gather-start(" in optimized HLO
-        counts[name] = len(re.findall(rf"\b{name}(?:-start)?\(", hlo_text))
-    return dict(counts)
-
-
-def dry_run(config, global_batch: int | None = None) -> dict:
-    """Compiles the train step of `build_setup(config)` for the current devices; see above."""
-    setup = build_setup(config, global_batch)
+def _compile(config, global_batch, mesh, options=None):
+    setup = build_setup(config, global_batch, mesh=mesh)
     n = int(config.model.context_size)
-    print(f"dry run: {jax.device_count()} fake devices, mesh {dict(setup.mesh.shape)}, "
-          f"global batch {setup.global_batch} x {n} tokens")  # fmt: skip
     with setup.context():
-        compiled = setup.step.lower(
-            setup.abstract_state_sharded(), setup.abstract_batch(n)
-        ).compile()
+        lowered = setup.step.lower(setup.abstract_state_sharded(), setup.abstract_batch(n))
+        return setup, lowered.compile(compiler_options=options)
+
+
+def dry_run(config, global_batch: int | None = None, topology: str | None = None,
+            estimate: bool = True, verbose: bool = True) -> dict:  # fmt: skip
+    """Compiles the train step for `topology` (e.g. "v5p-64") or the current devices; returns
+    the report (see module doc) and prints it unless verbose=False."""
+    chip = None
+    if topology:
+        devices, chip, chips = topology_devices(topology, math.prod(config.mesh.dcn))
+        mesh = create_mesh(config.mesh.ici, config.mesh.dcn, devices=devices)
+    else:
+        mesh = create_mesh(config.mesh.ici, config.mesh.dcn)
+    start = time.perf_counter()
+    setup, compiled = _compile(config, global_batch, mesh)
+    n = int(config.model.context_size)
     report = _memory_report(setup, compiled)
-    _print_report(report)
+    report.update(mode=f"TPU {topology}" if chip else "CPU fake devices",
+                  mesh=dict(setup.mesh.shape), global_batch=setup.global_batch, tokens=n,
+                  compile_seconds=round(time.perf_counter() - start, 1))  # fmt: skip
+    model_flops = train_step_flops(config.model, setup.global_batch, n) / report["devices"]
+    report["model_flops_per_device"] = model_flops
+    if chip:
+        hbm, peak = per_device(chip, report["devices"], chips)
+        report.update(chip=chip.name, chips=chips, hbm_bytes_per_device=hbm,
+                      bf16_flops_per_device=peak, fits=report["peak_bytes"] <= hbm)  # fmt: skip
+        if estimate:
+            counted = model_flops  # what the compiler's FLOPs should add up to
+            if config.model.attention_backend == "splash":  # a kernel the FLOP count skips
+                maps = summarize(config.model, tokens=n)["attention_map_gmacs"]
+                counted -= 6.0 * maps * 1e9 * setup.global_batch / report["devices"]
+            report.update(_estimate(config, setup.global_batch, mesh, model_flops, peak))
+            report["estimate_flops_ratio"] = report["estimate_flops_per_device"] / counted
+    if verbose:
+        print_report(report)
     return report
+
+
+def _estimate(config, global_batch, mesh, model_flops, peak_flops) -> dict:
+    def compile_with(unroll):
+        c = copy.deepcopy(config)
+        c.model.scan_unroll = unroll
+        return _compile(c, global_batch, mesh, ESTIMATE_OPTIONS)[1]
+
+    est = scanned_cost(compile_with, int(config.model.depth))
+    return dict(estimate_flops_per_device=est.flops, estimate_step_seconds=est.seconds,
+                estimate_mfu=model_flops / (est.seconds * peak_flops))  # fmt: skip
 
 
 def _memory_report(setup, compiled) -> dict:
     mem = compiled.memory_analysis()
     state, sh = setup.abstract_state, setup.shardings
+    get = lambda name: int(getattr(mem, name, 0) or 0)
     report = {
-        "devices": jax.device_count(),
+        "devices": setup.mesh.devices.size,
         "params_total_bytes": _total_bytes(state.params),
         "params_bytes_per_device": _per_device_bytes(state.params, sh.params),
         "ema_bytes_per_device": _per_device_bytes(state.ema_params, sh.ema_params),
         "opt_bytes_per_device": _per_device_bytes(state.opt_state, sh.opt_state),
         "opt_total_bytes": _total_bytes(state.opt_state),
-        "argument_bytes": int(getattr(mem, "argument_size_in_bytes", 0)),
-        "output_bytes": int(getattr(mem, "output_size_in_bytes", 0)),
-        "temp_bytes": int(getattr(mem, "temp_size_in_bytes", 0)),
-        "alias_bytes": int(getattr(mem, "alias_size_in_bytes", 0)),
-        "collectives": count_collectives(compiled.as_text()),
+        "argument_bytes": get("argument_size_in_bytes"),
+        "output_bytes": get("output_size_in_bytes"),
+        "temp_bytes": get("temp_size_in_bytes"),
+        "alias_bytes": get("alias_size_in_bytes"),
+        "collectives": collectives(compiled.as_text()),
     }
-    report["peak_bytes_estimate"] = (report["argument_bytes"] + report["output_bytes"]
-                                     + report["temp_bytes"] - report["alias_bytes"])  # fmt: skip
+    report["peak_bytes"] = (report["argument_bytes"] + report["output_bytes"]
+                            + report["temp_bytes"] - report["alias_bytes"])  # fmt: skip
     return report
 
 
-def _print_report(r: dict) -> None:
-    gib = 2.0**30
-    print(f"parameters: {r['params_total_bytes'] / gib:.2f} GiB total, "
-          f"{r['params_bytes_per_device'] / gib:.3f} GiB per device "
-          f"(1/{r['params_total_bytes'] / max(r['params_bytes_per_device'], 1):.1f})")  # fmt: skip
-    print(f"EMA params: {r['ema_bytes_per_device'] / gib:.3f} GiB per device")
-    print(f"optimizer state: {r['opt_total_bytes'] / gib:.2f} GiB total, "
-          f"{r['opt_bytes_per_device'] / gib:.3f} GiB per device")  # fmt: skip
-    print(f"compiled step per device: arguments {r['argument_bytes'] / gib:.3f} GiB, outputs "
-          f"{r['output_bytes'] / gib:.3f} GiB (aliased {r['alias_bytes'] / gib:.3f}), temporaries "
-          f"{r['temp_bytes'] / gib:.3f} GiB -> peak about {r['peak_bytes_estimate'] / gib:.2f} GiB")  # fmt: skip
-    print("collectives in the HLO: " + ", ".join(f"{k} {v}" for k, v in r["collectives"].items()))
+def print_report(r: dict) -> None:
+    print(f"dry run ({r['mode']}): {r['devices']} devices, mesh {r['mesh']}, global batch "
+          f"{r['global_batch']} x {r['tokens']} tokens, compiled in {r['compile_seconds']} s")  # fmt: skip
+    print(f"parameters: {r['params_total_bytes'] / GIB:.2f} GiB total, "
+          f"{r['params_bytes_per_device'] / GIB:.3f} GiB per device; EMA "
+          f"{r['ema_bytes_per_device'] / GIB:.3f} GiB; optimizer state "
+          f"{r['opt_bytes_per_device'] / GIB:.3f} GiB per device (exact, from the shardings)")  # fmt: skip
+    print(f"compiled step per device: arguments {r['argument_bytes'] / GIB:.3f} GiB, outputs "
+          f"{r['output_bytes'] / GIB:.3f} GiB (aliased {r['alias_bytes'] / GIB:.3f}), temporaries "
+          f"{r['temp_bytes'] / GIB:.3f} GiB -> peak {r['peak_bytes'] / GIB:.2f} GiB")  # fmt: skip
+    if "fits" in r:
+        print(f"HBM: {r['hbm_bytes_per_device'] / GIB:.1f} GiB per device ({r['chip']}, as "
+              f"documented by Cloud TPU) -> {'fits' if r['fits'] else 'DOES NOT FIT'}")  # fmt: skip
+    else:
+        print("(CPU compiler: the peak approximates a TPU's; use --topology for the TPU plan)")
+    coll = ", ".join(f"{k} {v['count']} ({v['bytes'] / GIB:.2f} GiB)"
+                     for k, v in r["collectives"].items() if v["count"])  # fmt: skip
+    print(f"collectives per step (per-device bytes): {coll or 'none'}")
+    if "estimate_step_seconds" in r:
+        print(f"compiler estimate (not a measurement): {r['estimate_step_seconds'] * 1e3:.1f} ms "
+              f"per step, MFU {100 * r['estimate_mfu']:.1f}% of {r['bf16_flops_per_device'] / 1e12:.1f} "
+              f"bf16 TFLOP/s per device; its FLOPs are {r['estimate_flops_ratio']:.3f}x the "
+              f"model's {r['model_flops_per_device']:.3e} per device (splash: without the "
+              "attention maps, which its kernel hides from the count; its time is included)")  # fmt: skip
