@@ -8,6 +8,8 @@ multiplied by (segment != 0) before the output projection, so padded tokens carr
 Backends (`attention_backend`):
   "xla"    jax.nn.dot_product_attention (XLA everywhere; cuDNN picks it up on GPU in bf16)
   "einsum" explicit einsum + float32 softmax (a reference, and the most portable)
+  "splash" Pallas TPU splash attention with segment ids, per shard (`models.splash`); Pallas
+           interpret mode off TPU
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ import jax.numpy as jnp
 
 from fitv2_jax.models.layers import DenseND, Norm
 from fitv2_jax.models.rope import apply_rope
+from fitv2_jax.models.splash import splash_attend
 
-BACKENDS = ("xla", "einsum")
+BACKENDS = ("xla", "einsum", "splash")
 
 
 def _qk_norm_kind(kind: str | None, weight: bool) -> str:
@@ -33,6 +36,8 @@ def _qk_norm_kind(kind: str | None, weight: bool) -> str:
 
 def attend(q, k, v, segment_ids, backend: str = "xla"):
     """q, k, v: (B, N, H, Dh); segment_ids: (B, N) int. Returns (B, N, H, Dh)."""
+    if backend == "splash":
+        return splash_attend(q, k, v, segment_ids)
     mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]  # (B, 1, N, N)
     if backend == "xla":
         return jax.nn.dot_product_attention(q, k, v, mask=mask)

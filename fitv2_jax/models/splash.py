@@ -1,0 +1,84 @@
+"""Splash attention (Pallas TPU flash attention with segment ids) for FiT's masked attention.
+
+    out = splash_attend(q, k, v, segment_ids)   # (B, N, H, Dh) x3, (B, N) -> (B, N, H, Dh)
+
+The official mask is "query i sees key j iff segment[i] == segment[j]" (0 = padding), which is
+exactly splash's segment-id mask over a full (non-causal) mask, so padded and packed rows need
+no mask array. Under a mesh (`jax.set_mesh`) the kernel runs per shard with `shard_map`: batch
+over ("data", "fsdp"), heads over "tensor"; each shard's kernel sees only its own heads and rows.
+Rows are padded to a multiple of the block size with segment id -1 (pads see only pads; their
+outputs are cut off). On CPU, or any mesh that is not TPU, the kernel runs in Pallas interpret
+mode (slow; for tests). Softmax scale 1/sqrt(Dh) is applied to q before the kernel.
+
+Block sizes (query, key and both backward kernels alike; fused backward kernel): the padded
+length when it is at most 512 (one block per row at 256 tokens), else 512 (1024 tokens: 2 x 2
+blocks), chosen from the compiler's estimate on v5p (`python -m fitv2_jax.bench --suite tpu`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+from jax.sharding import PartitionSpec as P
+
+BLOCK_MULTIPLE = 128  # splash tiles rows in multiples of 128
+MAX_BLOCK = 512
+PAD_SEGMENT = -1
+
+
+def block_size(length: int) -> int:
+    """Block size for a padded row length (a multiple of BLOCK_MULTIPLE)."""
+    return length if length <= MAX_BLOCK else MAX_BLOCK
+
+
+def padded_length(n: int) -> int:
+    multiple = BLOCK_MULTIPLE if n <= MAX_BLOCK else MAX_BLOCK
+    return -(-n // multiple) * multiple
+
+
+def _kernel(heads: int, length: int, interpret: bool):
+    b = block_size(length)
+    sizes = splash.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b,
+                              block_kv_dkv=b, block_kv_dkv_compute=b,
+                              use_fused_bwd_kernel=True)  # fmt: skip
+    mask = masks.MultiHeadMask([masks.FullMask((length, length)) for _ in range(heads)])
+    # built per trace, not cached: its mask tables become constants of the trace that made them
+    return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                  interpret=interpret)  # fmt: skip
+
+
+def _local_attend(q, k, v, segment_ids, interpret: bool):
+    """One shard: q, k, v (b, N, h, Dh), segment_ids (b, N) -> (b, N, h, Dh)."""
+    n, heads, dh = q.shape[1], q.shape[2], q.shape[3]
+    length = padded_length(n)
+    pad = length - n
+    q = q * jnp.asarray(dh**-0.5, q.dtype)
+    to_heads_first = lambda x: jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3)  # fmt: skip
+    q, k, v = to_heads_first(q), to_heads_first(k), to_heads_first(v)
+    seg = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, pad)), constant_values=PAD_SEGMENT)
+    kernel = _kernel(heads, length, interpret)
+    one = lambda q, k, v, s: kernel(q, k, v, segment_ids=splash.SegmentIds(q=s, kv=s))
+    out = jax.vmap(one)(q, k, v, seg)  # (b, h, L, Dh)
+    return out.transpose(0, 2, 1, 3)[:, :n]
+
+
+def splash_attend(q, k, v, segment_ids):
+    """q, k, v: (B, N, H, Dh); segment_ids: (B, N) int. Returns (B, N, H, Dh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    platform = getattr(mesh, "platform", None) if not mesh.empty else None
+    interpret = (platform or jax.default_backend()) != "tpu"
+    if mesh.empty or not {"data", "fsdp", "tensor"} <= set(mesh.axis_names):
+        return _local_attend(q, k, v, segment_ids, interpret)
+    spec = P(("data", "fsdp"), None, "tensor", None)
+    attend = jax.shard_map(
+        functools.partial(_local_attend, interpret=interpret),
+        mesh=mesh,
+        in_specs=(spec, spec, spec, P(("data", "fsdp"), None)),
+        out_specs=spec,
+        check_vma=False,
+    )
+    return attend(q, k, v, segment_ids)

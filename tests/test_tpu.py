@@ -1,0 +1,131 @@
+"""TPU without a TPU: splash attention against XLA attention (Pallas interpret mode on CPU), the
+topology names, the HLO collective counter, and a real TPU-compiler dry run (libtpu is part of
+the test extras)."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fitv2_jax.config.files import load_config
+from fitv2_jax.models.attention import attend
+from fitv2_jax.models.splash import block_size, padded_length
+from fitv2_jax.parallel.hlo import collectives, while_trip_counts
+from fitv2_jax.parallel.mesh import create_mesh
+from fitv2_jax.parallel.topology import parse_topology, per_device
+from fitv2_jax.training.dry_run import dry_run
+from fitv2_jax.utils.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _qkv_and_segments(dtype, n=40, heads=4, dh=72):
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((4, n, heads, dh)), dtype) for _ in range(3))
+    seg = np.zeros((4, n), np.int32)
+    seg[0, :30] = 1  # ragged: 30 real tokens, 10 padding
+    seg[1, :] = 1  # full row
+    seg[2, :10], seg[2, 10:25], seg[2, 25:33] = 1, 2, 3  # three packed images + padding
+    seg[3, :1] = 1  # one real token
+    return q, k, v, jnp.asarray(seg)
+
+
+def _relative_errors(dtype):
+    q, k, v, seg = _qkv_and_segments(dtype)
+    real = (seg != 0)[:, :, None, None]
+
+    def loss(backend):
+        return lambda q, k, v: jnp.sum(
+            jnp.sin(attend(q, k, v, seg, backend).astype(jnp.float32)) * real
+        )
+
+    rel = lambda a, b: float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))
+                             / jnp.max(jnp.abs(b.astype(jnp.float32))))  # fmt: skip
+    out = rel(attend(q, k, v, seg, "splash") * real, attend(q, k, v, seg, "xla") * real)
+    g_splash = jax.grad(loss("splash"), argnums=(0, 1, 2))(q, k, v)
+    g_xla = jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)
+    return out, [rel(a, b) for a, b in zip(g_splash, g_xla, strict=True)]
+
+
+def test_splash_equals_xla_attention_in_float32_with_ragged_and_packed_rows():
+    out, grads = _relative_errors(jnp.float32)
+    assert out < 1e-5
+    assert max(grads) < 1e-5, grads
+
+
+def test_splash_equals_xla_attention_in_bfloat16_within_its_rounding():
+    # both round q, k, v, probabilities and outputs to bf16 (8 bits of mantissa) in different
+    # orders; 2^-6 of the largest value bounds the difference seen (measured ~4e-3)
+    out, grads = _relative_errors(jnp.bfloat16)
+    assert out < 1.6e-2
+    assert max(grads) < 1.6e-2, grads
+
+
+def test_splash_under_shard_map_equals_one_device():
+    q, k, v, seg = _qkv_and_segments(jnp.float32)
+    single = attend(q, k, v, seg, "splash")
+    with jax.set_mesh(create_mesh((2, 2, 2))):  # batch over data x fsdp, heads over tensor
+        sharded = jax.jit(lambda q, k, v: attend(q, k, v, seg, "splash"))(q, k, v)
+    np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), rtol=0, atol=1e-6)
+
+
+def test_splash_blocks_for_256_and_1024_tokens():
+    assert (padded_length(256), block_size(256)) == (256, 256)
+    assert (padded_length(1024), block_size(1024)) == (1024, 512)
+    assert (padded_length(40), block_size(padded_length(40))) == (128, 128)
+
+
+@pytest.mark.parametrize(
+    "name, grid, chips",
+    [("v5p-64", "v5p:4x4x2", 32), ("v5e-256", "v5e:16x16", 256), ("v6e-64", "v6e:8x8", 64),
+     ("v4-32", "v4:4x2x2", 16), ("v5p-8", "v5p:2x2x1", 4), ("v5p:4x4x4", "v5p:4x4x4", 64)],
+)  # fmt: skip
+def test_pod_names_give_the_chip_grid(name, grid, chips):
+    chip, libtpu_name, n = parse_topology(name)
+    assert (libtpu_name, n) == (grid, chips)
+    hbm, peak = per_device(chip, n, n)
+    assert hbm == chip.hbm_gib * 2**30 and peak == chip.bf16_tflops * 1e12
+
+
+@pytest.mark.parametrize("name", ["v5p-63", "v7-8", "v5e:4x4x4", "v5e-24"])
+def test_bad_topology_names_are_refused_with_the_flag(name):
+    with pytest.raises(UserError, match="--topology"):
+        parse_topology(name)
+
+
+def test_collectives_in_a_loop_count_every_iteration():
+    mesh = create_mesh((-1, 1, 1))
+
+    def body(x, w):
+        y = jax.lax.with_sharding_constraint(x @ w, jax.NamedSharding(mesh, jax.P("data")))
+        return y, jnp.sum(y)  # a sum over the sharded batch: one all-reduce per iteration
+
+    f = jax.jit(lambda x, ws: jax.lax.scan(body, x, ws))
+    x = jax.ShapeDtypeStruct((64, 32), jnp.float32, sharding=jax.NamedSharding(mesh, jax.P("data")))
+    ws = jax.ShapeDtypeStruct((5, 32, 32), jnp.float32)
+    text = f.lower(x, ws).compile().as_text()
+    assert 5 in while_trip_counts(text)
+    table = collectives(text)
+    assert table["all-reduce"]["count"] == 5  # 5 iterations x 1
+    assert table["all-reduce"]["bytes"] == 5 * 4  # a float32 scalar each time
+
+
+def test_dry_run_compiles_a_splash_train_step_for_a_tpu_topology(capsys):
+    config = load_config(os.path.join(ROOT, "configs", "tiny.py"))
+    config.model.hidden_size = 256  # wide enough that matmuls dominate the compiler's FLOPs
+    config.model.adaln_lora_dim = 64
+    config.model.attention_backend = "splash"
+    config.model.dtype = "bfloat16"
+    config.model.context_size = 256
+    report = dry_run(config, global_batch=8, topology="v5e:2x2")
+    out = capsys.readouterr().out
+    assert report["mode"] == "TPU v5e:2x2" and report["devices"] == 4 and report["chip"] == "v5e"
+    assert report["fits"] and report["peak_bytes"] < report["hbm_bytes_per_device"]
+    assert report["collectives"]["all-gather"]["count"] > 0  # FSDP over 4 chips
+    # the corrected cost analysis counts every block: its FLOPs match the model's own count
+    # (less the attention maps: the compiler times the splash kernel but does not count its FLOPs)
+    assert 0.9 < report["estimate_flops_ratio"] < 1.15, report["estimate_flops_ratio"]
+    assert 0 < report["estimate_mfu"] < 1
+    assert "compiler estimate (not a measurement)" in out and "fits" in out
