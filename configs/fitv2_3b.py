@@ -14,5 +14,6 @@ from fitv2_jax.config.defaults import base_config, fitv2_model
 def get_config():
     config = base_config()
     config.model = fitv2_model(hidden_size=2304, depth=40, num_heads=24)
+    config.model.dtype = "bfloat16"  # the paper's bf16 mixed precision (fp32 master weights)
     config.train.total_steps = 1_000_000
     return config

@@ -12,5 +12,6 @@ from fitv2_jax.config.defaults import base_config, fitv2_model
 def get_config():
     config = base_config()
     config.model = fitv2_model(hidden_size=768, depth=15, num_heads=12)
+    config.model.dtype = "bfloat16"  # the paper's bf16 mixed precision (fp32 master weights)
     config.train.total_steps = 400_000  # the paper's ablation length
     return config

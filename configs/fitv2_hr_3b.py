@@ -14,4 +14,5 @@ from fitv2_jax.config.defaults import base_config, fitv2_model, post_training
 def get_config():
     config = base_config()
     config.model = fitv2_model(hidden_size=2304, depth=40, num_heads=24)
+    config.model.dtype = "bfloat16"  # the paper's bf16 mixed precision (fp32 master weights)
     return post_training(config, total_steps=200_000)

@@ -15,5 +15,6 @@ from fitv2_jax.config.defaults import base_config, fitv2_model, post_training
 def get_config():
     config = base_config()
     config.model = fitv2_model(hidden_size=1152, depth=36, num_heads=16)
+    config.model.dtype = "bfloat16"  # the paper's bf16 mixed precision (fp32 master weights)
     config.sampling.official_cfg_scale = 1.65  # the official README's 512x512 and 320x640 runs
     return post_training(config, total_steps=400_000)

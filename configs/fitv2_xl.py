@@ -14,4 +14,5 @@ from fitv2_jax.config.defaults import base_config, fitv2_model
 def get_config():
     config = base_config()
     config.model = fitv2_model(hidden_size=1152, depth=36, num_heads=16)
+    config.model.dtype = "bfloat16"  # the paper's bf16 mixed precision (fp32 master weights)
     return config
