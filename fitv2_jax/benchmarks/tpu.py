@@ -1,0 +1,104 @@
+r"""The TPU table: every config x topology x remat x attention compiled by the real TPU compiler
+(libtpu, no TPU needed): per-chip peak HBM, whether it fits, the compiler's step-time estimate and
+the MFU it implies. Writes OUT.json (one row per compile, resumable: rows already there are kept)
+and OUT.md (the README's table).
+
+    python -m fitv2_jax.bench --suite tpu --out docs/tpu_table
+    python -m fitv2_jax.bench --suite tpu --configs configs/fitv2_xl.py --topologies v5p-64 \
+        --remat none,full --attention xla,splash --out /tmp/xl
+
+Each row is `train --dry_run --topology T` (`training.dry_run`) with the config's model at its
+context size (256 tokens; 1024 for the HR post-training) and the given global batch. Estimates
+are the compiler's cost model, not measurements; see fitv2_jax/parallel/cost.py for how the
+scanned blocks are counted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import traceback
+
+from absl import flags
+
+from fitv2_jax.config.files import load_config
+from fitv2_jax.training.dry_run import dry_run
+
+FLAGS = flags.FLAGS
+CONFIGS = ["configs/fitv2_b.py", "configs/fitv2_xl.py", "configs/fitv2_3b.py",
+           "configs/fitv2_hr_xl.py", "configs/fitv2_hr_3b.py"]  # fmt: skip
+GIB = 2.0**30
+
+
+def define_flags(module_name: str) -> None:
+    m = module_name
+    flags.DEFINE_list("configs", CONFIGS, "config files", module_name=m)
+    flags.DEFINE_list("topologies", ["v5p-64", "v5e-256", "v6e-64"], "TPU slices (see "
+                      "train --topology)", module_name=m)  # fmt: skip
+    flags.DEFINE_list("remat", ["none", "dots", "full"], "remat policies", module_name=m)
+    flags.DEFINE_list("attention", ["xla", "splash"], "attention backends", module_name=m)
+    flags.DEFINE_integer("global_batch", 256, "global batch (the paper's)", module_name=m)
+    flags.DEFINE_string("out", "tpu_table", "writes OUT.json and OUT.md", module_name=m)
+
+
+def _key(row: dict) -> tuple:
+    return (row["config"], row["topology"], row["remat"], row["attention"])
+
+
+def _row(config_path: str, topology: str, remat: str, attention: str, batch: int) -> dict:
+    config = load_config(config_path)
+    config.model.remat_policy, config.model.attention_backend = remat, attention
+    row = dict(config=os.path.basename(config_path).removesuffix(".py"), topology=topology,
+               remat=remat, attention=attention, global_batch=batch,
+               tokens=int(config.model.context_size))  # fmt: skip
+    start = time.perf_counter()
+    try:
+        r = dry_run(config, batch, topology, verbose=False)
+    except Exception as e:  # noqa: BLE001 - a row that does not compile is a result too
+        traceback.print_exc()
+        return dict(row, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    keep = ("devices", "chips", "peak_bytes", "hbm_bytes_per_device", "fits", "params_total_bytes",
+            "estimate_step_seconds", "estimate_mfu", "estimate_flops_ratio", "collectives")  # fmt: skip
+    row.update({k: r[k] for k in keep if k in r})
+    row["seconds"] = round(time.perf_counter() - start, 1)
+    return row
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| config | tokens | topology | remat | attention | peak HBM / chip | fits | "
+             "est. step | est. MFU |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        head = (f"| {r['config']} | {r['tokens']} | {r['topology']} | {r['remat']} | "
+                f"{r['attention']} |")  # fmt: skip
+        if "error" in r:
+            lines.append(f"{head} did not compile: {r['error']} | | | |")
+            continue
+        lines.append(f"{head} {r['peak_bytes'] / GIB:.1f} of {r['hbm_bytes_per_device'] / GIB:.0f}"
+                     f" GiB | {'yes' if r['fits'] else 'no'} | "
+                     f"{r['estimate_step_seconds'] * 1e3:.0f} ms | "
+                     f"{100 * r['estimate_mfu']:.1f}% |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    path = FLAGS.out + ".json"
+    rows = json.load(open(path)) if os.path.exists(path) else []
+    done = {_key(r) for r in rows if "error" not in r}
+    rows = [r for r in rows if _key(r) in done]
+    plan = [(c, t, m, a) for c in FLAGS.configs for t in FLAGS.topologies for m in FLAGS.remat
+            for a in FLAGS.attention]  # fmt: skip
+    for i, (c, t, m, a) in enumerate(plan, 1):
+        name = os.path.basename(c).removesuffix(".py")
+        if (name, t, m, a) in done:
+            continue
+        print(f"[{i}/{len(plan)}] {name} on {t}, remat {m}, attention {a}", flush=True)
+        row = _row(c, t, m, a, FLAGS.global_batch)
+        rows.append(row)
+        print("  " + markdown([row]).splitlines()[-1], flush=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump(rows, f, indent=1)
+        os.replace(path + ".tmp", path)
+        with open(FLAGS.out + ".md", "w") as f:
+            f.write(markdown(rows))
+    print(f"wrote {path} and {FLAGS.out}.md ({len(rows)} rows)")
