@@ -10,6 +10,7 @@ Backends (`attention_backend`):
   "einsum" explicit einsum + float32 softmax (a reference, and the most portable)
   "splash" Pallas TPU splash attention with segment ids, per shard (`models.splash`); Pallas
            interpret mode off TPU
+  "auto"   splash when compiling for TPU, xla elsewhere (the pod configs' default)
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ import jax.numpy as jnp
 
 from fitv2_jax.models.layers import DenseND, Norm
 from fitv2_jax.models.rope import apply_rope
-from fitv2_jax.models.splash import splash_attend
+from fitv2_jax.models.splash import compiling_for_tpu, splash_attend
 
-BACKENDS = ("xla", "einsum", "splash")
+BACKENDS = ("xla", "einsum", "splash", "auto")
 
 
 def _qk_norm_kind(kind: str | None, weight: bool) -> str:
@@ -36,6 +37,8 @@ def _qk_norm_kind(kind: str | None, weight: bool) -> str:
 
 def attend(q, k, v, segment_ids, backend: str = "xla"):
     """q, k, v: (B, N, H, Dh); segment_ids: (B, N) int. Returns (B, N, H, Dh)."""
+    if backend == "auto":
+        backend = "splash" if compiling_for_tpu() else "xla"
     if backend == "splash":
         return splash_attend(q, k, v, segment_ids)
     mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]  # (B, 1, N, N)

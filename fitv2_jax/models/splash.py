@@ -66,11 +66,17 @@ def _local_attend(q, k, v, segment_ids, interpret: bool):
     return out.transpose(0, 2, 1, 3)[:, :n]
 
 
+def compiling_for_tpu() -> bool:
+    """True when the current mesh (jax.set_mesh), else the default backend, is TPU."""
+    mesh = jax.sharding.get_abstract_mesh()
+    platform = getattr(mesh, "platform", None) if not mesh.empty else None
+    return (platform or jax.default_backend()) == "tpu"
+
+
 def splash_attend(q, k, v, segment_ids):
     """q, k, v: (B, N, H, Dh); segment_ids: (B, N) int. Returns (B, N, H, Dh)."""
     mesh = jax.sharding.get_abstract_mesh()
-    platform = getattr(mesh, "platform", None) if not mesh.empty else None
-    interpret = (platform or jax.default_backend()) != "tpu"
+    interpret = not compiling_for_tpu()
     if mesh.empty or not {"data", "fsdp", "tensor"} <= set(mesh.axis_names):
         return _local_attend(q, k, v, segment_ids, interpret)
     spec = P(("data", "fsdp"), None, "tensor", None)
