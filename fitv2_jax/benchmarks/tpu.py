@@ -59,7 +59,8 @@ def _row(config_path: str, topology: str, remat: str, attention: str, batch: int
         traceback.print_exc()
         return dict(row, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
     keep = ("devices", "chips", "peak_bytes", "hbm_bytes_per_device", "fits", "params_total_bytes",
-            "estimate_step_seconds", "estimate_mfu", "estimate_flops_ratio", "collectives")  # fmt: skip
+            "estimate_step_seconds", "estimate_mfu", "estimate_flops_ratio", "estimate_error",
+            "collectives")  # fmt: skip
     row.update({k: r[k] for k in keep if k in r})
     row["seconds"] = round(time.perf_counter() - start, 1)
     return row
@@ -76,8 +77,8 @@ def markdown(rows: list[dict]) -> str:
             continue
         lines.append(f"{head} {r['peak_bytes'] / GIB:.1f} of {r['hbm_bytes_per_device'] / GIB:.0f}"
                      f" GiB | {'yes' if r['fits'] else 'no'} | "
-                     f"{r['estimate_step_seconds'] * 1e3:.0f} ms | "
-                     f"{100 * r['estimate_mfu']:.1f}% |")  # fmt: skip
+                     + (f"{r['estimate_step_seconds'] * 1e3:.0f} ms | {100 * r['estimate_mfu']:.1f}% |"
+                        if "estimate_mfu" in r else "no estimate (an op the compiler cannot cost) | |"))  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 
 from jax.experimental import topologies
@@ -79,6 +80,8 @@ def parse_topology(name: str) -> tuple[Chip, str, int]:
 def topology_devices(name: str, num_slices: int = 1):
     """Compile-only TPU devices of `num_slices` slices of `name`, and the chip. Needs libtpu."""
     chip, libtpu_name, chips = parse_topology(name)
+    # compile-only: no chip is opened, so processes need not take libtpu's host lock in turn
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         topo = topologies.get_topology_desc(
             topology_name=libtpu_name, platform="tpu", num_slices=num_slices
