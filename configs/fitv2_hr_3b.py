@@ -6,6 +6,10 @@ Command:
       --config.train.init_from=/path/to/fitv2_3B.safetensors
 Hardware: paper: 200K steps at batch 256, constant LR 1e-4.
 Reproduces: FID-50K 2.41 at 512x512 (cfg 1.6), 4.54 at 320x640, 16.08 at 256x768.
+TPU defaults (remat full, attention auto = splash on TPU) from the README's TPU table
+  (`python -m fitv2_jax.bench --suite tpu`, compiler estimates):
+  as FiTv2-3B/2 (full remat, splash): at 1024 tokens splash is 1.5x XLA attention for
+  the HR XL.
 """
 
 from fitv2_jax.config.defaults import base_config, fitv2_model, post_training
@@ -15,4 +19,6 @@ def get_config():
     config = base_config()
     config.model = fitv2_model(hidden_size=2304, depth=40, num_heads=24)
     config.model.dtype = "bfloat16"  # the paper's bf16 mixed precision (fp32 master weights)
+    config.model.remat_policy = "full"  # TPU defaults: see the module docstring
+    config.model.attention_backend = "auto"  # splash on TPU, XLA attention elsewhere
     return post_training(config, total_steps=200_000)
