@@ -8,7 +8,9 @@ no mask array. Under a mesh (`jax.set_mesh`) the kernel runs per shard with `sha
 over ("data", "fsdp"), heads over "tensor"; each shard's kernel sees only its own heads and rows.
 Rows are padded to a multiple of the block size with segment id -1 (pads see only pads; their
 outputs are cut off). On CPU, or any mesh that is not TPU, the kernel runs in Pallas interpret
-mode (slow; for tests). Softmax scale 1/sqrt(Dh) is applied to q before the kernel.
+mode (slow; for tests). Softmax scale 1/sqrt(Dh) is applied to q before the kernel. Mosaic
+rejects bf16 dots under `jax_default_matmul_precision="highest"` ("Bad lhs type"): keep the
+default precision when compiling for TPU.
 
 Block sizes (query, key and both backward kernels alike; fused backward kernel): the padded
 length when it is at most 512 (one block per row at 256 tokens), else 512 (1024 tokens: 2 x 2
@@ -69,7 +71,7 @@ def _local_attend(q, k, v, segment_ids, interpret: bool):
 def compiling_for_tpu() -> bool:
     """True when the current mesh (jax.set_mesh), else the default backend, is TPU."""
     mesh = jax.sharding.get_abstract_mesh()
-    platform = getattr(mesh, "platform", None) if not mesh.empty else None
+    platform = None if mesh.empty else mesh.abstract_device.platform
     return (platform or jax.default_backend()) == "tpu"
 
 
