@@ -8,8 +8,8 @@ Reproduces: FID-50K 2.15 at 256x256 (cfg 1.5), 6.72 at 160x320, 13.73 at 128x384
   at 320x320 / 224x448 / 160x480.
 TPU defaults (remat full, attention auto = splash on TPU) from the README's TPU table
   (`python -m fitv2_jax.bench --suite tpu`, compiler estimates):
-  v5p-64, global batch 256, remat full + splash: 3.6 GiB per chip, 249 ms; v5e-256:
-  0.7 of 16 GiB per chip.
+  v5e-256, global batch 256, remat full: 0.7 of 16 GiB per chip planned (measured with splash
+  in interpret mode; to be repeated), so it fits a v5e chip.
 """
 
 from fitv2_jax.config.defaults import base_config, fitv2_model

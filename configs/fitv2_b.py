@@ -6,7 +6,7 @@ Hardware: a single 8-chip host; the paper's ablation model.
 Reproduces: FID-50K 26.03 at 256x256 after 400K steps without CFG (FiT-B/2: 36.36); 16.52 at 2000K.
 TPU defaults (remat none, attention auto = splash on TPU) from the README's TPU table
   (`python -m fitv2_jax.bench --suite tpu`, compiler estimates):
-  v5p-64, global batch 256, no remat: splash 28 ms vs XLA attention 31 ms.
+  v5p-64, global batch 256, no remat: splash 30 ms vs XLA attention 31 ms.
 """
 
 from fitv2_jax.config.defaults import base_config, fitv2_model

@@ -8,8 +8,8 @@ Hardware: paper: 200K steps at batch 256, constant LR 1e-4.
 Reproduces: FID-50K 2.41 at 512x512 (cfg 1.6), 4.54 at 320x640, 16.08 at 256x768.
 TPU defaults (remat full, attention auto = splash on TPU) from the README's TPU table
   (`python -m fitv2_jax.bench --suite tpu`, compiler estimates):
-  as FiTv2-3B/2 (full remat, splash): at 1024 tokens splash is 1.5x XLA attention for
-  the HR XL.
+  as measured for the HR XL (not yet for 3B): at 1024 tokens splash is 1.4x XLA attention
+  with full remat.
 """
 
 from fitv2_jax.config.defaults import base_config, fitv2_model, post_training

@@ -6,10 +6,10 @@ Hardware: paper trained 2000K steps at global batch 256 on A100s (bf16); a v5p-6
   intended TPU target.
 Reproduces: FID-50K 2.26 at 256x256 (cfg 1.5, dopri5, EMA weights), 5.50 at 160x320, 14.46 at 128x384;
   3.55 / 5.54 / 13.55 at 320x320 / 224x448 / 160x480 with VisionNTK + attention scale.
-TPU defaults (remat full, attention auto = splash on TPU) from the README's TPU table
-  (`python -m fitv2_jax.bench --suite tpu`, compiler estimates):
-  v5p-64, global batch 256: remat full 79 ms and 1.2 GiB per chip vs none 119 ms and 7.8 GiB;
-  splash 79 ms vs XLA attention 83 ms (full remat).
+TPU defaults (remat full, XLA attention) from the README's TPU table
+  (`python -m fitv2_jax.bench --suite tpu`, compiler estimates): v5p-64, global batch 256, XLA
+  attention: remat full 83 ms and 1.2 GiB per chip vs none 124 ms and 9.2 GiB; splash attention
+  85 ms (full remat), so at 256 tokens it gains nothing.
 """
 
 from fitv2_jax.config.defaults import base_config, fitv2_model
@@ -20,5 +20,5 @@ def get_config():
     config.model = fitv2_model(hidden_size=1152, depth=36, num_heads=16)
     config.model.dtype = "bfloat16"  # the paper's bf16 mixed precision (fp32 master weights)
     config.model.remat_policy = "full"  # TPU defaults: see the module docstring
-    config.model.attention_backend = "auto"  # splash on TPU, XLA attention elsewhere
+    config.model.attention_backend = "xla"  # splash is no faster at 256 tokens (module docstring)
     return config
