@@ -29,6 +29,7 @@ from fitv2_jax.parallel.cost import ESTIMATE_OPTIONS, scanned_cost
 from fitv2_jax.parallel.mesh import create_mesh
 from fitv2_jax.parallel.topology import per_device, topology_devices
 from fitv2_jax.sampling.rules import model_for_size, resolve_rule
+from fitv2_jax.training.dry_run import peak_bytes
 from fitv2_jax.utils.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -96,12 +97,6 @@ def inception_cost(h: int, w: int, mesh, batch: int):
     return c.memory_analysis(), scanned_cost(lambda u: c, 1)
 
 
-def _peak(mem) -> float:
-    get = lambda k: int(getattr(mem, k, 0) or 0)
-    return (get("argument_size_in_bytes") + get("output_size_in_bytes")
-            + get("temp_size_in_bytes") - get("alias_size_in_bytes"))  # fmt: skip
-
-
 def main() -> None:
     devices, chip, chips = topology_devices(FLAGS.topology)
     mesh = create_mesh((-1, 1, 1), devices=devices)
@@ -126,5 +121,5 @@ def main() -> None:
             ips = batch / per_batch
             rate = f"{ips:.0f} ({50_000 / ips / 60:.1f} min)"
         name = path.rsplit("/", 1)[-1].removesuffix(".py")
-        print(f"| {name} | {h}x{w} | {vel.seconds * 1e3:.1f} ms | {_peak(vmem) / GIB:.1f} GiB | "
-              f"{inc.seconds * 1e3:.1f} ms | {_peak(imem) / GIB:.1f} GiB | {rate} |", flush=True)  # fmt: skip
+        print(f"| {name} | {h}x{w} | {vel.seconds * 1e3:.1f} ms | {peak_bytes(vmem) / GIB:.1f} GiB | "
+              f"{inc.seconds * 1e3:.1f} ms | {peak_bytes(imem) / GIB:.1f} GiB | {rate} |", flush=True)  # fmt: skip

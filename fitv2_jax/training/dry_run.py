@@ -99,6 +99,13 @@ def _estimate(config, global_batch, mesh, model_flops, peak_flops) -> dict:
                 estimate_mfu=model_flops / (est.seconds * peak_flops))  # fmt: skip
 
 
+def peak_bytes(memory_analysis) -> int:
+    """Arguments + outputs + temporaries - aliased bytes of a compiled program, per device."""
+    get = lambda name: int(getattr(memory_analysis, name, 0) or 0)
+    return (get("argument_size_in_bytes") + get("output_size_in_bytes")
+            + get("temp_size_in_bytes") - get("alias_size_in_bytes"))  # fmt: skip
+
+
 def _memory_report(setup, compiled) -> dict:
     mem = compiled.memory_analysis()
     state, sh = setup.abstract_state, setup.shardings
@@ -116,8 +123,7 @@ def _memory_report(setup, compiled) -> dict:
         "alias_bytes": get("alias_size_in_bytes"),
         "collectives": collectives(compiled.as_text()),
     }
-    report["peak_bytes"] = (report["argument_bytes"] + report["output_bytes"]
-                            + report["temp_bytes"] - report["alias_bytes"])  # fmt: skip
+    report["peak_bytes"] = peak_bytes(mem)
     return report
 
 
