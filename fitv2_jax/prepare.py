@@ -20,6 +20,7 @@ from absl import flags
 
 from fitv2_jax.cli import flags as cli
 from fitv2_jax.cli.app import run
+from fitv2_jax.cli.distributed import define_distributed_flags, start_distributed
 from fitv2_jax.data.encoders import PixelEncoder, VaeEncoder
 from fitv2_jax.data.preprocess import MIN_TOKENS, RESIZE_RULES
 from fitv2_jax.data.shard_writer import PrepareSettings, prepare_split
@@ -28,6 +29,7 @@ from fitv2_jax.utils.errors import UserError
 from fitv2_jax.weights.vae import load_vae
 
 FLAGS = flags.FLAGS
+define_distributed_flags(__name__)
 flags.DEFINE_enum("source", None, ["imagenet", "folder", "tfds", "demo", "official_latents"],
                   "imagenet: ROOT/train/<wnid>/*.JPEG (+ ROOT/val); folder: any "
                   "ROOT/<class>/<image> tree; tfds: a prepared tensorflow-datasets dataset; demo: "
@@ -76,6 +78,7 @@ cli.define_renamed("verbose", "log_skipped", boolean=True)
 def main(argv):
     if len(argv) > 1:
         raise UserError(f"unexpected arguments {argv[1:]}; flags look like --out DIR")
+    start_distributed()
     settings = PrepareSettings(
         out=FLAGS.out, split=FLAGS.split, max_tokens=FLAGS.max_tokens,
         patch_size=FLAGS.patch_size, min_tokens=FLAGS.min_tokens, resize_rule=FLAGS.resize_rule,

@@ -25,10 +25,12 @@ from ml_collections import config_flags
 
 from fitv2_jax.cli import flags as cli
 from fitv2_jax.cli.app import run
+from fitv2_jax.cli.distributed import define_distributed_flags, start_distributed
 from fitv2_jax.sampling import Sampler, class_labels, is_latent, plan_sizes, sample_to_files
 from fitv2_jax.utils.errors import UserError
 
 FLAGS = flags.FLAGS
+define_distributed_flags(__name__)
 config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/fitv2_xl.py",
                                 lock_config=False)  # fmt: skip
 cli.define_model_flags(__name__)
@@ -46,6 +48,7 @@ cli.define_renamed("no_png", "nopng", boolean=True)
 def main(argv):
     if len(argv) > 1:
         raise UserError(f"unexpected arguments {argv[1:]}; flags look like --sizes 256x256")
+    start_distributed()
     config = cli.resolve_config(FLAGS.config)
     params, vae = cli.load_model(config)
     plans = plan_sizes(config, FLAGS.sizes, FLAGS.rule, FLAGS.cfg_scale, vae)

@@ -15,13 +15,13 @@ Config values are overridden with --config.a.b=value. Multi-host: launch one pro
 or with auto when SLURM or a TPU pod is detected.
 """
 
-import os
 
 import jax
 from absl import flags
 from ml_collections import config_flags
 
 from fitv2_jax.cli.app import run
+from fitv2_jax.cli.distributed import define_distributed_flags, start_distributed
 from fitv2_jax.training.dry_run import dry_run
 from fitv2_jax.training.loop import train
 from fitv2_jax.utils.errors import UserError
@@ -40,17 +40,8 @@ flags.DEFINE_bool("estimate", True, "--dry_run --topology: also compile the two 
 flags.DEFINE_integer("num_devices", 8, "fake CPU devices for --dry_run without --topology")
 flags.DEFINE_integer("dry_run_batch", None, "global batch for --dry_run (default: "
                      "config.data.global_batch_size)")  # fmt: skip
-flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"], "call jax.distributed.initialize()")
+define_distributed_flags(__name__)
 flags.mark_flags_as_required(["config"])
-
-
-def _want_distributed(mode: str) -> bool:
-    if mode != "auto":
-        return mode == "on"
-    if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        return True
-    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    return len([h for h in hosts.split(",") if h]) > 1
 
 
 def main(argv):
@@ -63,8 +54,7 @@ def main(argv):
         return
     if not FLAGS.workdir:
         raise UserError("--workdir is required: the run directory for checkpoints and metrics")
-    if _want_distributed(FLAGS.distributed):
-        jax.distributed.initialize()
+    start_distributed()
     result = train(FLAGS.config, FLAGS.workdir)
     if result["status"] == "preempted":
         print("preempted: rerun the same command to resume")

@@ -8,7 +8,7 @@ Layout (`fitv2_jax.weights.checkpoints`, which reads params back for inference):
 WORKDIR/checkpoints/<step>/{state,data,config}. Orbax writes each step to a temporary directory
 and renames it when complete, so a crash mid-save never leaves a step that restores. Restoring
 places every array on the *current* mesh (the abstract target carries the shardings), so a run
-saved on 8 devices resumes on 4.
+saved on 8 devices resumes on 4, and a run of 2 processes on 1 or 4 (bucketing mode).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
+from fitv2_jax.utils.errors import UserError
 from fitv2_jax.weights.checkpoints import CHECKPOINT_DIR, ITEMS
 
 
@@ -28,6 +29,19 @@ def _abstract_with(tree, shardings):
     return jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), tree, shardings
     )
+
+
+def _foreign_iterator_state(data_dir: str, own: str, portable: bool) -> dict:
+    """The iterator state saved by process 0 of a run with another process count."""
+    saved = sorted(f for f in os.listdir(data_dir) if f.startswith("process_0-of-"))
+    if not portable or not saved:
+        raise UserError(
+            f"{data_dir} has no {own}: the run was saved with another number of processes "
+            f"({', '.join(sorted(os.listdir(data_dir)))}). Packed data streams are per host; "
+            "resume with the process count it was saved with"
+        )
+    with open(os.path.join(data_dir, saved[0])) as f:
+        return json.load(f)
 
 
 class Checkpoints:
@@ -58,17 +72,30 @@ class Checkpoints:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
-    def restore(self, step: int, abstract_state, shardings, data_iterator=None):
-        """Restores the state onto `shardings` (and the iterator in place). Returns the state."""
+    def restore(self, step: int, abstract_state, shardings, data_iterator=None, *,
+                portable_iterator: bool = False):  # fmt: skip
+        """Restores the state onto `shardings` (and the iterator in place). Returns the state.
+
+        Grain keeps one iterator file per process (process_I-of-N.json). On another process
+        count, a portable iterator (bucketing mode: every host's state is the same global batch
+        index) takes the state of the saved process 0; any other is refused."""
         target = _abstract_with(abstract_state, shardings)
         items = dict(
             state=ocp.args.PyTreeRestore(
                 target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)
             )
         )
-        if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        data_dir = os.path.join(self.directory, str(step), "data")
+        own = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        foreign = None
+        if data_iterator is not None and os.path.isdir(data_dir):
+            if os.path.isfile(os.path.join(data_dir, own)):
+                items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+            else:
+                foreign = _foreign_iterator_state(data_dir, own, portable_iterator)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        if foreign is not None:
+            data_iterator.set_state(foreign)
         return restored["state"]
 
     def wait(self) -> None:

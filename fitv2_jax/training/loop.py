@@ -49,14 +49,24 @@ class NonFiniteLossError(UserError, FloatingPointError):
     """The loss became NaN or Inf; nothing of the bad state was saved."""
 
 
-class _Preemption:
-    """SIGTERM sets a flag; the loop saves at the next step boundary and returns."""
+class Preemption:
+    """SIGTERM, agreed by every process: `reached(step)` is True at the same step everywhere.
 
-    def __init__(self):
+    One process: a SIGTERM handler sets a flag, read at the next step boundary. Several
+    processes (jax.distributed): jax.distributed.initialize installs JAX's preemption notifier,
+    which catches SIGTERM on any host; the coordination service picks one step all hosts stop
+    at (Orbax's `reached_preemption`, JAX's preemption sync point). A Python handler here would
+    replace the notifier's, so none is installed. Every process calls `reached` once per step.
+    """
+
+    def __init__(self, manager=None):
         self.requested = False
         self._previous = None
+        self._manager = manager if jax.process_count() > 1 else None
 
     def __enter__(self):
+        if self._manager is not None:
+            return self
         try:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # not the main thread: no signal handling
@@ -65,6 +75,11 @@ class _Preemption:
 
     def _handle(self, signum, frame):
         self.requested = True
+
+    def reached(self, step: int) -> bool:
+        if self._manager is not None:
+            self.requested = bool(self._manager.reached_preemption(step))
+        return self.requested
 
     def __exit__(self, *exc):
         if self._previous is not None:
@@ -178,7 +193,10 @@ def _restore_or_init(setup: TrainSetup, ckpt: Checkpoints, data_it) -> tuple[Tra
     failures = []
     for step in sorted(ckpt.all_steps(), reverse=True):
         try:
-            state = ckpt.restore(step, setup.abstract_state, setup.shardings, data_it)
+            state = ckpt.restore(step, setup.abstract_state, setup.shardings, data_it,
+                                 portable_iterator=not setup.config.data.packing)
+        except UserError:  # intact, but not resumable this way: nothing is moved
+            raise
         except Exception as e:  # noqa: BLE001 - damaged files of any kind (tensorstore, JSON)
             failures.append(f"step {step}: {' '.join(str(e).split())[:200]}")
             continue
@@ -248,7 +266,7 @@ def _run(setup, state, start, data_it, ckpt, writer, window, workdir, peak_label
     tc, main = setup.config.train, jax.process_index() == 0
     milestones = {int(s) for s in tc.keep_steps}  # saved even off the checkpoint_every grid
     step, status, last = start, "done", {}
-    with _Preemption() as preemption:
+    with Preemption(ckpt.manager) as preemption:
         while step < tc.total_steps:
             try:
                 host_batch = next(data_it)
@@ -262,7 +280,7 @@ def _run(setup, state, start, data_it, ckpt, writer, window, workdir, peak_label
                 state, metrics = setup.step(state, batch)
             step += 1
             window.add(metrics, batch["x"].shape[1])
-            stop = preemption.requested  # read once: the signal may land mid-iteration
+            stop = preemption.reached(step)  # read once: the signal may land mid-iteration
             save = (step % tc.checkpoint_every == 0 or step in milestones
                     or step == tc.total_steps or stop)  # fmt: skip
             if step % tc.log_every == 0 or save:
@@ -277,7 +295,8 @@ def _run(setup, state, start, data_it, ckpt, writer, window, workdir, peak_label
                 sample_grids(setup.config, state.ema_params, step, workdir, writer)
             if stop:
                 status = "preempted"
-                print(f"SIGTERM: saved step {step}; exiting.", flush=True)
+                print(f"SIGTERM{' (agreed by all processes)' if jax.process_count() > 1 else ''}: "
+                      f"saved step {step}; exiting.", flush=True)  # fmt: skip
                 break
     if window.pending:
         last = window.flush(step, ckpt.latest_step(), ckpt.directory)
