@@ -6,8 +6,9 @@ r"""Score a sample .npz against a reference .npz, as ADM's `evaluator.py` does, 
 Both files hold uint8 images (N, H, W, 3) under arr_0, of any size (the Inception squashes them to
 299x299 as ADM's does); REF may also hold precomputed mu/sigma/mu_s/sigma_s (e.g.
 VIRTUAL_imagenet256_labeled.npz) or be a statistics file written by `evaluate` (with `pool`
-features). Prints Inception Score, FID, sFID, Precision and Recall in ADM's format and writes them
-as JSON (default: SAMPLES.eval.json). Memory does not grow with the number of images: 50K samples
+features). Prints Inception Score, FID, sFID, Precision and Recall in ADM's format, then KID (as
+is, not x 1e3; mean and std over 100 subsets of 1000 as torch-fidelity), and writes them as JSON
+(default: SAMPLES.eval.json). Memory does not grow with the number of images: 50K samples
 at 512x512 need what 200 do. The Inception Score needs weights with the 1008-way layer
 (--inception pt_inception-2015-12-05-6726825d.pth from pytorch-fid); the default weights have none.
 """

@@ -11,6 +11,7 @@ import torch
 from cli import error_line, run_cli
 from skimage import data
 from test_inception import _reference_resize, _torch_features, _TorchvisionFIDInception
+from test_metrics import _oracle_mmd2
 
 from fitv2_jax.data.npz import NpzImages
 from fitv2_jax.eval.features import load_inception
@@ -59,18 +60,22 @@ def test_self_score_is_zero_fid_and_full_precision_recall(photos, tmp_path):
     # ~2000 zero eigenvalues (float noise ~1e-12 each) add up to ~1e-4; distinct sets give > 50.
     assert abs(r["fid"]) < 2e-3 and abs(r["sfid"]) < 2e-3
     assert r["precision"] == 1.0 and r["recall"] == 1.0
-    # ADM's printout, one metric per line, IS unavailable (not 0) with the default weights.
+    # ADM's printout, one metric per line, IS unavailable (not 0) with the default weights; KID
+    # after it.
     lines = out.splitlines()
     i = next(j for j, line in enumerate(lines) if line.startswith("Inception Score:"))
     assert "unavailable" in lines[i]
-    assert [line.split(":")[0] for line in lines[i : i + 5]] == [
+    assert [line.split(":")[0] for line in lines[i : i + 7]] == [
         "Inception Score",
         "FID",
         "sFID",
         "Precision",
         "Recall",
+        "KID",
+        "KID std",
     ]
     assert float(lines[i + 1].split(": ")[1]) == r["fid"]
+    assert float(lines[i + 5].split(": ")[1]) == r["kid"] and np.isfinite(r["kid"])
     assert out_json in lines[-1]
     assert r["inception_score"] is None and r["num_samples"] == r["num_reference"] == 8
 
@@ -99,6 +104,10 @@ def test_fid_equals_independent_computation_on_torch_features(photos):
     assert want_fid > 50  # different photos: far from the self-score 0
     np.testing.assert_allclose(r["fid"], want_fid, rtol=1e-4)
     np.testing.assert_allclose(r["sfid"], want_sfid, rtol=1e-4)
+    # 8 images a side: every KID subset is all of them, so KID is the full-matrix MMD^2.
+    want_kid = _oracle_mmd2(pool_a, pool_b)
+    assert want_kid > 0.1
+    np.testing.assert_allclose(r["kid"], want_kid, rtol=1e-4)
 
     # A reference given as precomputed statistics plus pool features (no images) gives the
     # same numbers, and is reported as precomputed.
@@ -111,6 +120,7 @@ def test_fid_equals_independent_computation_on_torch_features(photos):
     assert r2["reference_statistics"] == "precomputed"
     np.testing.assert_allclose(r2["fid"], want_fid, rtol=1e-4)
     np.testing.assert_allclose([r2["precision"], r2["recall"]], [r["precision"], r["recall"]])
+    np.testing.assert_allclose(r2["kid"], want_kid, rtol=1e-4)
 
 
 def test_inception_score_with_pytorch_fid_layout_weights(photos, tmp_path):

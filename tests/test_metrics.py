@@ -9,8 +9,10 @@ from fitv2_jax.eval.metrics import (
     feature_statistics,
     fid,
     inception_score,
+    kernel_inception_distance,
     manifold_radii,
     pairwise_sq_distances,
+    polynomial_mmd2,
     precision_recall,
 )
 from fitv2_jax.eval.reference import read_reference, write_statistics
@@ -193,6 +195,125 @@ def test_precision_recall_in_uneven_blocks_equal_brute_force_scipy():
     np.testing.assert_allclose(got, (want_p, want_r))
 
 
+# ----------------------------------------------------------------------------- KID
+
+
+def _oracle_mmd2(x, y, biased=False):
+    """Unbiased MMD^2 with k(a, b) = (a.b / d + 1)^3 from the full kernel matrices, float64: mean
+    of the off-diagonal entries of Kxx and Kyy (all entries if biased), minus twice Kxy's mean."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    d = x.shape[1]
+    kxx, kyy, kxy = ((a @ b.T / d + 1.0) ** 3 for a, b in ((x, x), (y, y), (x, y)))
+    if biased:
+        return kxx.mean() + kyy.mean() - 2 * kxy.mean()
+    off = lambda k: k[~np.eye(len(k), dtype=bool)].mean()
+    return off(kxx) + off(kyy) - 2 * kxy.mean()
+
+
+def _oracle_kid(real, fake, num_subsets, subset_size, seed):
+    """torch-fidelity's subsets: RandomState(seed), per subset the samples' rows, then the
+    reference's; the full-matrix MMD^2 on each; mean and std (ddof 0)."""
+    rng = np.random.RandomState(seed)
+    m = min(subset_size, len(real), len(fake))
+    mmds = []
+    for _ in range(num_subsets):
+        f = rng.choice(len(fake), m, replace=False)
+        r = rng.choice(len(real), m, replace=False)
+        mmds.append(_oracle_mmd2(real[r], fake[f]))
+    return np.mean(mmds), np.std(mmds)
+
+
+def test_kid_with_one_subset_of_everything_equals_the_full_matrix_mmd():
+    rng = np.random.default_rng(10)
+    real = rng.standard_normal((60, 16)) + 0.5
+    fake = rng.standard_normal((60, 16)) * 1.2
+    want = _oracle_mmd2(real, fake)
+    assert want > 0.1  # far from 0: a relative comparison means something
+    for subsets in (1, 3):  # every subset is all 60 rows, in another order
+        mean, std = kernel_inception_distance(real, fake, num_subsets=subsets, subset_size=1000)
+        np.testing.assert_allclose(mean, want, rtol=1e-10)
+        assert std < 1e-12 * want
+    # Unequal sizes: the estimator itself (KID draws subsets of equal size).
+    np.testing.assert_allclose(polynomial_mmd2(real, fake[:37]), _oracle_mmd2(real, fake[:37]),
+                               rtol=1e-10)  # fmt: skip
+    with pytest.raises(ValueError, match="at least 2"):
+        kernel_inception_distance(real, fake[:1])
+
+
+def test_kid_is_unbiased_near_zero_for_one_distribution_and_grows_with_a_shift():
+    rng = np.random.default_rng(11)
+    # Unbiased: over many small draws from one distribution the mean is 0 within 4 standard
+    # errors, single values are negative too; the biased (V-statistic) MMD^2 is not.
+    pairs = [(rng.standard_normal((10, 4)), rng.standard_normal((10, 4))) for _ in range(2000)]
+    vals = np.array([polynomial_mmd2(x, y) for x, y in pairs])
+    biased = np.array([_oracle_mmd2(x, y, biased=True) for x, y in pairs[:200]])
+    stderr = vals.std() / np.sqrt(len(vals))
+    assert abs(vals.mean()) < 4 * stderr and (vals < 0).mean() > 0.2
+    assert biased.mean() > 20 * stderr and (biased >= 0).all()
+    # 16-d Gaussians, the samples' mean shifted by s on every axis.
+    real = rng.standard_normal((600, 16))
+    kids = []
+    for s in (0.0, 0.1, 0.2, 0.4, 0.8):
+        fake = rng.standard_normal((500, 16)) + s
+        kids.append(kernel_inception_distance(real, fake, num_subsets=20, subset_size=200))
+    (same, same_std), *shifted = kids
+    assert abs(same) < 0.01 and abs(same) < same_std
+    means = [k for k, _ in shifted]
+    assert means[0] > 0.01 and np.all(np.diff(means) > 0) and means[-1] > 2, kids
+
+
+def test_kid_in_subsets_equals_the_full_matrix_oracle_on_the_same_subsets(tmp_path):
+    rng = np.random.default_rng(12)
+    real = rng.standard_normal((70, 8)).astype(np.float32)
+    fake = (rng.standard_normal((50, 8)) + 0.3).astype(np.float32)
+    want = _oracle_kid(real, fake, num_subsets=7, subset_size=20, seed=3)
+    assert want[1] > 0.05 * want[0] > 0  # the subsets differ: a wrong draw would show
+    got = kernel_inception_distance(real, fake, num_subsets=7, subset_size=20, seed=3)
+    np.testing.assert_allclose(got, want, rtol=1e-10)
+    # The same from features on disk (rows read by slices).
+    r, f = _feature_file(tmp_path, "r", real), _feature_file(tmp_path, "f", fake)
+    np.testing.assert_allclose(kernel_inception_distance(r, f, 7, 20, seed=3), want, rtol=1e-10)
+    assert kernel_inception_distance(real, fake, 7, 20, seed=4) != got
+
+
+def _features(pool, with_pool=True):
+    from fitv2_jax.eval.features import Features
+
+    stats = feature_statistics(pool)
+    return Features(stats, stats, pool if with_pool else None, num=len(pool))
+
+
+def test_score_and_results_md_put_kid_beside_fid():
+    from fitv2_jax.eval.report import results_markdown
+    from fitv2_jax.eval.scoring import KID_SUBSET_SIZE, KID_SUBSETS, SCORES, score
+
+    rng = np.random.default_rng(13)
+    real = rng.standard_normal((80, 16)).astype(np.float32)
+    fake = (rng.standard_normal((60, 16)) * 1.1 + 0.2).astype(np.float32)
+    scores = score(_features(fake), _features(real))
+    want = _oracle_kid(real, fake, KID_SUBSETS, KID_SUBSET_SIZE, seed=2020)
+    np.testing.assert_allclose([scores["kid"], scores["kid_std"]], want, rtol=1e-10)
+    assert [k for k, _ in SCORES][:2] == ["fid", "kid"]
+    # A reference without pool features (statistics only): no KID, as IS without logits.
+    no_pool = score(_features(fake), _features(real, with_pool=False))
+    assert no_pool["kid"] is None and no_pool["kid_std"] is None
+    assert no_pool["fid"] == pytest.approx(scores["fid"])
+
+    row = dict(rule="none", cfg_scale=1.5, num_samples=60, num_reference=80, reference="test",
+               nfe_per_batch=[10])  # fmt: skip
+    md = results_markdown(dict(model="m", settings={}, resolutions={
+        "256x256": dict(row, **scores), "160x320": dict(row, **no_pool)}))  # fmt: skip
+    assert "| resolution | RoPE rule | CFG | FID | KID x1e3 | sFID | IS | Prec | Rec |" in md
+    assert "FID / KID x1e3 / sFID / IS / Prec / Rec per resolution" in md
+    fid, kid = f"{scores['fid']:.2f}", f"{scores['kid'] * 1e3:.2f}"
+    assert f"| 256x256 | none | 1.5 | {fid} | {kid} | {fid} | - |" in md  # sFID: same stats
+    assert f"| 160x320 | none | 1.5 | {fid} | - | {fid} | - | - | - |" in md
+    assert f"| m | {fid} / {kid} / {fid} / - / " in md
+    lines = md.splitlines()
+    i = next(j for j, line in enumerate(lines) if line.startswith("| resolution"))
+    assert lines[i].count("|") == lines[i + 1].count("|") == lines[i + 2].count("|")
+
+
 # ----------------------------------------------------------------------------- bounded memory
 
 
@@ -276,3 +397,16 @@ def test_precision_recall_and_inception_score_memory_does_not_grow_with_n(tmp_pa
     (pr_small, is_small), (pr_large, is_large) = peaks[400], peaks[4000]
     assert pr_large - pr_small < 2 * 3600 * 5 + 16_384, peaks
     assert is_large - is_small < 16_384, peaks
+
+
+def test_kid_memory_does_not_grow_with_n(tmp_path):
+    """KID on features on disk: (subset, subset) kernel blocks whatever N is. What may grow is
+    RandomState.choice's permutation of N indices (8 bytes a row); a (subset, N) block of
+    float64 kernels would add 200 x 3600 x 8 = 5.8 MB at n = 4000."""
+    rng = np.random.default_rng(14)
+    peaks = {}
+    for n in (400, 4000):
+        real = _feature_file(tmp_path, f"r{n}", rng.standard_normal((n, 64)).astype(np.float32))
+        fake = _feature_file(tmp_path, f"f{n}", rng.standard_normal((n, 64)).astype(np.float32))
+        peaks[n] = _peak_bytes(lambda r=real, f=fake: kernel_inception_distance(r, f, 3, 200))
+    assert peaks[4000] - peaks[400] < 3600 * 8 * 2 + 16_384, peaks

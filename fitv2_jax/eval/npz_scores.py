@@ -1,7 +1,7 @@
 """Score a sample .npz against a reference .npz as ADM's `evaluator.py` does, without TensorFlow.
 
     results = score_npz_files("VIRTUAL_imagenet256_labeled.npz", "samples_256x256.npz")
-    print(format_results(results))          # ADM's printout
+    print(format_results(results))          # ADM's printout, then KID
 
 Both files hold uint8 images (N, H, W, 3) under `arr_0`, of any height and width (the Inception
 squashes them to 299x299 as ADM's does). A reference's precomputed `mu`, `sigma`, `mu_s`,
@@ -48,7 +48,8 @@ def archive_features(path, role, images, pre, inception, batch_size, spill_dir) 
 def score_npz_files(ref_path: str, sample_path: str, *, batch_size: int = 8,
                     inception_weights: str | None = None, k: int = 3, fp16_distances: bool = True,
                     fid_method: str = "sqrtm", tmp_dir: str | None = None) -> dict:  # fmt: skip
-    """ADM's five numbers for sample_path against ref_path (IS is None without logits).
+    """ADM's five numbers and KID (`scoring.score`) for sample_path against ref_path (IS is None
+    without logits).
 
     Pool features and logits are kept in a temporary directory under tmp_dir (default: the
     system's), about 12 KB per image, and removed at the end.
@@ -82,14 +83,15 @@ def score_npz_files(ref_path: str, sample_path: str, *, batch_size: int = 8,
 
 
 def format_results(r: dict) -> str:
-    """ADM's printout: one `Name: value` line per metric."""
+    """ADM's printout, one `Name: value` line per metric, then KID and its std over subsets."""
     if r["inception_score"] is None:
         is_line = ("Inception Score: unavailable (these Inception weights have no 1008-way output "
                    "layer; pass --inception pt_inception-2015-12-05-6726825d.pth)")  # fmt: skip
     else:
         is_line = f"Inception Score: {r['inception_score']}"
     return "\n".join([is_line, f"FID: {r['fid']}", f"sFID: {r['sfid']}",
-                      f"Precision: {r['precision']}", f"Recall: {r['recall']}"])  # fmt: skip
+                      f"Precision: {r['precision']}", f"Recall: {r['recall']}",
+                      f"KID: {r['kid']}", f"KID std: {r['kid_std']}"])  # fmt: skip
 
 
 def return_large_buffers_to_the_os() -> None:

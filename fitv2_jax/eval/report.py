@@ -32,35 +32,39 @@ def fmt_metric(v, digits=2) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
 
+def fmt_score(key: str, v) -> str:
+    """A score as the tables print it: KID x 1e3 (its "KID x1e3" label in `SCORES`), precision and
+    recall with 3 digits, the others with 2; '-' when it is None."""
+    if key == "kid" and v is not None:
+        v = v * 1e3
+    return fmt_metric(v, 3 if key in ("precision", "recall") else 2)
+
+
 def results_markdown(results: dict) -> str:
-    """The paper's layout (one row per model, FID / sFID / IS / Prec / Rec per resolution), then a
-    long table with the sampling settings of each resolution."""
+    """The paper's layout (one row per model, FID / KID x1e3 / sFID / IS / Prec / Rec per
+    resolution), then a long table with the sampling settings of each resolution."""
     res = results["resolutions"]
     names = list(res)
+    labels = [label for _, label in SCORES]
     head = "| model | " + " | ".join(names) + " |"
     rule = "|---|" + "---|" * len(names)
-    cells = [
-        " / ".join(fmt_metric(r[k], 3 if k in ("precision", "recall") else 2) for k, _ in SCORES)
-        for r in res.values()
-    ]
+    cells = [" / ".join(fmt_score(k, r.get(k)) for k, _ in SCORES) for r in res.values()]
     lines = [
         f"# Evaluation of {results['model']}",
         "",
-        "FID / sFID / IS / Prec / Rec per resolution (IS '-' when the Inception weights have no "
-        "1008-way layer).",
+        f"{' / '.join(labels)} per resolution (IS '-' when the Inception weights have no "
+        "1008-way layer, KID '-' when the reference has no pool features).",
         "",
         head,
         rule,
         f"| {results['model']} | " + " | ".join(cells) + " |",
         "",
-        "| resolution | RoPE rule | CFG | FID | sFID | IS | Prec | Rec | samples | reference | "
+        "| resolution | RoPE rule | CFG | " + " | ".join(labels) + " | samples | reference | "
         "NFE/batch |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|" + "---|" * len(labels) + "---|---|---|",
     ]
     for name, r in res.items():
-        nums = " | ".join(
-            fmt_metric(r[k], 3 if k in ("precision", "recall") else 2) for k, _ in SCORES
-        )
+        nums = " | ".join(fmt_score(k, r.get(k)) for k, _ in SCORES)
         nfe = f"{np.mean(r['nfe_per_batch']):.0f}"
         lines.append(
             f"| {name} | {r['rule']} | {r['cfg_scale']:g} | {nums} | {r['num_samples']} | "
@@ -85,6 +89,28 @@ def fid_chart(results: dict, path: str) -> str:
     ax.set_title(f"{results['model']}: FID-{results['settings']['num_samples']} by resolution")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def fid_over_steps_chart(table: dict, path: str) -> str:
+    """FID per size over training steps; table: {step: {size: {"fid": ...}}} (as
+    WORKDIR/eval/scores.json)."""
+    plt = pyplot()
+    steps = sorted(table, key=int)
+    sizes = list(table[steps[-1]])
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
+    for size in sizes:
+        pts = [(int(s), table[s][size]["fid"]) for s in steps
+               if table[s].get(size, {}).get("fid") is not None]  # fmt: skip
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", lw=1.5, label=size)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("FID (EMA weights, lower is better)")
+    ax.set_title("FID over training, per sample size")
+    ax.grid(alpha=0.3)
+    ax.legend(title="height x width", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
     plt.close(fig)
     return path
 
