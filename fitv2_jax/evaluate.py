@@ -1,4 +1,4 @@
-r"""Score a checkpoint at several sizes in one command: FID, sFID, IS, precision, recall.
+r"""Score a checkpoint at several sizes in one command: FID, KID, sFID, IS, precision, recall.
 
   # the paper's six 256-level sizes against ADM's ImageNet reference batch:
   python -m fitv2_jax.evaluate --config configs/fitv2_xl.py --checkpoint FiTv2_XL.safetensors \
@@ -20,7 +20,7 @@ Reference: --ref_npz, an ADM reference batch (its precomputed mu/sigma are used;
 the precision/recall features), one file for all sizes or `256x256=a.npz,512x512=b.npz`; or
 --ref_source (demo | folder | imagenet | tfds, with --ref_root/--ref_split): real images resized
 to cover each size and centre-cropped; their statistics are cached in OUT/reference/.
-Output: OUT/results.json, OUT/results.md (FID / sFID / IS / Prec / Rec per size, the paper's table
+Output: OUT/results.json, OUT/results.md (FID / KID / sFID / IS / Prec / Rec per size, the paper's table
 layout), OUT/fid.png and OUT/HxW/grid.png. The Inception Score needs Inception weights with the
 1008-way layer (--inception pt_inception-2015-12-05-6726825d.pth); the default weights give '-'.
 """
@@ -32,15 +32,17 @@ from ml_collections import config_flags
 
 from fitv2_jax.cli import flags as cli
 from fitv2_jax.cli.app import run
+from fitv2_jax.cli.distributed import define_distributed_flags, start_distributed
 from fitv2_jax.eval.features import load_inception
 from fitv2_jax.eval.multi_size import evaluate_sizes
 from fitv2_jax.eval.reference import Reference
-from fitv2_jax.eval.report import fmt_metric
+from fitv2_jax.eval.report import fmt_score
 from fitv2_jax.eval.scoring import SCORES
 from fitv2_jax.sampling import Sampler, is_latent, plan_sizes
 from fitv2_jax.utils.errors import UserError
 
 FLAGS = flags.FLAGS
+define_distributed_flags(__name__)
 PAPER_SIZES = "256x256,160x320,128x384,320x320,224x448,160x480"
 config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/fitv2_xl.py",
                                 lock_config=False)  # fmt: skip
@@ -73,13 +75,14 @@ for old, new in (("resolutions", "sizes"), ("rules", "rule"), ("cfg_scales", "cf
 def main(argv):
     if len(argv) > 1:
         raise UserError(f"unexpected arguments {argv[1:]}; flags look like --sizes 256x256")
+    start_distributed()
     reference = Reference(npz=FLAGS.ref_npz, source=FLAGS.ref_source, root=FLAGS.ref_root,
                           split=FLAGS.ref_split, num=FLAGS.num_ref)  # fmt: skip
     config = cli.resolve_config(FLAGS.config)
     options = cli.solver_options(config)
     params, vae = cli.load_model(config)
     plans = plan_sizes(config, FLAGS.sizes, FLAGS.rule, FLAGS.cfg_scale, vae)
-    sampler = Sampler(config.model, params, cli.mesh_for(config), vae=vae,
+    sampler = Sampler(config.model, params, cli.mesh_for(config, local=True), vae=vae,
                       latent=is_latent(config), batch_size=FLAGS.batch_size)  # fmt: skip
     checkpoint = None if FLAGS.random_init else os.path.abspath(FLAGS.checkpoint)
     name = FLAGS.name or ("random init" if FLAGS.random_init else os.path.basename(checkpoint))
@@ -91,7 +94,7 @@ def main(argv):
         settings=dict(checkpoint=checkpoint, params=FLAGS.params),
     )  # fmt: skip
     for size, r in results["resolutions"].items():
-        scores = "  ".join(f"{label} {fmt_metric(r[key])}" for key, label in SCORES)
+        scores = "  ".join(f"{label} {fmt_score(key, r[key])}" for key, label in SCORES)
         print(f"{size:>9} ({r['rule']}, cfg {r['cfg_scale']:g}): {scores}")
     print(f"results in {os.path.abspath(FLAGS.out)} (results.md, results.json, fid.png, "
           "<HxW>/grid.png)")  # fmt: skip

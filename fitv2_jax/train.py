@@ -15,7 +15,6 @@ Config values are overridden with --config.a.b=value. Multi-host: launch one pro
 or with auto when SLURM or a TPU pod is detected.
 """
 
-
 import jax
 from absl import flags
 from ml_collections import config_flags

@@ -18,3 +18,23 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--multihost", action="store_true",
+                     help="run the multi-process tests (launch/test_multihost.sh)")  # fmt: skip
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "multihost: several processes joined by jax.distributed")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--multihost"):
+        return
+    import pytest
+
+    skip = pytest.mark.skip(reason="multi-process: run by bash launch/test_multihost.sh")
+    for item in items:
+        if "multihost" in item.keywords:
+            item.add_marker(skip)

@@ -144,7 +144,8 @@ def test_three_sizes_all_files_resume_and_the_command(tmp_path, inception, monke
         assert r["inception_score"] is None  # default weights have no logits layer
         h, w = map(int, name.split("x"))
         grid = Image.open(out / name / "grid.png")
-        assert grid.size == (3 * (w + 2) + 2, 3 * (h + 2) + 2)  # 8 images of batch 0 in 3x3
+        s = sampling.display_scale(h, w)  # small samples are upscaled to be seen
+        assert grid.size == (3 * (w * s + 2) + 2, 3 * (h * s + 2) + 2)  # 8 images in 3x3
         with np.load(r["reference_file"]) as f:  # cached statistics, ADM keys
             assert f["pool"].shape == (8, 2048) and f["sigma_s"].shape == (2023, 2023)
 

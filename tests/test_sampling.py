@@ -114,6 +114,16 @@ def test_image_grid_places_images_row_major_with_padding():
     assert g[0, 0, 0] == 255 and g[4, 5, 0] == 255  # padding and the empty cell stay white
 
 
+def test_small_samples_are_upscaled_by_nearest_neighbour_in_grids():
+    assert [sampling.display_scale(h, w) for h, w in ((32, 32), (16, 64), (48, 48), (256, 256))] \
+        == [4, 4, 3, 1]  # fmt: skip
+    imgs = np.arange(2 * 2 * 3 * 3, dtype=np.uint8).reshape(2, 2, 3, 3)
+    g = sampling.image_grid(imgs, cols=2, pad=1, scale=3)
+    assert g.shape == (1 * (6 + 1) + 1, 2 * (9 + 1) + 1, 3)
+    np.testing.assert_array_equal(g[1:7, 1:10], imgs[0].repeat(3, 0).repeat(3, 1))
+    np.testing.assert_array_equal(g[1:7, 11:20], imgs[1].repeat(3, 0).repeat(3, 1))
+
+
 def test_npz_stream_writer_gives_a_normal_npz(tmp_path):
     path = str(tmp_path / "s.npz")
     rng = np.random.default_rng(0)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import sys
 
+import jax
 import ml_collections
 from absl import flags
 
@@ -155,5 +156,6 @@ def load_model(config) -> tuple[dict, object]:
     return params, vae
 
 
-def mesh_for(config):
-    return inference_mesh(config, FLAGS.mesh)
+def mesh_for(config, local: bool = False):
+    """--mesh over all devices, or over this host's only (local: every host works alone)."""
+    return inference_mesh(config, FLAGS.mesh, jax.local_devices() if local else None)

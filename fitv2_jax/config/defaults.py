@@ -92,6 +92,7 @@ def train_defaults() -> ml_collections.ConfigDict:
             sample_sizes=((256, 256), (160, 320), (320, 320)),  # (height, width) in pixels
             sample_steps=32,  # Euler steps for the periodic grids
             sample_cfg_scale=1.5,
+            eval_every=0,  # 0 = never; else score the EMA weights every N steps (config.eval)
             peak_flops_per_device=0.0,  # for MFU; 0 = measure a matmul peak at start-up
         )
     )
@@ -166,6 +167,30 @@ def diffusion_defaults() -> ml_collections.ConfigDict:
     )
 
 
+def eval_defaults() -> ml_collections.ConfigDict:
+    """config.eval: what evaluation during training (train.eval_every) samples and scores it
+    against; the same settings as the evaluate command's flags of the same names."""
+    return ml_collections.ConfigDict(
+        dict(
+            sizes="",  # "HxW,HxW" in pixels; "" = train.sample_sizes
+            num_samples=1000,  # per size
+            batch_size=64,  # samples per host per batch
+            rule="auto",  # RoPE rule, for all sizes or per size ("256x256=none,...")
+            cfg_scale="1.5",  # for all sizes or per size
+            solver="euler",
+            num_steps=32,
+            seed=0,  # sample i has the same noise and label at every evaluated step
+            k=3,  # nearest neighbours for precision/recall
+            fid_method="eigh",
+            ref_npz="",  # ADM reference .npz (or per size "HxW=a.npz,...")
+            ref_source="",  # or real images: demo | folder | imagenet | tfds
+            ref_root="",
+            ref_split="val",
+            num_ref=0,  # 0 = all
+        )
+    )
+
+
 def sampling_defaults() -> ml_collections.ConfigDict:
     """config.sampling: the official README's guidance scale for this model
     (`--cfg_scale official`)."""
@@ -181,6 +206,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.mesh = mesh_defaults()
     config.diffusion = diffusion_defaults()
     config.sampling = sampling_defaults()
+    config.eval = eval_defaults()
     config.latent = True  # tokens are SD-VAE latents (False: pixel-space tokens in [-1, 1])
     config.vae_path = ""  # SD VAE (diffusers dir or file) for latent configs: decoding samples
     return config

@@ -19,6 +19,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from fitv2_jax.utils.errors import UserError
+
 
 def choose_buckets(
     tokens: np.ndarray, weights: np.ndarray | None, num_buckets: int, multiple: int = 1
@@ -100,13 +102,13 @@ class BatchPlan:
         self.flip = flip
         self.batches_per_epoch = len(self.tokens) // global_batch
         if self.batches_per_epoch == 0:
-            raise ValueError(
+            raise UserError(
                 f"dataset has {len(self.tokens)} records, fewer than one global batch "
                 f"({global_batch}): lower config.data.global_batch_size."
             )
         longest = int((self.tokens * (self.probs > 0)).max())
         if longest > self.buckets[-1]:
-            raise ValueError(
+            raise UserError(
                 f"records have up to {longest} tokens but the largest bucket is "
                 f"{int(self.buckets[-1])}: raise config.data.buckets / max_tokens."
             )

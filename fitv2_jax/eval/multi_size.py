@@ -1,4 +1,4 @@
-"""Sample-and-score at several sizes: FID / sFID / IS / precision / recall per size.
+"""Sample-and-score at several sizes: FID / KID / sFID / IS / precision / recall per size.
 
     plans = sampling.plan_sizes(config, "256x256,160x320,320x320", rule="auto", cfg_scale=1.5)
     results = evaluate_sizes(sampler, plans, Reference(npz="VIRTUAL_imagenet256_labeled.npz"),
@@ -10,6 +10,10 @@ interrupted run resumes (`sample_features`); the reference comes from an ADM .np
 cover-cropped to the size (`reference`); `scoring.score` computes the metrics. Writes
 OUT/results.json and OUT/results.md after every size, OUT/fid.png and OUT/HxW/grid.png.
 Memory does not grow with the number of samples.
+
+On several hosts (jax.distributed) the sampler's mesh is each host's own devices: every host
+samples its share of the batches, the features are gathered once per size, every host computes
+the same scores and the first one writes the reports.
 """
 
 from __future__ import annotations
@@ -84,10 +88,6 @@ def evaluate_sizes(
     out_dir). inception: a loaded `Inception` (default: `load_inception()`); settings: extra
     entries recorded with the results (checkpoint, params) that also guard resumed features."""
     start = time.time()
-    if jax.process_count() > 1:
-        raise UserError("evaluate runs on one host (with all its devices); on a multi-host slice "
-                        "sample with `python -m fitv2_jax.sample` on all hosts and score the .npz "
-                        "files with `python -m fitv2_jax.evaluate_npz`")  # fmt: skip
     if k < 1:
         raise UserError(f"--k {k}: precision/recall need k >= 1 nearest neighbours")
     if num_samples <= k:
@@ -105,6 +105,7 @@ def evaluate_sizes(
     settings = dict(settings or {}, num_samples=num_samples, **options.describe(), seed=seed,
                     batch_size=sampler.batch_size, fid_method=fid_method, k=k)  # fmt: skip
     results = dict(model=model_name, settings=settings, resolutions={})
+    writes = jax.process_index() == 0  # every host scores the gathered features; one writes
     # Sample pool features and logits wait here for the metrics (12 KB per sample), not in RAM.
     with tempfile.TemporaryDirectory(prefix="fitv2_eval_") as spill:
         for plan in plans:
@@ -112,8 +113,10 @@ def evaluate_sizes(
                 sampler, inception, plan, reference, labels, jax.random.key(seed), options,
                 settings, out_dir, ref_cache, spill, overwrite, progress,
             )  # fmt: skip
-            write_reports(results, out_dir)  # after every size: partial results are kept
+            if writes:
+                write_reports(results, out_dir)  # after every size: partial results are kept
     results["seconds"] = round(time.time() - start, 2)
-    write_reports(results, out_dir)
-    fid_chart(results, os.path.join(out_dir, "fid.png"))
+    if writes:
+        write_reports(results, out_dir)
+        fid_chart(results, os.path.join(out_dir, "fid.png"))
     return results

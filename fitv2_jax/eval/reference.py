@@ -101,7 +101,7 @@ def write_statistics(
         arrays["pool"] = np.asarray(pool, np.float32)
     arrays.update({k: np.asarray(v) for k, v in meta.items()})
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".partial.npz"
+    tmp = f"{path}.{os.getpid()}.partial.npz"  # hosts sharing a cache never share a tmp file
     np.savez(tmp, **arrays)
     os.replace(tmp, path)
     return path

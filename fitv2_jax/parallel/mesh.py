@@ -76,12 +76,14 @@ def create_mesh(
     return Mesh(grid, AXES)
 
 
-def inference_mesh(config, kind: str = "data") -> Mesh:
-    """Mesh for sampling and evaluation. 'data': every device on the data axis (params
-    replicated, fastest to compile); 'config': the config's training mesh (params FSDP-sharded,
-    for models too big for one device)."""
+def inference_mesh(config, kind: str = "data", devices=None) -> Mesh:
+    """Mesh for sampling and evaluation over `devices` (default all; evaluation on several
+    hosts passes each host's own). 'data': every device on the data axis (params replicated,
+    fastest to compile); 'config': the config's training mesh (params FSDP-sharded, for models
+    too big for one device; ici only when the devices are one host's)."""
     if kind == "data":
-        return create_mesh((-1, 1, 1))
+        return create_mesh((-1, 1, 1), devices=devices)
     if kind == "config":
-        return create_mesh(config.mesh.ici, config.mesh.dcn)
+        dcn = config.mesh.dcn if devices is None else None
+        return create_mesh(config.mesh.ici, dcn, devices=devices)
     raise ValueError(f"mesh kind {kind!r}: use 'data' or 'config'")

@@ -16,7 +16,7 @@ loaded from any config and checkpoint form, in one call).
 from fitv2_jax.sampling.files import sample_to_files
 from fitv2_jax.sampling.generate import SolverOptions, generate, grid_inputs, initial_noise
 from fitv2_jax.sampling.generator import Generator, default_options
-from fitv2_jax.sampling.images import image_grid, to_uint8, tokens_to_images
+from fitv2_jax.sampling.images import display_scale, image_grid, to_uint8, tokens_to_images
 from fitv2_jax.sampling.rules import (
     EXTRAPOLATION_RULES,
     in_distribution,
@@ -40,8 +40,8 @@ from fitv2_jax.sampling.sizes import (
 
 __all__ = [
     "EXTRAPOLATION_RULES", "Generator", "Sampler", "SizePlan", "SolverOptions", "batch_devices",
-    "default_options",
-    "class_labels", "generate", "grid_inputs", "image_grid", "in_distribution", "initial_noise",
+    "class_labels", "default_options", "display_scale", "generate", "grid_inputs", "image_grid",
+    "in_distribution", "initial_noise",
     "is_latent", "model_for_size", "nearest_valid", "param_shardings", "parse_per_size",
     "parse_size", "parse_sizes", "patches_for", "plan_sizes", "resolve_rule", "rule_of_config",
     "sample_to_files", "size_multiple", "size_name", "to_uint8", "tokens_to_images",

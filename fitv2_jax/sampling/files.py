@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from fitv2_jax.data.npz import NpzStreamWriter
 from fitv2_jax.sampling.generate import SolverOptions
-from fitv2_jax.sampling.images import image_grid
+from fitv2_jax.sampling.images import display_scale, image_grid
 from fitv2_jax.sampling.sampler import Sampler
 from fitv2_jax.sampling.sizes import SizePlan
 from fitv2_jax.utils.files import write_json_atomic
@@ -54,7 +54,9 @@ def _sample_one_size(sampler, plan, labels, key, options, size_dir, png, grid_im
         raise
     if writes:
         npz.close(arr_1=labels.astype(np.int64))
-        Image.fromarray(image_grid(np.stack(grid))).save(os.path.join(size_dir, "grid.png"))
+        Image.fromarray(
+            image_grid(np.stack(grid), scale=display_scale(plan.height, plan.width))
+        ).save(os.path.join(size_dir, "grid.png"))
     return nfes, npz_path
 
 

@@ -27,8 +27,19 @@ def to_uint8(images) -> np.ndarray:
     return np.clip(np.asarray(images, np.float32) * 127.5 + 128.0, 0, 255).astype(np.uint8)
 
 
-def image_grid(images: np.ndarray, cols: int | None = None, pad: int = 2) -> np.ndarray:
-    """(B, H, W, C) uint8 -> one (rows*H, cols*W, C) uint8 grid with white padding."""
+def display_scale(height: int, width: int, target: int = 128) -> int:
+    """The whole-number nearest-neighbour upscale that shows an image at about target x target
+    pixels of area (a 32x32 sample: 4, so it is 128 screen pixels, not 32); 1 for large ones."""
+    return max(1, round(target / math.sqrt(height * width)))
+
+
+def image_grid(images: np.ndarray, cols: int | None = None, pad: int = 2,
+               scale: int = 1) -> np.ndarray:  # fmt: skip
+    """(B, H, W, C) uint8 -> one (rows*H*s, cols*W*s, C) uint8 grid with white padding, every
+    image upscaled `scale` (s) times by nearest neighbour (pixels stay sharp squares)."""
+    images = np.asarray(images)
+    if scale > 1:
+        images = images.repeat(scale, axis=1).repeat(scale, axis=2)
     b, hh, ww, c = images.shape
     cols = cols or int(math.ceil(math.sqrt(b)))
     rows = int(math.ceil(b / cols))

@@ -129,7 +129,8 @@ class Sampler:
     def check_fits(self, h: int, w: int) -> None:
         """A UserError, before any work, when an h x w-patch batch cannot fit on a device."""
         rows = 2 * self.batch_size // batch_devices(self.mesh)  # CFG doubles the batch
-        check_fits(self.model_cfg, h, w, rows, self.mesh.devices.flat[0])
+        local = [d for d in self.mesh.devices.flat if d.process_index == jax.process_index()]
+        check_fits(self.model_cfg, h, w, rows, local[0])  # memory stats: own devices only
 
     def images(self, h, w, ids, labels, key, **kw):
         tokens, nfe = self.tokens(h, w, ids, labels, key, **kw)

@@ -2,7 +2,8 @@
 
 Builds the mesh, the sharded train state and the Grain iterator (`setup.build_setup`), resumes
 from the latest complete checkpoint in WORKDIR by itself, runs the jitted step, logs, samples
-grids, saves every `train.checkpoint_every` steps and on SIGTERM (then exits cleanly), and stops
+grids, scores the EMA weights every `train.eval_every` steps (`evaluator`), saves every
+`train.checkpoint_every` steps and on SIGTERM (then exits cleanly), and stops
 with a clear error on a NaN/Inf loss without writing a checkpoint of the bad state.
 """
 
@@ -21,16 +22,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from clu import parameter_overview
+from jax.experimental import multihost_utils
 from PIL import Image
 
 from fitv2_jax.data.pipeline import make_train_iterator, to_global_batch
 from fitv2_jax.models.convert import is_post_training_param
 from fitv2_jax.models.summary import train_step_flops
 from fitv2_jax.sampling.generate import generate
-from fitv2_jax.sampling.images import image_grid, to_uint8, tokens_to_images
+from fitv2_jax.sampling.images import display_scale, image_grid, to_uint8, tokens_to_images
 from fitv2_jax.sampling.rules import model_for_size, resolve_rule
 from fitv2_jax.sampling.sizes import is_latent, patches_for, size_multiple
 from fitv2_jax.training.checkpoint import Checkpoints
+from fitv2_jax.training.evaluator import TrainingEvaluator
 from fitv2_jax.training.setup import TrainSetup, build_setup
 from fitv2_jax.training.state import TrainState
 from fitv2_jax.training.step import BATCH_KEYS
@@ -101,6 +104,10 @@ class MetricsWindow:
 
     def _reset(self):
         self.pending, self.flops, self.start = [], 0.0, time.perf_counter()
+
+    def restart_clock(self) -> None:
+        """After work that is not training (sample grids, evaluation): rates exclude it."""
+        self.start = time.perf_counter()
 
     def add(self, metrics: dict, length: int) -> None:
         if length not in self._flops_by_length:
@@ -193,8 +200,13 @@ def _restore_or_init(setup: TrainSetup, ckpt: Checkpoints, data_it) -> tuple[Tra
     failures = []
     for step in sorted(ckpt.all_steps(), reverse=True):
         try:
-            state = ckpt.restore(step, setup.abstract_state, setup.shardings, data_it,
-                                 portable_iterator=not setup.config.data.packing)
+            state = ckpt.restore(
+                step,
+                setup.abstract_state,
+                setup.shardings,
+                data_it,
+                portable_iterator=not setup.config.data.packing,
+            )
         except UserError:  # intact, but not resumable this way: nothing is moved
             raise
         except Exception as e:  # noqa: BLE001 - damaged files of any kind (tensorstore, JSON)
@@ -237,7 +249,7 @@ def sample_grids(config, params, step: int, workdir: str, writer: MetricWriter) 
         x = tokens_to_images(tokens, h, w, model_cfg.patch_size)
         if vae is not None:
             x = vae.decode(jnp.asarray(x))
-        grid = image_grid(to_uint8(x), cols=4)
+        grid = image_grid(to_uint8(x), cols=4, scale=display_scale(height, width))
         name = f"step{step:08d}_{height}x{width}.png"
         Image.fromarray(grid).save(os.path.join(workdir, "samples", name))
         images[f"samples/{height}x{width}"] = grid[None]
@@ -261,11 +273,26 @@ def _log_line(step: int, total: int, m: dict, peak_label: str) -> str:
             f"MFU {m['mfu']:.1%} ({peak_label}) ETA {eta / 60:.1f} min")  # fmt: skip
 
 
-def _run(setup, state, start, data_it, ckpt, writer, window, workdir, peak_label):
+def _agreed(flag: bool) -> bool:
+    """Host 0's answer on every host (a decision read from host 0's files)."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
+
+
+def _evaluate_missed(evaluator, start: int, tc, state, writer) -> None:
+    """The evaluation of the resumed step, when the run stopped before it was written."""
+    due = start > 0 and (start % tc.eval_every == 0 or start == tc.total_steps)
+    if evaluator is not None and due and _agreed(not evaluator.done(start)):
+        evaluator(start, state.ema_params, writer)
+
+
+def _run(setup, state, start, data_it, ckpt, writer, window, workdir, peak_label, evaluator):
     """The step loop; returns (status, step, last logged metrics)."""
     tc, main = setup.config.train, jax.process_index() == 0
     milestones = {int(s) for s in tc.keep_steps}  # saved even off the checkpoint_every grid
     step, status, last = start, "done", {}
+    _evaluate_missed(evaluator, start, tc, state, writer)
     with Preemption(ckpt.manager) as preemption:
         while step < tc.total_steps:
             try:
@@ -283,7 +310,10 @@ def _run(setup, state, start, data_it, ckpt, writer, window, workdir, peak_label
             stop = preemption.reached(step)  # read once: the signal may land mid-iteration
             save = (step % tc.checkpoint_every == 0 or step in milestones
                     or step == tc.total_steps or stop)  # fmt: skip
-            if step % tc.log_every == 0 or save:
+            grids = bool(tc.sample_every) and step % tc.sample_every == 0 and not stop
+            evaluate = evaluator is not None and not stop and (
+                step % tc.eval_every == 0 or step == tc.total_steps)  # fmt: skip
+            if step % tc.log_every == 0 or save or grids or evaluate:
                 # raises on NaN/Inf before anything is saved
                 last = window.flush(step, ckpt.latest_step(), ckpt.directory)
                 writer.write_scalars(step, last)
@@ -291,8 +321,12 @@ def _run(setup, state, start, data_it, ckpt, writer, window, workdir, peak_label
                     print(_log_line(step, tc.total_steps, last, peak_label), flush=True)
             if save:
                 ckpt.save(step, state, data_it, setup.config, force=True)
-            if tc.sample_every and step % tc.sample_every == 0:
+            if grids:
                 sample_grids(setup.config, state.ema_params, step, workdir, writer)
+            if evaluate:
+                evaluator(step, state.ema_params, writer)
+            if grids or evaluate:
+                window.restart_clock()
             if stop:
                 status = "preempted"
                 print(f"SIGTERM{' (agreed by all processes)' if jax.process_count() > 1 else ''}: "
@@ -335,6 +369,8 @@ def train(config, workdir: str) -> dict[str, Any]:
     plus {"step", "status"} with status "done", "preempted" or "data_exhausted"."""
     check_workdir(workdir)
     check_resume_config(config, saved_config(workdir), workdir)
+    # before any work: a bad config.eval stops the run at once, not at its first evaluation
+    evaluator = TrainingEvaluator(config, workdir) if config.train.eval_every else None
     setup = build_setup(config)
     data_it = make_train_iterator(config.data, process_index=jax.process_index(),
                                   process_count=jax.process_count(), seed=config.seed,
@@ -355,7 +391,8 @@ def train(config, workdir: str) -> dict[str, Any]:
                   f"{config.train.total_steps}, workdir {workdir}", flush=True)  # fmt: skip
         run_start = time.perf_counter()
         status, step, last = _run(setup, state, start, data_it, ckpt, writer,
-                                  MetricsWindow(setup, peak), workdir, peak_label)  # fmt: skip
+                                  MetricsWindow(setup, peak), workdir, peak_label,
+                                  evaluator)  # fmt: skip
     finally:
         ckpt.close()  # completes any save in flight, also when a NaN or a crash ends the run
     writer.close()
