@@ -2,11 +2,13 @@
 
 1. prepare  crops of scikit-image's bundled photos at nine aspect ratios (train split: the left
             65% of each photo; the held-out right 35% is never trained on) -> ArrayRecord shards
-2. train    configs/demo_cpu.py, checkpoints every 250 steps (rerun = resume), step 200 kept
-3. evaluate the early (step 200) and the final EMA weights: samples at four sizes, two of them
-            never trained on, FID/sFID/precision/recall against held-out crops of the same size
-            with the real FID Inception weights
-4. report   OUT/report.md: loss curve, sample grids per size, FID early vs final
+2. train    configs/demo_cpu.py, checkpoints every 250 steps (rerun = resume); every
+            `eval_every` steps the EMA weights are sampled at four sizes, two of them never
+            trained on, and scored (FID/KID/sFID/precision/recall) against held-out crops of the
+            same size with the real FID Inception weights: evaluation during training
+            (`training.evaluator`), the code `python -m fitv2_jax.evaluate` scores with
+3. report   OUT/report.md: loss curve, FID over training steps per size, the score table, sample
+            grids of the first and the last evaluation (small samples upscaled to be seen)
 
 Every stage resumes: rerunning after an interruption continues where it stopped.
 """
@@ -25,18 +27,10 @@ from fitv2_jax.config.files import load_config
 from fitv2_jax.data.encoders import PixelEncoder
 from fitv2_jax.data.shard_writer import PrepareSettings, prepare_split
 from fitv2_jax.data.sources import open_source
-from fitv2_jax.eval.features import load_inception
-from fitv2_jax.eval.multi_size import evaluate_sizes
-from fitv2_jax.eval.reference import Reference
-from fitv2_jax.eval.report import pyplot
-from fitv2_jax.parallel.mesh import inference_mesh
-from fitv2_jax.sampling.generate import SolverOptions
-from fitv2_jax.sampling.sampler import Sampler
-from fitv2_jax.sampling.sizes import plan_sizes
+from fitv2_jax.eval.report import fmt_score, pyplot
+from fitv2_jax.training.evaluator import scores_markdown
 from fitv2_jax.training.loop import train
 from fitv2_jax.utils.files import write_text_atomic
-from fitv2_jax.weights.checkpoints import CHECKPOINT_DIR
-from fitv2_jax.weights.fit import load_fit_params
 
 CONFIG = os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
@@ -49,10 +43,10 @@ CONFIG = os.path.join(
 class DemoOptions:
     out: str = "demo_out"
     steps: int | None = None  # training steps (None: the config's)
-    early_step: int = 200  # the early checkpoint scored against the final one
-    sizes: str = "32x32,24x40,16x64,48x48"
-    num_samples: int = 128  # samples per size per checkpoint
-    num_steps: int = 25  # Euler steps
+    eval_every: int | None = None  # steps between evaluations (None: the config's)
+    sizes: str | None = None  # HxW list for evaluation (None: the config's)
+    num_samples: int | None = None  # samples per size per evaluation (None: the config's)
+    num_steps: int | None = None  # Euler steps (None: the config's)
 
 
 def loss_curve(workdir: str, path: str) -> list[dict]:
@@ -61,7 +55,8 @@ def loss_curve(workdir: str, path: str) -> list[dict]:
     with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
         for line in f:
             r = json.loads(line)
-            rows[r["step"]] = r  # a resumed run rewrites steps after its checkpoint
+            if "loss" in r:  # evaluation rows carry eval/* scalars only
+                rows[r["step"]] = r  # a resumed run rewrites steps after its checkpoint
     rows = [rows[s] for s in sorted(rows)]
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
@@ -76,13 +71,10 @@ def loss_curve(workdir: str, path: str) -> list[dict]:
     return rows
 
 
-def _f(v) -> str:
-    return "-" if v is None else f"{v:.2f}"
-
-
-def write_report(out: str, config, rows, early: dict, final: dict, early_step: int,
-                 minutes: dict) -> str:  # fmt: skip
-    m = config.model
+def write_report(out: str, config, rows, table: dict, final: dict, minutes: dict) -> str:
+    """OUT/report.md from the loss rows, the per-step score table (WORKDIR/eval/scores.json)
+    and the last evaluation's results."""
+    m, steps = config.model, sorted(table, key=int)
     lines = [
         "# FiTv2 demo report", "",
         f"Pixel-space FiTv2 ({m.depth} blocks, D={m.hidden_size}, {m.num_heads} heads, "
@@ -91,79 +83,79 @@ def write_report(out: str, config, rows, early: dict, final: dict, early_step: i
         "ratios); EMA weights, Euler sampler, CFG 1.5.", "",
         f"Loss: {rows[0]['loss']:.3f} at step {rows[0]['step']} -> {rows[-1]['loss']:.3f} at "
         f"step {rows[-1]['step']}.", "", "![loss](loss.png)", "",
-        f"## FID against held-out crops (early = step {early_step}, final = step "
-        f"{rows[-1]['step']})", "",
-        "| size | tokens | RoPE rule | FID early | FID final | sFID final | Prec final | Rec final |",
+        f"## FID over training (evaluated every {config.train.eval_every} steps during training, "
+        f"{config.eval.num_samples} samples per size against held-out crops of that size)", "",
+        "![FID over training](fid_over_steps.png)", "",
+        scores_markdown(table).split("\n", 2)[2].strip(), "",
+        f"## Final scores (step {steps[-1]})", "",
+        "| size | tokens | RoPE rule | FID | KID x1e3 | sFID | Prec | Rec |",
         "|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for name, r in final["resolutions"].items():
-        e = early["resolutions"][name]
-        lines.append(f"| {name} | {r['tokens']} | {r['rule']} | {_f(e['fid'])} | {_f(r['fid'])} "
-                     f"| {_f(r['sfid'])} | {_f(r['precision'])} | {_f(r['recall'])} |")  # fmt: skip
+        cells = " | ".join(
+            fmt_score(k, r[k]) for k in ("fid", "kid", "sfid", "precision", "recall")
+        )
+        lines.append(f"| {name} | {r['tokens']} | {r['rule']} | {cells} |")
     lines += ["", "Sizes above the 64-token training context use the paper's VisionNTK + "
               "attention scale.", "",
-              "## Samples (final EMA weights, random labels; early ones in grids/*_early.png)", ""]  # fmt: skip
+              f"## Samples (EMA weights at step {steps[0]} and at step {steps[-1]}, random labels)",
+              ""]  # fmt: skip
     for name in final["resolutions"]:
-        lines += [f"### {name}", "", f"![{name}](grids/{name}_final.png)", ""]
+        lines += [f"### {name}", "", f"step {steps[0]}: ![{name} first](grids/{name}_first.png)",
+                  "", f"step {steps[-1]}: ![{name} last](grids/{name}_last.png)", ""]  # fmt: skip
     lines += ["## Timing", "", "| stage | minutes |", "|---|---|",
               *[f"| {k} | {v:.1f} |" for k, v in minutes.items()], "",
-              "Per-checkpoint details: `eval/early/results.md`, `eval/final/results.md`."]  # fmt: skip
+              "Per-evaluation details: `train/eval/step_NNNNNNNN/results.md`; the table as JSON: "
+              "`train/eval/scores.json`; TensorBoard: `train/tensorboard`."]  # fmt: skip
     return write_text_atomic(os.path.join(out, "report.md"), "\n".join(lines) + "\n")
 
 
-def _evaluate_checkpoints(config, workdir: str, out: str, o: DemoOptions) -> dict:
-    ckpts = os.path.join(workdir, CHECKPOINT_DIR)
-    final_step = max(int(s) for s in os.listdir(ckpts) if s.isdigit())
-    inception = load_inception()
-    plans = plan_sizes(config, o.sizes, "auto", 1.5)
-    reference = Reference(source="demo", split="heldout",
-                          cache_dir=os.path.join(out, "eval", "reference"))  # fmt: skip
-    results = {}
-    for tag, step in (("early", o.early_step), ("final", final_step)):
-        print(f"-- {tag}: step {step}", flush=True)
-        params = load_fit_params(os.path.join(ckpts, str(step)), config.model)
-        sampler = Sampler(config.model, params, inference_mesh(config), latent=False,
-                          batch_size=100)  # fmt: skip
-        results[tag] = evaluate_sizes(
-            sampler, plans, reference, out_dir=os.path.join(out, "eval", tag),
-            num_samples=o.num_samples, options=SolverOptions("euler", o.num_steps),
-            inception=inception, model_name=f"step {step}",
-        )  # fmt: skip
-    return results
+def demo_config(o: DemoOptions, out: str):
+    config = load_config(CONFIG)
+    config.data.path = os.path.join(out, "data")
+    if o.steps:
+        config.train.total_steps = o.steps
+    if o.eval_every:
+        config.train.eval_every = o.eval_every
+    for key in ("sizes", "num_samples", "num_steps"):
+        if getattr(o, key) is not None:
+            config.eval[key] = getattr(o, key)
+    return config
 
 
 def run_demo(o: DemoOptions) -> str:
-    """Runs the four stages into o.out; returns the report's path."""
+    """Runs the three stages into o.out; returns the report's path."""
     out = os.path.abspath(o.out)
     os.makedirs(out, exist_ok=True)
-    config = load_config(CONFIG)
-    if o.steps:
-        config.train.total_steps = o.steps
-    config.train.keep_steps = (o.early_step,)
+    config = demo_config(o, out)
     minutes, t = {}, time.time()
-    print("== 1/4 prepare the offline dataset", flush=True)
-    config.data.path = os.path.join(out, "data")
+    print("== 1/3 prepare the offline dataset", flush=True)
     prepare_split(open_source("demo"), PixelEncoder(),
                   PrepareSettings(out=config.data.path, max_tokens=64, patch_size=4,
                                   source_kind="demo"))  # fmt: skip
     minutes["prepare"], t = (time.time() - t) / 60, time.time()
-    print(f"== 2/4 train {config.train.total_steps} steps on {jax.device_count()} device(s)",
-          flush=True)  # fmt: skip
+    print(f"== 2/3 train {config.train.total_steps} steps on {jax.device_count()} device(s), "
+          f"scoring the EMA weights every {config.train.eval_every} steps", flush=True)  # fmt: skip
     workdir = os.path.join(out, "train")
     train(config, workdir)
-    minutes["train"], t = (time.time() - t) / 60, time.time()
-    print("== 3/4 sample and score the early and the final checkpoint", flush=True)
-    results = _evaluate_checkpoints(config, workdir, out, o)
-    minutes["sample + evaluate"] = (time.time() - t) / 60
-    print("== 4/4 report", flush=True)
+    minutes["train + evaluations"] = (time.time() - t) / 60
+    print("== 3/3 report", flush=True)
     rows = loss_curve(workdir, os.path.join(out, "loss.png"))
+    eval_dir = os.path.join(workdir, "eval")
+    with open(os.path.join(eval_dir, "scores.json"), encoding="utf-8") as f:
+        table = json.load(f)
+    steps = sorted(table, key=int)
+    with open(os.path.join(eval_dir, f"step_{int(steps[-1]):08d}", "results.json")) as f:
+        final = json.load(f)
+    shutil.copy(
+        os.path.join(eval_dir, "fid_over_steps.png"), os.path.join(out, "fid_over_steps.png")
+    )
     os.makedirs(os.path.join(out, "grids"), exist_ok=True)
-    for name in results["final"]["resolutions"]:
-        for tag in ("early", "final"):
-            shutil.copy(results[tag]["resolutions"][name]["grid"],
+    for name in final["resolutions"]:
+        for tag, step in (("first", steps[0]), ("last", steps[-1])):
+            shutil.copy(os.path.join(eval_dir, f"step_{int(step):08d}", name, "grid.png"),
                         os.path.join(out, "grids", f"{name}_{tag}.png"))  # fmt: skip
-    report = write_report(out, config, rows, results["early"], results["final"], o.early_step,
-                          minutes)  # fmt: skip
-    with open(os.path.join(out, "eval", "final", "results.md"), encoding="utf-8") as f:
+    report = write_report(out, config, rows, table, final, minutes)
+    with open(os.path.join(eval_dir, "scores.md"), encoding="utf-8") as f:
         print("\n" + f.read())
     return report
