@@ -36,19 +36,22 @@ def get_config():
     c.train.update(dict(total_steps={steps}, checkpoint_every={every}, log_every=1,
                         warmup_steps=0, learning_rate=1e-3, async_checkpoint=False))
     c.mesh.ici = (2, -1, 1)
+    c.train.eval_every = {eval_every}
+    c.eval.update(dict(sizes="16x16", num_samples=8, batch_size=4, solver="euler", num_steps=2,
+                       ref_source="demo", ref_split="heldout", num_ref=8, fid_method="eigh"))
     return c
 """
 
 
-def _config(tmp_path, data, steps, every=4):
-    path = tmp_path / f"cfg_{steps}_{every}.py"
-    path.write_text(CONFIG.format(data=data, steps=steps, every=every))
+def _config(tmp_path, data, steps, every=4, eval_every=0):
+    path = tmp_path / f"cfg_{steps}_{every}_{eval_every}.py"
+    path.write_text(CONFIG.format(data=data, steps=steps, every=every, eval_every=eval_every))
     return str(path)
 
 
 def _losses(workdir):
     rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-    return {r["step"]: r["loss"] for r in rows}  # later rows (after a restart) win
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}  # later rows (restarts) win
 
 
 def _wait_for_step(pod, workdir, step, timeout=240):
@@ -79,12 +82,18 @@ def test_two_hosts_train_resume_after_sigkill_agree_on_sigterm_and_restore_on_on
     demo_px, tmp_path
 ):
     """SIGKILL one host: the other exits (no hang); the rerun's losses equal an uninterrupted
-    run's. SIGTERM one host: both save the same step and exit 0. One process resumes it."""
+    run's. SIGTERM one host: both save the same step and exit 0. One process resumes it.
+    The uninterrupted run also evaluates its EMA weights on both hosts at step 12."""
     ref, run = str(tmp_path / "ref"), str(tmp_path / "run")
-    Pod("train", [f"--config={_config(tmp_path, demo_px, 12)}", f"--workdir={ref}"],
-        num_processes=2, log_dir=tmp_path, tag="ref").check(300)  # fmt: skip
+    Pod("train", [f"--config={_config(tmp_path, demo_px, 12, eval_every=12)}",
+                  f"--workdir={ref}"], num_processes=2, log_dir=tmp_path, tag="ref").check(400)  # fmt: skip
     reference = _losses(ref)
     assert sorted(reference) == list(range(1, 13))
+    scores = json.load(open(os.path.join(ref, "eval", "scores.json")))
+    assert list(scores) == ["12"] and np.isfinite(scores["12"]["16x16"]["fid"])
+    # 2 batches of 4: host 0 sampled batch 0, host 1 batch 1, into the shared workdir
+    features = os.listdir(os.path.join(ref, "eval", "step_00000012", "16x16", "features"))
+    assert {"batch_000000.npz", "batch_000001.npz"} <= set(features)
 
     long = _config(tmp_path, demo_px, 10_000)
     pod = Pod("train", [f"--config={long}", f"--workdir={run}"], num_processes=2,
