@@ -282,8 +282,10 @@ def _agreed(flag: bool) -> bool:
 
 def _evaluate_missed(evaluator, start: int, tc, state, writer) -> None:
     """The evaluation of the resumed step, when the run stopped before it was written."""
-    due = start > 0 and (start % tc.eval_every == 0 or start == tc.total_steps)
-    if evaluator is not None and due and _agreed(not evaluator.done(start)):
+    if evaluator is None or start == 0:
+        return
+    due = start % tc.eval_every == 0 or start == tc.total_steps
+    if due and _agreed(not evaluator.done(start)):
         evaluator(start, state.ema_params, writer)
 
 
