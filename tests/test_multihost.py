@@ -35,7 +35,7 @@ def get_config():
     c.data.buckets = (64,)
     c.train.update(dict(total_steps={steps}, checkpoint_every={every}, log_every=1,
                         warmup_steps=0, learning_rate=1e-3, async_checkpoint=False))
-    c.mesh.ici = (2, -1, 1)
+    c.mesh.ici = {ici}
     c.train.eval_every = {eval_every}
     c.eval.update(dict(sizes="16x16", num_samples=8, batch_size=4, solver="euler", num_steps=2,
                        ref_source="demo", ref_split="heldout", num_ref=8, fid_method="eigh"))
@@ -43,9 +43,10 @@ def get_config():
 """
 
 
-def _config(tmp_path, data, steps, every=4, eval_every=0):
-    path = tmp_path / f"cfg_{steps}_{every}_{eval_every}.py"
-    path.write_text(CONFIG.format(data=data, steps=steps, every=every, eval_every=eval_every))
+def _config(tmp_path, data, steps, every=4, eval_every=0, ici=(2, -1, 1)):
+    path = tmp_path / f"cfg_{steps}_{every}_{eval_every}_{ici[0]}.py"
+    path.write_text(CONFIG.format(data=data, steps=steps, every=every, eval_every=eval_every,
+                                  ici=tuple(ici)))  # fmt: skip
     return str(path)
 
 
@@ -135,7 +136,7 @@ def test_two_hosts_train_resume_after_sigkill_agree_on_sigterm_and_restore_on_on
 
 def test_four_hosts_prepare_their_shards_and_resume_their_iterators(demo_px, tmp_path):
     """prepare on 4 processes writes the shards one process writes; a 4-host run resumes each
-    host's Grain iterator where it was, and trains as one process with 4 devices does."""
+    host's Grain iterator where it was: its losses equal an uninterrupted 4-host run's."""
     px4 = str(tmp_path / "px4")
     args = ["--source=demo", "--demo_crops=12", "--max_tokens=64", "--patch_size=2",
             "--num_shards=4", "--noprogress", f"--out={px4}"]  # fmt: skip
@@ -154,22 +155,25 @@ def test_four_hosts_prepare_their_shards_and_resume_their_iterators(demo_px, tmp
         with open(os.path.join(px1, name), "rb") as a, open(os.path.join(px4, name), "rb") as b:
             assert a.read() == b.read(), name
 
-    run, ref = str(tmp_path / "run4"), str(tmp_path / "ref1")
-    Pod("train", [f"--config={_config(tmp_path, px4, 4, every=2)}", f"--workdir={run}"],
+    run, ref = str(tmp_path / "run4"), str(tmp_path / "ref4")
+    # FSDP over the 4 hosts: every collective spans all of them. With 1 device per process, a
+    # (2, 2) mesh's sub-group collectives intermittently stalled gloo's context set-up (30 s
+    # GetKeyValue timeout), also on an idle machine.
+    fsdp = (1, -1, 1)
+    Pod("train", [f"--config={_config(tmp_path, px4, 4, every=2, ici=fsdp)}", f"--workdir={run}"],
         num_processes=4, devices=1, log_dir=tmp_path, tag="4a").check(300)  # fmt: skip
     data_dir = os.path.join(run, "checkpoints", "4", "data")
     states = [json.load(open(os.path.join(data_dir, f"process_{i}-of-4.json"))) for i in range(4)]
     assert all(s == states[0] for s in states)  # one global batch index (bucketing mode)
-    six = _config(tmp_path, px4, 6, every=2)
+    six = _config(tmp_path, px4, 6, every=2, ici=fsdp)
     Pod("train", [f"--config={six}", f"--workdir={run}"], num_processes=4, devices=1,
         log_dir=tmp_path, tag="4b").check(300)  # fmt: skip
-    Pod("train", [f"--config={six}", f"--workdir={ref}"], num_processes=1, devices=4,
-        log_dir=tmp_path, tag="1").check(300)  # fmt: skip
+    Pod("train", [f"--config={six}", f"--workdir={ref}"], num_processes=4, devices=1,
+        log_dir=tmp_path, tag="4ref").check(300)  # fmt: skip
     got, want = _losses(run), _losses(ref)
-    assert sorted(got) == list(range(1, 7))
-    # same batches, rows in another order over the devices: equal up to the sum's rounding
-    np.testing.assert_allclose([got[s] for s in range(1, 7)], [want[s] for s in range(1, 7)],
-                               rtol=1e-5)  # fmt: skip
+    # the resumed 4-host run is the uninterrupted one, step for step (another process count
+    # draws other per-sample noise: it follows the rows' global order, and hosts interleave rows)
+    assert sorted(got) == list(range(1, 7)) and got == want, (got, want)
 
     # host 2's iterator, restored from the step-4 state, yields rows 2::4 of global batch 4
     cfg = load_config(six).data
