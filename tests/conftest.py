@@ -16,6 +16,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -32,9 +33,20 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
     if config.getoption("--multihost"):
         return
-    import pytest
-
     skip = pytest.mark.skip(reason="multi-process: run by bash launch/test_multihost.sh")
     for item in items:
         if "multihost" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def demo_px(tmp_path_factory):
+    """A pixel-space dataset of the demo photos (84 crops, <= 64 tokens, 2x2 patches)."""
+    from fitv2_jax.data.encoders import PixelEncoder
+    from fitv2_jax.data.shard_writer import PrepareSettings, prepare_split
+    from fitv2_jax.data.sources import open_source
+
+    out = str(tmp_path_factory.mktemp("demo_px"))
+    prepare_split(open_source("demo", demo_crops=12), PixelEncoder(),
+                  PrepareSettings(out=out, max_tokens=64, patch_size=2, progress=False))  # fmt: skip
+    return out

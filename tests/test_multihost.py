@@ -15,10 +15,7 @@ import pytest
 from multiprocess import Pod
 
 from fitv2_jax.config.files import load_config
-from fitv2_jax.data.encoders import PixelEncoder
 from fitv2_jax.data.pipeline import make_train_iterator
-from fitv2_jax.data.shard_writer import PrepareSettings, prepare_split
-from fitv2_jax.data.sources import open_source
 
 pytestmark = pytest.mark.multihost
 
@@ -69,14 +66,6 @@ def _wait_for_step(pod, workdir, step, timeout=240):
 
 def _saved_steps(workdir):
     return sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
-
-
-@pytest.fixture(scope="module")
-def demo_px(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("demo_px"))
-    prepare_split(open_source("demo", demo_crops=12), PixelEncoder(),
-                  PrepareSettings(out=out, max_tokens=64, patch_size=2, progress=False))  # fmt: skip
-    return out
 
 
 def test_two_hosts_train_resume_after_sigkill_agree_on_sigterm_and_restore_on_one(

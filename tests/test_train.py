@@ -22,10 +22,7 @@ from safetensors.numpy import load_file
 
 from fitv2_jax.config.defaults import base_config, fitv2_model
 from fitv2_jax.config.files import load_config
-from fitv2_jax.data.encoders import PixelEncoder
 from fitv2_jax.data.pipeline import make_train_iterator, to_global_batch
-from fitv2_jax.data.shard_writer import PrepareSettings, prepare_split
-from fitv2_jax.data.sources import open_source
 from fitv2_jax.flow.transport import masked_loss
 from fitv2_jax.models.convert import from_torch_state_dict, is_post_training_param
 from fitv2_jax.models.fit import FiT
@@ -39,14 +36,6 @@ from fitv2_jax.training.step import BATCH_KEYS, make_train_step, segment_losses
 from fitv2_jax.weights.checkpoints import restore_run_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="session")
-def demo_px(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("demo_px"))
-    prepare_split(open_source("demo", demo_crops=12), PixelEncoder(),
-                  PrepareSettings(out=out, max_tokens=64, patch_size=2, progress=False))  # fmt: skip
-    return out
 
 
 def tiny_config(data_path, **train):

@@ -10,23 +10,12 @@ import pytest
 from cli import error_line, run_cli
 
 from fitv2_jax.config.defaults import base_config, fitv2_model
-from fitv2_jax.data.encoders import PixelEncoder
-from fitv2_jax.data.shard_writer import PrepareSettings, prepare_split
-from fitv2_jax.data.sources import open_source
 from fitv2_jax.training.loop import train
 from fitv2_jax.utils.errors import UserError
 
 SIZES = "16x16,8x32"
 EVAL = dict(sizes=SIZES, num_samples=8, batch_size=8, solver="euler", num_steps=2,
             ref_source="demo", ref_split="heldout", num_ref=8, fid_method="eigh")  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def demo_px(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("demo_px"))
-    prepare_split(open_source("demo", demo_crops=4), PixelEncoder(),
-                  PrepareSettings(out=out, max_tokens=64, patch_size=2, progress=False))  # fmt: skip
-    return out
 
 
 def _config(data_path, **eval_overrides):
