@@ -8,6 +8,8 @@ each), not guesses at older ones. Extras:
          extra would install for an 87 MB weights file
   demo   the offline demo: scikit-image's bundled photos, matplotlib for the report
   tfds   `--source tfds` (tensorflow-datasets)
+  gcs    gcsfs, the client etils.epath opens gs:// URLs with (WORKDIR, --out); no lower bound, as
+         CI does not install it (the tests use an offline file:// stand-in, tests/file_url.py)
   tpu    jax[tpu] (libtpu): training on TPU VMs, and on any host `train --dry_run --topology`
          and `bench --suite tpu`, which compile for TPU slices with the real TPU compiler
   test   the tpu extra (the suite compiles a splash train step for a TPU topology), pytest, ruff and the reference implementations the tests compare against (torch CPU,
@@ -46,12 +48,14 @@ setup(
         "pillow>=10.0",
         "tqdm>=4.66",
         "tensorboardx>=2.6",
+        "etils[epath]>=1.15",
         "pyyaml>=6.0",
     ],
     extras_require={
         "eval": EVAL,
         "demo": DEMO,
         "tfds": ["tensorflow-datasets>=4.9.7"],
+        "gcs": ["gcsfs"],
         "tpu": TPU,
         "test": [
             *DEMO,

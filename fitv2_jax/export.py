@@ -8,13 +8,12 @@ takes --checkpoint. The model config is the run's own (WORKDIR/config.json) unle
 given (needed for official files and folders, whose layout this also rewrites).
 """
 
-import os
-
 from absl import flags
 from ml_collections import config_flags
 
 from fitv2_jax.cli import flags as cli
 from fitv2_jax.cli.app import run
+from fitv2_jax.utils import paths
 from fitv2_jax.utils.errors import UserError
 from fitv2_jax.weights.fit import load_fit_params, save_official
 
@@ -25,7 +24,7 @@ flags.DEFINE_string("checkpoint", None, "training workdir, WORKDIR/checkpoints/<
                     "official file or folder")  # fmt: skip
 flags.DEFINE_integer("step", None, "step to export (default: the latest)")
 flags.DEFINE_enum("params", "ema", ["ema", "raw"], "the EMA or the raw training params")
-flags.DEFINE_string("out", None, "output .safetensors path")
+flags.DEFINE_string("out", None, "output .safetensors path or URL (gs://...)")
 flags.mark_flags_as_required(["checkpoint", "out"])
 cli.define_renamed("output", "out")
 cli.define_renamed("raw", "params=raw", boolean=True)
@@ -35,7 +34,7 @@ def main(argv):
     if len(argv) > 1:
         raise UserError(f"unexpected arguments {argv[1:]}; flags look like --out FILE")
     config = cli.resolve_config(FLAGS.config)
-    if os.path.abspath(FLAGS.out) == os.path.abspath(FLAGS.checkpoint):
+    if paths.absolute(FLAGS.out) == paths.absolute(FLAGS.checkpoint):
         raise UserError(f"--out {FLAGS.out} is the input checkpoint; choose another path")
     params = load_fit_params(FLAGS.checkpoint, config.model, use_ema=FLAGS.params == "ema",
                              step=FLAGS.step)  # fmt: skip

@@ -14,7 +14,8 @@ latent configs; the patch size for pixel-space configs). `--rule auto` uses plai
 the training context and VisionNTK + attention scale beyond it, as the paper does; a
 high-resolution model keeps the rule it was trained with. With a training workdir as
 --checkpoint, --config defaults to its config.json. Output per size: OUT/HxW/*.png, grid.png,
-samples_HxW.npz (ADM's format); OUT/sample_info.json records every setting. Sample i uses noise
+samples_HxW.npz (ADM's format); OUT/sample_info.json records every setting; OUT may be a URL
+(gs://bucket/samples, with the gcs extra). Sample i uses noise
 from (seed, i): the same seed gives the same images for any batch size or device count (for the
 fixed-step solvers).
 """
@@ -36,7 +37,7 @@ config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/fitv2
 cli.define_model_flags(__name__)
 cli.define_sampling_flags(__name__, sizes="256x256", num_samples=16, batch_size=16)
 flags.DEFINE_list("labels", None, "class labels, repeated to --num_samples (default: random)")
-flags.DEFINE_string("out", "samples", "output directory")
+flags.DEFINE_string("out", "samples", "output directory or URL (gs://...)")
 flags.DEFINE_bool("png", True, "a PNG per sample (--nopng: only the grid and the .npz)")
 flags.DEFINE_integer("grid_images", 64, "at most this many images in grid.png")
 for old, new in (("num_images", "num_samples"), ("height", "sizes"), ("width", "sizes"),

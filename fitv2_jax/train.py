@@ -1,7 +1,7 @@
 r"""Train FiT/FiTv2: `python -m fitv2_jax.train --config configs/X.py --workdir DIR`.
 
   # resume is automatic: rerunning the same command continues from DIR's latest checkpoint
-  python -m fitv2_jax.train --config configs/fitv2_xl.py --workdir /gcs/bucket/xl \
+  python -m fitv2_jax.train --config configs/fitv2_xl.py --workdir gs://bucket/xl \
       --config.data.path=/data/in1k_latents_256 --config.data.global_batch_size=256
   # compile the real step for a TPU pod with the TPU compiler (needs the [tpu] extra):
   # per-chip memory, collectives, the compiler's step-time estimate and MFU
@@ -9,7 +9,9 @@ r"""Train FiT/FiTv2: `python -m fitv2_jax.train --config configs/X.py --workdir 
   # the same on N fake CPU devices (CPU compiler, no estimate)
   python -m fitv2_jax.train --config configs/fitv2_3b.py --dry_run --num_devices 64
 
-WORKDIR must be a path every host sees (a gcsfuse mount of a bucket, or NFS), not a gs:// URL.
+WORKDIR is a URL every host reaches (gs://bucket/run: checkpoints, config.json, metrics.jsonl,
+TensorBoard, sample grids and evaluations all go there; `pip install 'fitv2_jax[gcs]'`) or a
+path every host sees (NFS, a gcsfuse mount).
 Config values are overridden with --config.a.b=value. Multi-host: launch one process per host
 (launch/tpu_pod.sh, launch/gpu_slurm.sh); jax.distributed is initialised with --distributed=on,
 or with auto when SLURM or a TPU pod is detected.
@@ -28,8 +30,8 @@ from fitv2_jax.utils.errors import UserError
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/fitv2_xl.py",
                                 lock_config=False)  # fmt: skip
-flags.DEFINE_string("workdir", None, "run directory: checkpoints, metrics.jsonl, tensorboard/, "
-                    "samples/")  # fmt: skip
+flags.DEFINE_string("workdir", None, "run directory or URL (gs://...): checkpoints, "
+                    "metrics.jsonl, tensorboard/, samples/")  # fmt: skip
 flags.DEFINE_bool("dry_run", False, "AOT-compile one train step for --topology (TPU compiler) "
                   "or on --num_devices fake CPU devices, and report memory")  # fmt: skip
 flags.DEFINE_string("topology", None, "--dry_run for a TPU slice: v5p-64, v5e-256, v6e-64, "

@@ -5,8 +5,9 @@
 #       --config.data.path=/shared/in1k_latents_256
 #
 # Install once on the shared filesystem: python3 -m venv .venv && .venv/bin/pip install -e '.[eval]' 'jax[cuda12]'
-# WORKDIR must be on a filesystem all nodes share. Rerunning resumes from the latest checkpoint;
-# SLURM's SIGTERM before the time limit (use --signal=TERM@120) saves and exits 0.
+# WORKDIR must be on a filesystem all nodes share, or a gs:// URL (the gcs extra). Rerunning
+# resumes from the latest checkpoint; SLURM's SIGTERM before the time limit (use
+# --signal=TERM@120) saves and exits 0.
 #SBATCH --job-name=fitv2
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node=8

@@ -3,10 +3,10 @@
 #
 #   export TPU_NAME=my-v5p-64 ZONE=us-east5-a          # (and PROJECT=... if not the default)
 #   SETUP=1 bash launch/tpu_pod.sh                     # once: copy this repo to all workers, install
-#   bash launch/tpu_pod.sh configs/fitv2_xl.py /mnt/bucket/fitv2_xl --config.data.path=/mnt/bucket/in1k_256
+#   bash launch/tpu_pod.sh configs/fitv2_xl.py gs://bucket/fitv2_xl --config.data.path=/mnt/bucket/in1k_256
 #
-# WORKDIR must be a path every worker sees (a gcsfuse mount of a bucket, or NFS): checkpoints,
-# metrics.jsonl and tensorboard/ go there. Rerunning the same command resumes from the latest
+# WORKDIR is a gs:// URL (the gcs extra, installed below) or a path every worker sees (NFS, a
+# gcsfuse mount): checkpoints, metrics.jsonl, tensorboard/, samples/ and eval/ go there. Rerunning the same command resumes from the latest
 # checkpoint; a preempted slice gets SIGTERM, saves and exits 0, so just rerun after recreation.
 set -euo pipefail
 : "${TPU_NAME:?set TPU_NAME to the TPU VM name}"
@@ -23,7 +23,7 @@ if [ "${SETUP:-0}" = 1 ]; then
   "${GCLOUD[@]}" ssh "$TPU_NAME" --zone "$ZONE" --worker=all "${PROJECT_FLAG[@]}" --command "
     mkdir -p $REMOTE_DIR && tar xzf /tmp/fitv2-jax.tgz -C $REMOTE_DIR && cd $REMOTE_DIR &&
     python3 -m venv .venv && .venv/bin/pip install -q -U pip &&
-    .venv/bin/pip install -q -e '.[eval,tpu]'"
+    .venv/bin/pip install -q -e '.[eval,tpu,gcs]'"
   echo "installed on every worker of $TPU_NAME in ~/$REMOTE_DIR"
   exit 0
 fi

@@ -61,7 +61,7 @@ CASES = [
     ("train", ["--config", "{d}/nope.py", "--workdir", "{o}"], "nope.py"),
     ("train", [*TRAIN, "--config.laten=1", "--workdir", "{o}"], "unknown config field laten"),
     ("train", TRAIN, "--workdir is required"),
-    ("train", [*TRAIN, "--workdir", "gs://bucket/run"], "URLs are not supported"),
+    ("train", [*TRAIN, "--workdir", "foo://bucket/run"], "unknown URL scheme foo://"),
     ("train", [*TRAIN, "--workdir", "/proc/fitv2_run"], "--workdir /proc/fitv2_run: cannot create"),
     ("train", [*TRAIN, "--config.data.path={d}/nope", "--workdir", "{o}"],
      "prepared dataset not found"),

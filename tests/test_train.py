@@ -349,17 +349,6 @@ def test_training_on_packed_rows(demo_px, tmp_path):
     assert result["status"] == "done" and np.isfinite(result["loss"])
 
 
-def test_url_workdir_is_refused_before_anything_is_written(tmp_path, monkeypatch):
-    """gs:// would send checkpoints to the bucket (Orbax) but config.json and metrics to a local
-    "gs:" directory; refuse it and name the fix."""
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(
-        ValueError, match=r"--workdir gs://bucket/run: URLs are not supported.*gcsfuse"
-    ):
-        train(None, "gs://bucket/run")
-    assert not os.path.exists(tmp_path / "gs:")
-
-
 def test_damaged_checkpoints_are_moved_aside_and_the_run_resumes_from_an_intact_one(
     demo_px, tmp_path, capsys
 ):

@@ -8,7 +8,6 @@ missing file is the same error. A `:arg` suffix is passed to `get_config(arg)`.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import ml_collections
@@ -16,6 +15,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from fitv2_jax.config.official import config_from_official_yaml
+from fitv2_jax.utils import paths
 from fitv2_jax.utils.errors import MissingFileError, UserError
 from fitv2_jax.weights.checkpoints import is_run_dir, saved_config
 
@@ -66,7 +66,7 @@ def resolve_config(config, checkpoint: str | None = None) -> ml_collections.Conf
         if config.endswith((".yaml", ".yml")):
             return config_from_official_yaml(config)
         return load_config(config)
-    if checkpoint and checkpoint != "random" and not os.path.exists(checkpoint):
+    if checkpoint and checkpoint != "random" and not paths.exists(checkpoint):
         raise MissingFileError(f"--checkpoint {checkpoint}: not found")
     saved = saved_config(checkpoint) if checkpoint and is_run_dir(checkpoint) else None
     if saved is None:

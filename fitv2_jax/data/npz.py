@@ -5,6 +5,9 @@
     writer = NpzStreamWriter("out.npz", (N, H, W, 3)) # the sampler's output, ADM's input
     writer.write(batch); writer.close(arr_1=labels)   # complete files only (temporary + rename)
 
+The writer's path may be a URL (gs://...): the archive is then built in a local temporary file
+and uploaded whole on close. Archives are read from local paths.
+
 An .npz is a zip of .npy files; np.load's mmap_mode does not apply to .npz members, so the .npy
 header and rows are read (or written) directly.
 """
@@ -18,6 +21,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from fitv2_jax.utils.errors import MissingFileError, UserError
+from fitv2_jax.utils.files import publish, staging_file
 
 IMAGES_KEY = "arr_0"
 
@@ -97,11 +101,12 @@ class NpzStreamWriter:
     """Writes an .npz whose `arr_0` (N, H, W, 3) uint8 arrives batch by batch (never all in RAM).
 
     The zip member is a normal .npy (header, then C-order rows), so np.load reads it as usual.
+    It is built in PATH.partial (a local temporary file for a URL) and renamed (uploaded) on close.
     """
 
     def __init__(self, path: str, shape: tuple[int, ...]):
         self.path, self.shape, self.rows = path, tuple(shape), 0
-        self._tmp = path + ".partial"
+        self._tmp = staging_file(path, path + ".partial")
         self._zip = zipfile.ZipFile(self._tmp, "w", zipfile.ZIP_STORED, allowZip64=True)
         self._f = self._zip.open("arr_0.npy", "w", force_zip64=True)
         header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8))}
@@ -131,5 +136,4 @@ class NpzStreamWriter:
             with self._zip.open(f"{name}.npy", "w", force_zip64=True) as f:
                 np.lib.format.write_array(f, np.asarray(arr), allow_pickle=False)
         self._zip.close()
-        os.replace(self._tmp, self.path)  # complete files only
-        return self.path
+        return publish(self._tmp, self.path)  # complete files only

@@ -13,12 +13,12 @@ Memory does not grow with the number of samples.
 
 On several hosts (jax.distributed) the sampler's mesh is each host's own devices: every host
 samples its share of the batches, the features are gathered once per size, every host computes
-the same scores and the first one writes the reports.
+the same scores and the first one writes the reports. OUT (and the reference cache) may be a
+URL (gs://...); the temporary feature files stay local.
 """
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 
@@ -33,6 +33,7 @@ from fitv2_jax.eval.scoring import score
 from fitv2_jax.sampling.generate import SolverOptions
 from fitv2_jax.sampling.sampler import Sampler
 from fitv2_jax.sampling.sizes import SizePlan
+from fitv2_jax.utils import paths
 from fitv2_jax.utils.errors import UserError
 
 SCORING_ONLY = ("fid_method", "k")  # settings that change the scores but not the samples
@@ -46,8 +47,8 @@ def evaluation_labels(num_samples: int, num_classes: int, seed: int) -> np.ndarr
 def _evaluate_one(sampler, inception, plan, reference, labels, key, options, settings,
                   out_dir, ref_cache, spill, overwrite, progress) -> dict:  # fmt: skip
     start = time.time()
-    res_dir = os.path.join(out_dir, plan.name)
-    os.makedirs(res_dir, exist_ok=True)
+    res_dir = paths.join(out_dir, plan.name)
+    paths.makedirs(res_dir)
     meta = {k: v for k, v in settings.items() if k not in SCORING_ONLY}
     meta.update(rule=plan.rule, cfg_scale=plan.cfg_scale, resolution=plan.name)
     feats = sample_features(sampler, inception, plan, labels, key, options, res_dir, meta,
@@ -62,7 +63,7 @@ def _evaluate_one(sampler, inception, plan, reference, labels, key, options, set
         num_reference=ref.num, reference=ref.info.get("description", ""),
         reference_file=ref.info.get("path"), reference_skipped=ref.info.get("skipped", 0),
         nfe_per_batch=feats.info["nfe"], reused_batches=feats.info["reused_batches"],
-        new_batches=feats.info["new_batches"], grid=os.path.join(res_dir, "grid.png"),
+        new_batches=feats.info["new_batches"], grid=paths.join(res_dir, "grid.png"),
         seconds=round(time.time() - start, 2),
     )  # fmt: skip
 
@@ -97,11 +98,11 @@ def evaluate_sizes(
         sampler.check_fits(plan.h, plan.w)
     inception = inception or load_inception(batch_size=sampler.batch_size)
     labels = evaluation_labels(num_samples, int(sampler.model_cfg["num_classes"]), seed)
-    out_dir = os.path.abspath(out_dir)
+    out_dir = paths.check_writable_dir(paths.absolute(out_dir), "--out")
     # reference statistics do not depend on the model: evaluations of several checkpoints can
     # share one cache directory
-    ref_cache = os.path.abspath(reference.cache_dir or os.path.join(out_dir, "reference"))
-    os.makedirs(ref_cache, exist_ok=True)
+    ref_cache = paths.absolute(reference.cache_dir or paths.join(out_dir, "reference"))
+    paths.makedirs(ref_cache)
     settings = dict(settings or {}, num_samples=num_samples, **options.describe(), seed=seed,
                     batch_size=sampler.batch_size, fid_method=fid_method, k=k)  # fmt: skip
     results = dict(model=model_name, settings=settings, resolutions={})
@@ -118,5 +119,5 @@ def evaluate_sizes(
     results["seconds"] = round(time.time() - start, 2)
     if writes:
         write_reports(results, out_dir)
-        fid_chart(results, os.path.join(out_dir, "fid.png"))
+        fid_chart(results, paths.join(out_dir, "fid.png"))
     return results

@@ -6,7 +6,8 @@
 
 Both return `Features`. Statistics files use ADM's keys (`mu`, `sigma`, `mu_s`, `sigma_s`, plus
 the reference pool features under `pool`, so precision/recall work without the images); ADM's
-evaluator and `python -m fitv2_jax.evaluate_npz` read them.
+evaluator and `python -m fitv2_jax.evaluate_npz` read them. The cache directory may be a URL
+(gs://...); reference .npz inputs are local files.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from fitv2_jax.data.npz import IMAGES_KEY, NpzArray, NpzImages, npz_keys
 from fitv2_jax.data.sources import open_source
 from fitv2_jax.eval.features import Features, features_from_batches
 from fitv2_jax.sampling.sizes import parse_per_size, size_name
+from fitv2_jax.utils import paths
 from fitv2_jax.utils.errors import MissingFileError, UserError
+from fitv2_jax.utils.files import savez_atomic
 
 STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 
@@ -60,10 +63,10 @@ def read_reference(path: str, with_pool: bool = True) -> dict[str, np.ndarray]:
     """The precomputed statistics (mu, sigma, mu_s, sigma_s) and `pool` features of a reference
     .npz, whichever it has (images under `arr_0` are left on disk: stream them separately; so is
     `pool` with with_pool=False)."""
-    if not os.path.isfile(path):
+    if not paths.isfile(path):
         raise MissingFileError(f"{path}: reference file not found")
     out = {}
-    with np.load(path) as f:
+    with paths.load_npz(path) as f:
         keys = set(f.files)
         present = [k for k in STAT_KEYS if k in keys]
         if present and len(present) != len(STAT_KEYS):
@@ -100,11 +103,8 @@ def write_statistics(
     if pool is not None:
         arrays["pool"] = np.asarray(pool, np.float32)
     arrays.update({k: np.asarray(v) for k, v in meta.items()})
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.partial.npz"  # hosts sharing a cache never share a tmp file
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
-    return path
+    paths.makedirs(paths.dirname(paths.absolute(path)))
+    return savez_atomic(path, **arrays)  # hosts sharing a cache never share a temporary file
 
 
 def cover_crop(img: Image.Image, height: int, width: int) -> np.ndarray:
@@ -128,8 +128,8 @@ def source_reference(source, height: int, width: int, path: str, inception, *,
                      progress: bool = True) -> Features:  # fmt: skip
     """Features of a dataset source's images cover-cropped to height x width, cached at `path`.
     Images that cannot be read are skipped and counted in info["skipped"]."""
-    if os.path.isfile(path):
-        with np.load(path) as f:
+    if paths.isfile(path):
+        with paths.load_npz(path) as f:
             skipped = int(f["skipped"]) if "skipped" in f.files else 0
         return _features_from_file(path, path=path, cached=True, skipped=skipped)
     n = len(source) if num is None else min(int(num), len(source))
@@ -166,7 +166,7 @@ def npz_reference(path: str, cache: str, inception, batch_size: int = 32,
     ref = read_reference(path)
     if "mu" in ref and "pool" in ref:
         return _features_from_file(path, path=path, cached=True)
-    if os.path.isfile(cache):  # the file's own statistics win over the cached computed ones
+    if paths.isfile(cache):  # the file's own statistics win over the cached computed ones
         feats = _features_from_file(cache, path=path, cached=True)
     else:
         if IMAGES_KEY not in npz_keys(path):
@@ -191,7 +191,7 @@ def reference_features(reference: Reference, height: int, width: int, inception,
         path = npz_for_size(reference, (height, width))
         stem = os.path.basename(path).replace(".npz", "")
         tag = hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:8]
-        feats = npz_reference(path, os.path.join(cache_dir, f"{stem}_{tag}_pool.npz"), inception,
+        feats = npz_reference(path, paths.join(cache_dir, f"{stem}_{tag}_pool.npz"), inception,
                               batch_size, progress)  # fmt: skip
         feats.info["description"] = os.path.basename(path)
         return feats
@@ -201,7 +201,7 @@ def reference_features(reference: Reference, height: int, width: int, inception,
         source = open_source(source, root=reference.root, split=reference.split)
     tag = "".join(c if c.isalnum() else "_" for c in desc)
     n_tag = "all" if reference.num is None else str(reference.num)
-    path = os.path.join(cache_dir, f"{tag}_{name}_n{n_tag}.npz")
+    path = paths.join(cache_dir, f"{tag}_{name}_n{n_tag}.npz")
     feats = source_reference(source, height, width, path, inception, num=reference.num,
                              batch_size=batch_size, description=desc, progress=progress)  # fmt: skip
     feats.info["description"] = f"{desc} cover-cropped to {name}"

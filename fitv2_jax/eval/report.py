@@ -2,18 +2,20 @@
 
 write_reports(results, out_dir)       # OUT/results.json, OUT/results.md
 fid_chart(results, "OUT/fid.png")     # FID by size (needs matplotlib: the [eval] extra)
+
+OUT may be a local path or a URL (gs://...).
 """
 
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 
 from fitv2_jax.eval.scoring import SCORES
+from fitv2_jax.utils import paths
 from fitv2_jax.utils.errors import UserError
-from fitv2_jax.utils.files import write_json_atomic, write_text_atomic
+from fitv2_jax.utils.files import save_figure, write_json_atomic, write_text_atomic
 
 
 def pyplot():
@@ -88,7 +90,7 @@ def fid_chart(results: dict, path: str) -> str:
     ax.set_xlabel("resolution (height x width); orange = RoPE extrapolation rule")
     ax.set_title(f"{results['model']}: FID-{results['settings']['num_samples']} by resolution")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(path, fig, dpi=120)
     plt.close(fig)
     return path
 
@@ -110,12 +112,12 @@ def fid_over_steps_chart(table: dict, path: str) -> str:
     ax.grid(alpha=0.3)
     ax.legend(title="height x width", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(path, fig)
     plt.close(fig)
     return path
 
 
 def write_reports(results: dict, out_dir: str) -> None:
     """OUT/results.json and OUT/results.md, each replaced atomically."""
-    write_json_atomic(os.path.join(out_dir, "results.json"), results, indent=2)
-    write_text_atomic(os.path.join(out_dir, "results.md"), results_markdown(results))
+    write_json_atomic(paths.join(out_dir, "results.json"), results, indent=2)
+    write_text_atomic(paths.join(out_dir, "results.md"), results_markdown(results))

@@ -12,20 +12,18 @@ other settings are refused (or discarded with overwrite=True).
 On several hosts (jax.distributed) each host samples the batches b with b % process_count ==
 process_index on its own devices, with no cross-host traffic, and saves them to its OUT; the
 features are gathered once per size (`gather_parts`), so every host returns all of them.
-Sample i is the same whichever host makes it, so the scores equal one host's.
+Sample i is the same whichever host makes it, so the scores equal one host's. OUT may be a
+URL (gs://...): the parts are then objects there, written whole.
 """
 
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
-import os
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from PIL import Image
 from tqdm.auto import tqdm
 
 from fitv2_jax.eval.features import (
@@ -39,8 +37,9 @@ from fitv2_jax.sampling.generate import SolverOptions
 from fitv2_jax.sampling.images import display_scale, image_grid
 from fitv2_jax.sampling.sampler import Sampler
 from fitv2_jax.sampling.sizes import SizePlan
+from fitv2_jax.utils import paths
 from fitv2_jax.utils.errors import UserError
-from fitv2_jax.utils.files import write_json_atomic
+from fitv2_jax.utils.files import save_png, savez_atomic, write_json_atomic
 
 PART = "batch_{:06d}.npz"
 GRID_IMAGES = 16
@@ -51,23 +50,22 @@ def _saved_parts(feature_dir: str, batches: list[int]) -> dict[int, int]:
     file never has the final name). Only the small `ids` member is read."""
     parts = {}
     for b in batches:
-        path = os.path.join(feature_dir, PART.format(b))
-        if os.path.isfile(path):
-            with np.load(path) as f:
+        path = paths.join(feature_dir, PART.format(b))
+        if paths.isfile(path):
+            with paths.load_npz(path) as f:
                 parts[b] = len(f["ids"])
     return parts
 
 
 def _read_part(feature_dir: str, b: int) -> dict[str, np.ndarray]:
-    with np.load(os.path.join(feature_dir, PART.format(b))) as f:
+    with paths.load_npz(paths.join(feature_dir, PART.format(b))) as f:
         return {k: f[k] for k in f.files}
 
 
 def _check_meta(feature_dir: str, meta: dict, overwrite: bool) -> None:
-    path = os.path.join(feature_dir, "meta.json")
-    if os.path.isfile(path) and not overwrite:
-        with open(path) as f:
-            old = json.load(f)
+    path = paths.join(feature_dir, "meta.json")
+    if paths.isfile(path) and not overwrite:
+        old = json.loads(paths.read_text(path))
         diff = {k: (old.get(k), v) for k, v in meta.items() if old.get(k) != v}
         if diff:
             raise UserError(
@@ -76,17 +74,17 @@ def _check_meta(feature_dir: str, meta: dict, overwrite: bool) -> None:
                 "use another output directory or --overwrite"
             )
     if overwrite:
-        for old_part in glob.glob(os.path.join(feature_dir, "batch_*.npz")):
+        for old_part in paths.glob(feature_dir, "batch_*.npz"):
             with contextlib.suppress(FileNotFoundError):  # another host sharing OUT was first
-                os.remove(old_part)
-    os.makedirs(feature_dir, exist_ok=True)
+                paths.remove(old_part)
+    paths.makedirs(feature_dir)
     write_json_atomic(path, meta, indent=2)
 
 
 def _sample_missing_batches(sampler, inception, plan, labels, key, options, out_dir, todo,
                             progress, total, done):  # fmt: skip
     n, bs = len(labels), sampler.batch_size
-    feature_dir = os.path.join(out_dir, "features")
+    feature_dir = paths.join(out_dir, "features")
     bar = tqdm(total=total, desc=f"samples {plan.name}", unit="img", disable=not progress,
                leave=False)  # fmt: skip
     bar.update(done)
@@ -97,12 +95,10 @@ def _sample_missing_batches(sampler, inception, plan, labels, key, options, out_
         part = dict(pool=out["pool"], spatial=out["spatial"], ids=ids, nfe=np.int64(nfe))
         if out["logits"] is not None:
             part["logits"] = out["logits"]
-        tmp = os.path.join(feature_dir, f".{PART.format(b)}.{os.getpid()}.partial.npz")
-        np.savez(tmp, **part)
-        os.replace(tmp, os.path.join(feature_dir, PART.format(b)))
+        savez_atomic(paths.join(feature_dir, PART.format(b)), **part)
         if b == 0:
             grid = image_grid(images[:GRID_IMAGES], scale=display_scale(*images.shape[1:3]))
-            Image.fromarray(grid).save(os.path.join(out_dir, "grid.png"))
+            save_png(paths.join(out_dir, "grid.png"), grid)
         bar.update(len(ids))
     bar.close()
 
@@ -169,7 +165,7 @@ def sample_features(
     n, bs = len(labels), sampler.batch_size
     num_batches = -(-n // bs)
     sizes = [min(bs, n - b * bs) for b in range(num_batches)]
-    feature_dir = os.path.join(out_dir, "features")
+    feature_dir = paths.join(out_dir, "features")
     _check_meta(feature_dir, dict(meta, batch_size=bs, num_samples=n), overwrite)
     if jax.process_count() > 1:  # no host writes a part before every host has cleared old ones
         multihost_utils.sync_global_devices(f"fitv2_jax features {plan.name}")

@@ -5,17 +5,16 @@
 Output, per size: OUT/HxW/000000.png ..., OUT/HxW/grid.png and OUT/HxW/samples_HxW.npz (arr_0:
 uint8 N x H x W x 3, the input of `python -m fitv2_jax.evaluate_npz` and ADM's evaluator; arr_1:
 the class labels), plus OUT/sample_info.json with every setting and the solver's evaluations.
-On several hosts every host samples its share and the first host writes.
+On several hosts every host samples its share and the first host writes. OUT may be a URL
+(gs://...): every file is then an object written whole.
 """
 
 from __future__ import annotations
 
-import os
 import time
 
 import jax
 import numpy as np
-from PIL import Image
 from tqdm.auto import tqdm
 
 from fitv2_jax.data.npz import NpzStreamWriter
@@ -23,16 +22,17 @@ from fitv2_jax.sampling.generate import SolverOptions
 from fitv2_jax.sampling.images import display_scale, image_grid
 from fitv2_jax.sampling.sampler import Sampler
 from fitv2_jax.sampling.sizes import SizePlan
-from fitv2_jax.utils.files import write_json_atomic
+from fitv2_jax.utils import paths
+from fitv2_jax.utils.files import save_png, write_json_atomic
 
 
 def _sample_one_size(sampler, plan, labels, key, options, size_dir, png, grid_images, bar):
     """All samples of one size; returns (nfe per batch, npz path or None when not writing)."""
     n, bs = len(labels), sampler.batch_size
     writes = jax.process_index() == 0
-    npz_path = os.path.join(size_dir, f"samples_{plan.name}.npz")
+    npz_path = paths.join(size_dir, f"samples_{plan.name}.npz")
     if writes:
-        os.makedirs(size_dir, exist_ok=True)
+        paths.makedirs(size_dir)
         npz = NpzStreamWriter(npz_path, (n, plan.height, plan.width, 3))
     grid, nfes = [], []
     try:
@@ -46,7 +46,7 @@ def _sample_one_size(sampler, plan, labels, key, options, size_dir, png, grid_im
             npz.write(images)
             if png:
                 for i, img in zip(ids, images, strict=True):
-                    Image.fromarray(img).save(os.path.join(size_dir, f"{i:06d}.png"))
+                    save_png(paths.join(size_dir, f"{i:06d}.png"), img)
             grid.extend(images[: max(0, grid_images - len(grid))])
     except BaseException:
         if writes:
@@ -54,9 +54,8 @@ def _sample_one_size(sampler, plan, labels, key, options, size_dir, png, grid_im
         raise
     if writes:
         npz.close(arr_1=labels.astype(np.int64))
-        Image.fromarray(
-            image_grid(np.stack(grid), scale=display_scale(plan.height, plan.width))
-        ).save(os.path.join(size_dir, "grid.png"))
+        grid = image_grid(np.stack(grid), scale=display_scale(plan.height, plan.width))
+        save_png(paths.join(size_dir, "grid.png"), grid)
     return nfes, npz_path
 
 
@@ -78,23 +77,25 @@ def sample_to_files(
     and per size its rule, CFG scale, evaluations per batch, seconds and files."""
     for plan in plans:  # every size fits before anything is written
         sampler.check_fits(plan.h, plan.w)
-    out_dir = os.path.abspath(out_dir)
+    out_dir = paths.absolute(out_dir)
+    if jax.process_index() == 0:  # the writer
+        paths.check_writable_dir(out_dir, "--out")
     info = dict(info or {}, **options.describe(), batch_size=sampler.batch_size,
                 devices=int(sampler.mesh.devices.size), sizes={})  # fmt: skip
     bar = tqdm(total=len(plans) * len(labels), unit="img", disable=not progress, desc="sampling")
     for plan in plans:
         bar.set_description(f"sampling {plan.name} ({plan.rule}, cfg {plan.cfg_scale:g})")
-        size_dir, start = os.path.join(out_dir, plan.name), time.time()
+        size_dir, start = paths.join(out_dir, plan.name), time.time()
         nfes, npz = _sample_one_size(sampler, plan, labels, key, options, size_dir, png,
                                      grid_images, bar)  # fmt: skip
         info["sizes"][plan.name] = dict(
             height=plan.height, width=plan.width, patches=[plan.h, plan.w], tokens=plan.tokens,
             rule=plan.rule, cfg_scale=plan.cfg_scale, nfe_per_batch=nfes,
             seconds=round(time.time() - start, 2), npz=npz,
-            grid=os.path.join(size_dir, "grid.png"),
+            grid=paths.join(size_dir, "grid.png"),
         )  # fmt: skip
     bar.close()
     info["labels"] = np.asarray(labels).tolist()
     if jax.process_index() == 0:
-        write_json_atomic(os.path.join(out_dir, "sample_info.json"), info, indent=2)
+        write_json_atomic(paths.join(out_dir, "sample_info.json"), info, indent=2)
     return info

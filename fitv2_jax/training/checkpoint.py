@@ -9,18 +9,19 @@ WORKDIR/checkpoints/<step>/{state,data,config}. Orbax writes each step to a temp
 and renames it when complete, so a crash mid-save never leaves a step that restores. Restoring
 places every array on the *current* mesh (the abstract target carries the shardings), so a run
 saved on 8 devices resumes on 4, and a run of 2 processes on 1 or 4 (bucketing mode).
+WORKDIR may be a URL (gs://...): Orbax writes it through epath and TensorStore's own drivers.
 """
 
 from __future__ import annotations
 
 import json
-import os
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
+from fitv2_jax.utils import paths
 from fitv2_jax.utils.errors import UserError
 from fitv2_jax.weights.checkpoints import CHECKPOINT_DIR, ITEMS
 
@@ -33,20 +34,20 @@ def _abstract_with(tree, shardings):
 
 def _foreign_iterator_state(data_dir: str, own: str, portable: bool) -> dict:
     """The iterator state saved by process 0 of a run with another process count."""
-    saved = sorted(f for f in os.listdir(data_dir) if f.startswith("process_0-of-"))
+    names = sorted(paths.listdir(data_dir))
+    saved = [f for f in names if f.startswith("process_0-of-")]
     if not portable or not saved:
         raise UserError(
             f"{data_dir} has no {own}: the run was saved with another number of processes "
-            f"({', '.join(sorted(os.listdir(data_dir)))}). Packed data streams are per host; "
+            f"({', '.join(names)}). Packed data streams are per host; "
             "resume with the process count it was saved with"
         )
-    with open(os.path.join(data_dir, saved[0])) as f:
-        return json.load(f)
+    return json.loads(paths.read_text(paths.join(data_dir, saved[0])))
 
 
 class Checkpoints:
     def __init__(self, workdir: str, train_cfg):
-        self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+        self.directory = paths.join(paths.absolute(workdir), CHECKPOINT_DIR)
         policies = [pp.LatestN(n=max(int(train_cfg.keep_last), 1))]
         if train_cfg.keep_steps:
             policies.append(pp.CustomSteps(steps=[int(s) for s in train_cfg.keep_steps]))
@@ -85,11 +86,11 @@ class Checkpoints:
                 target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)
             )
         )
-        data_dir = os.path.join(self.directory, str(step), "data")
+        data_dir = paths.join(self.directory, str(step), "data")
         own = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
         foreign = None
-        if data_iterator is not None and os.path.isdir(data_dir):
-            if os.path.isfile(os.path.join(data_dir, own)):
+        if data_iterator is not None and paths.isdir(data_dir):
+            if paths.isfile(paths.join(data_dir, own)):
                 items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
             else:
                 foreign = _foreign_iterator_state(data_dir, own, portable_iterator)

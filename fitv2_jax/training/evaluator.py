@@ -15,7 +15,6 @@ Sample i has the same noise and label at every step, so the scores compare acros
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import numpy as np
@@ -30,6 +29,7 @@ from fitv2_jax.parallel.mesh import inference_mesh
 from fitv2_jax.sampling.generate import SolverOptions
 from fitv2_jax.sampling.sampler import Sampler
 from fitv2_jax.sampling.sizes import is_latent, plan_sizes
+from fitv2_jax.utils import paths
 from fitv2_jax.utils.errors import UserError
 from fitv2_jax.utils.files import write_json_atomic, write_text_atomic
 from fitv2_jax.weights.vae import load_vae
@@ -64,8 +64,8 @@ class TrainingEvaluator:
 
     def __init__(self, config, workdir: str):
         self.config, self.ec = config, config.eval
-        self.dir = os.path.join(os.path.abspath(workdir), "eval")
-        self.reference = _reference(self.ec, os.path.join(self.dir, "reference"))
+        self.dir = paths.join(paths.absolute(workdir), "eval")
+        self.reference = _reference(self.ec, paths.join(self.dir, "reference"))
         self.vae = None
         if is_latent(config):
             if not config.vae_path:
@@ -84,11 +84,10 @@ class TrainingEvaluator:
 
     def scores(self) -> dict[str, dict]:
         """{step (str): {size: {metric: value}}} of the evaluations so far."""
-        path = os.path.join(self.dir, SCORES_JSON)
-        if not os.path.isfile(path):
+        path = paths.join(self.dir, SCORES_JSON)
+        if not paths.isfile(path):
             return {}
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads(paths.read_text(path))
 
     def done(self, step: int) -> bool:
         return str(step) in self.scores()
@@ -99,7 +98,7 @@ class TrainingEvaluator:
         sampler = Sampler(self.config.model, host_params(ema_params), mesh, vae=self.vae,
                           latent=is_latent(self.config), batch_size=ec.batch_size)  # fmt: skip
         results = evaluate_sizes(
-            sampler, self.plans, self.reference, out_dir=os.path.join(self.dir, f"step_{step:08d}"),
+            sampler, self.plans, self.reference, out_dir=paths.join(self.dir, f"step_{step:08d}"),
             num_samples=int(ec.num_samples), options=self.options,
             inception=load_inception(batch_size=sampler.batch_size), seed=int(ec.seed),
             k=int(ec.k), fid_method=ec.fid_method, model_name=f"step {step}",
@@ -111,9 +110,9 @@ class TrainingEvaluator:
                                     for k, v in s.items() if v is not None})  # fmt: skip
         if self.main:
             table = self.scores() | {str(step): by_size}
-            write_json_atomic(os.path.join(self.dir, SCORES_JSON), table, indent=1)
-            write_text_atomic(os.path.join(self.dir, "scores.md"), scores_markdown(table))
-            fid_over_steps_chart(table, os.path.join(self.dir, "fid_over_steps.png"))
+            write_json_atomic(paths.join(self.dir, SCORES_JSON), table, indent=1)
+            write_text_atomic(paths.join(self.dir, "scores.md"), scores_markdown(table))
+            fid_over_steps_chart(table, paths.join(self.dir, "fid_over_steps.png"))
             line = "  ".join(f"{name} FID {fmt_score('fid', s['fid'])} KID x1e3 "
                              f"{fmt_score('kid', s['kid'])}" for name, s in by_size.items())  # fmt: skip
             print(f"eval step {step}: {line} ({results['seconds']:.0f} s)", flush=True)

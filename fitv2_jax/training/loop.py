@@ -5,13 +5,14 @@ from the latest complete checkpoint in WORKDIR by itself, runs the jitted step, 
 grids, scores the EMA weights every `train.eval_every` steps (`evaluator`), saves every
 `train.checkpoint_every` steps and on SIGTERM (then exits cleanly), and stops
 with a clear error on a NaN/Inf loss without writing a checkpoint of the bad state.
+WORKDIR is a local path or a URL (gs://...): every file goes through `utils.paths`/`utils.files`,
+the checkpoints through Orbax (which takes URLs).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import sys
 import time
@@ -23,7 +24,6 @@ import jax.numpy as jnp
 import numpy as np
 from clu import parameter_overview
 from jax.experimental import multihost_utils
-from PIL import Image
 
 from fitv2_jax.data.pipeline import make_train_iterator, to_global_batch
 from fitv2_jax.models.convert import is_post_training_param
@@ -38,8 +38,9 @@ from fitv2_jax.training.setup import TrainSetup, build_setup
 from fitv2_jax.training.state import TrainState
 from fitv2_jax.training.step import BATCH_KEYS
 from fitv2_jax.training.writers import MetricWriter, create_writer
+from fitv2_jax.utils import paths
 from fitv2_jax.utils.errors import UserError
-from fitv2_jax.utils.files import write_text_atomic
+from fitv2_jax.utils.files import save_png, write_text_atomic
 from fitv2_jax.utils.timing import matmul_peak_flops
 from fitv2_jax.weights.checkpoints import CONFIG_JSON, saved_config
 from fitv2_jax.weights.fit import load_fit_params
@@ -186,10 +187,10 @@ def check_resume_config(config, saved, directory: str) -> None:
 
 def _quarantine(ckpt: Checkpoints, step: int) -> str:
     """Moves a step that cannot be restored aside (never deleted), so the run can save it again."""
-    src = os.path.join(ckpt.directory, str(step))
+    src = paths.join(ckpt.directory, str(step))
     dst = f"{src}.unreadable-{int(time.time())}"
     if jax.process_index() == 0:
-        os.replace(src, dst)
+        paths.rename(src, dst)
     ckpt.manager.reload()
     return dst
 
@@ -237,7 +238,7 @@ def sample_grids(config, params, step: int, workdir: str, writer: MetricWriter) 
             return
         vae = load_vae(config.vae_path)
     multiple, model_cfg = size_multiple(config, vae), config.model
-    os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+    paths.makedirs(paths.join(workdir, "samples"))
     labels = jnp.arange(8) % model_cfg.num_classes
     images = {}
     for height, width in config.train.sample_sizes:
@@ -251,7 +252,7 @@ def sample_grids(config, params, step: int, workdir: str, writer: MetricWriter) 
             x = vae.decode(jnp.asarray(x))
         grid = image_grid(to_uint8(x), cols=4, scale=display_scale(height, width))
         name = f"step{step:08d}_{height}x{width}.png"
-        Image.fromarray(grid).save(os.path.join(workdir, "samples", name))
+        save_png(paths.join(workdir, "samples", name), grid)
         images[f"samples/{height}x{width}"] = grid[None]
     writer.write_images(step, images)
 
@@ -260,9 +261,9 @@ def _write_parameter_overview(setup: TrainSetup, workdir: str) -> None:
     """WORKDIR/parameters.txt: every parameter's shape and size (clu's table); total printed."""
     params = setup.abstract_state.params
     table = parameter_overview.get_parameter_overview(params, include_stats=False)
-    write_text_atomic(os.path.join(workdir, "parameters.txt"), table + "\n")
+    write_text_atomic(paths.join(workdir, "parameters.txt"), table + "\n")
     total = parameter_overview.count_parameters(params)
-    print(f"{total / 1e6:.2f}M parameters ({os.path.join(workdir, 'parameters.txt')})")
+    print(f"{total / 1e6:.2f}M parameters ({paths.join(workdir, 'parameters.txt')})")
 
 
 def _log_line(step: int, total: int, m: dict, peak_label: str) -> str:
@@ -323,6 +324,7 @@ def _run(setup, state, start, data_it, ckpt, writer, window, workdir, peak_label
                     print(_log_line(step, tc.total_steps, last, peak_label), flush=True)
             if save:
                 ckpt.save(step, state, data_it, setup.config, force=True)
+                writer.flush()  # a URL workdir's metrics reach at least this checkpoint
             if grids:
                 sample_grids(setup.config, state.ema_params, step, workdir, writer)
             if evaluate:
@@ -348,22 +350,9 @@ def _peak_flops(config) -> tuple[float, str]:
 
 
 def check_workdir(workdir: str) -> None:
-    """A local (or mounted) directory this process can write; made if missing."""
-    if "://" in str(workdir):
-        # os.makedirs would quietly make a local "gs:" directory for config.json and metrics
-        # while Orbax wrote checkpoints to the bucket: a resume elsewhere would miss half the run.
-        raise UserError(
-            f"--workdir {workdir}: URLs are not supported (config.json, metrics.jsonl, TensorBoard "
-            "and sample grids are written through the local filesystem). Mount the bucket on "
-            "every host (e.g. `gcsfuse --implicit-dirs BUCKET /gcs/BUCKET`) and pass the mount "
-            "path, e.g. --workdir /gcs/BUCKET/run"
-        )
-    try:
-        os.makedirs(workdir, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--workdir {workdir}: cannot create it ({e.strerror})") from e
-    if not os.access(workdir, os.W_OK | os.X_OK):
-        raise UserError(f"--workdir {workdir}: not writable by this user; choose another")
+    """A directory this process can write, made if missing: a local path (on several hosts, one
+    they all see: NFS, a gcsfuse mount) or a URL every host reaches (gs://bucket/run)."""
+    paths.check_writable_dir(workdir, "--workdir")
 
 
 def train(config, workdir: str) -> dict[str, Any]:
@@ -378,13 +367,14 @@ def train(config, workdir: str) -> dict[str, Any]:
                                   process_count=jax.process_count(), seed=config.seed,
                                   num_classes=int(config.model.num_classes))  # fmt: skip
     ckpt = Checkpoints(workdir, config.train)
-    main = jax.process_index() == 0
+    main, writer = jax.process_index() == 0, None
     try:
         state, start = _restore_or_init(setup, ckpt, data_it)
         if main:  # only once the run has started: a failed resume leaves config.json as it was
             write_text_atomic(
-                os.path.join(workdir, CONFIG_JSON), config.to_json_best_effort(indent=2)
+                paths.join(workdir, CONFIG_JSON), config.to_json_best_effort(indent=2)
             )
+            _write_parameter_overview(setup, workdir)
         writer = create_writer(workdir, main)
         peak, peak_label = _peak_flops(config)
         if main and start < config.train.total_steps:
@@ -397,9 +387,10 @@ def train(config, workdir: str) -> dict[str, Any]:
                                   evaluator)  # fmt: skip
     finally:
         ckpt.close()  # completes any save in flight, also when a NaN or a crash ends the run
-    writer.close()
+        if writer is not None:
+            writer.close()  # a URL workdir's metrics are uploaded, also after a NaN or a crash
     if main:
         print(f"Finished ({status}) at step {step} after {time.perf_counter() - run_start:.0f} s; "
               f"checkpoints in {ckpt.directory}, metrics in "
-              f"{os.path.join(workdir, 'metrics.jsonl')}", flush=True)  # fmt: skip
+              f"{paths.join(workdir, 'metrics.jsonl')}", flush=True)  # fmt: skip
     return dict(last, step=step, status=status)

@@ -6,13 +6,12 @@
     WORKDIR/checkpoints/<step>/config         the config the step was saved with
 
 `fitv2_jax.training.checkpoint.Checkpoints` writes this layout; sampling, evaluation, export and
-warm starts read it here, without building an optimizer.
+warm starts read it here, without building an optimizer. WORKDIR may be a URL (gs://...).
 """
 
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import ml_collections
@@ -20,6 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from fitv2_jax.models.build import abstract_params
+from fitv2_jax.utils import paths
 from fitv2_jax.utils.errors import MissingFileError, UserError
 
 CHECKPOINT_DIR = "checkpoints"
@@ -29,25 +29,25 @@ CONFIG_JSON = "config.json"
 
 def split_step_dir(path: str) -> tuple[str, int | None]:
     """.../workdir, .../workdir/checkpoints or .../checkpoints/<step> -> (workdir, step)."""
-    path = os.path.abspath(path.rstrip("/"))
-    base = os.path.basename(path)
-    if base.isdigit() and os.path.basename(os.path.dirname(path)) == CHECKPOINT_DIR:
-        return os.path.dirname(os.path.dirname(path)), int(base)
+    path = paths.absolute(path.rstrip("/"))
+    base = paths.basename(path)
+    if base.isdigit() and paths.basename(paths.dirname(path)) == CHECKPOINT_DIR:
+        return paths.dirname(paths.dirname(path)), int(base)
     if base == CHECKPOINT_DIR:
-        return os.path.dirname(path), None
+        return paths.dirname(path), None
     return path, None
 
 
 def is_run_dir(path: str) -> bool:
     """Whether `path` is a workdir, its checkpoints/ folder or one step folder of a run."""
     workdir, _ = split_step_dir(path)
-    return os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR))
+    return paths.isdir(paths.join(workdir, CHECKPOINT_DIR))
 
 
 def read_only_manager(workdir: str) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(read_only=True, create=False)
     return ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR), item_names=ITEMS, options=options
+        paths.join(paths.absolute(workdir), CHECKPOINT_DIR), item_names=ITEMS, options=options
     )
 
 
@@ -55,7 +55,7 @@ def saved_config(path: str) -> ml_collections.ConfigDict | None:
     """The config a run was saved with: that of the step (`.../checkpoints/STEP`) or the latest
     step, else WORKDIR/config.json; None when the run has neither."""
     workdir, step = split_step_dir(path)
-    if os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)):
+    if paths.isdir(paths.join(workdir, CHECKPOINT_DIR)):
         manager = read_only_manager(workdir)
         step = step if step is not None else manager.latest_step()
         if step is not None and step in manager.all_steps():
@@ -66,13 +66,12 @@ def saved_config(path: str) -> ml_collections.ConfigDict | None:
                 pass
             finally:
                 manager.close()
-    path = os.path.join(workdir, CONFIG_JSON)
-    if not os.path.isfile(path):
+    path = paths.join(workdir, CONFIG_JSON)
+    if not paths.isfile(path):
         return None
     try:
-        with open(path, encoding="utf-8") as f:
-            return ml_collections.ConfigDict(json.load(f))
-    except (OSError, json.JSONDecodeError) as e:
+        return ml_collections.ConfigDict(json.loads(paths.read_text(path)))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{path}: unreadable ({e}); pass --config") from e
 
 
@@ -99,7 +98,7 @@ def restore_run_params(path: str, model_config, use_ema: bool = True, step: int 
         raise MissingFileError(
             f"{path}: no complete checkpoint"
             + (f" at step {step}" if step is not None else "")
-            + f" under {os.path.join(workdir, CHECKPOINT_DIR)} (steps: {list(manager.all_steps())})"
+            + f" under {paths.join(workdir, CHECKPOINT_DIR)} (steps: {list(manager.all_steps())})"
         )
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     key = "ema_params" if use_ema else "params"

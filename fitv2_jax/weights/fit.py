@@ -4,6 +4,7 @@
     params = load_fit_params("hf/FiTv2_XL", config.model)               # folder with model_ema.*
     params = load_fit_params("runs/xl", config.model)                   # our run: latest EMA
     params = load_fit_params("runs/xl/checkpoints/4000", config.model, use_ema=False)
+    params = load_fit_params("gs://bucket/xl", config.model)             # our run at a URL
     params = random_params(config.model, seed=0)                        # smoke tests
     save_official(params, config.model, "fitv2_ema.safetensors")       # loads in the official code
 
@@ -23,7 +24,9 @@ from safetensors.numpy import save_file
 
 from fitv2_jax.models.build import abstract_params
 from fitv2_jax.models.convert import from_torch_state_dict, to_torch_state_dict
+from fitv2_jax.utils import paths
 from fitv2_jax.utils.errors import MissingFileError, UserError
+from fitv2_jax.utils.files import publish, staging_file
 from fitv2_jax.utils.safetensors_io import read_safetensors
 from fitv2_jax.weights.checkpoints import is_run_dir, restore_run_params
 from fitv2_jax.weights.torch_files import flatten_tree, load_torch_file
@@ -84,8 +87,14 @@ def _official_file_in(folder: str) -> str | None:
 def load_fit_params(path: str, model_config, use_ema: bool = True, step: int | None = None):
     """Params (nested dict of numpy arrays) from an official file or folder, or one of our runs.
 
-    use_ema and step apply to our runs (the official files hold the EMA weights only).
+    use_ema and step apply to our runs (the official files hold the EMA weights only). A URL
+    must be one of our runs (official files are read from local paths).
     """
+    if paths.is_url(path):
+        if not is_run_dir(path):
+            raise MissingFileError(f"{path}: no training run there (no checkpoints/ folder); "
+                                   "official checkpoints are read from local paths")  # fmt: skip
+        return restore_run_params(path, model_config, use_ema=use_ema, step=step)
     if os.path.isfile(path):
         return from_torch_state_dict(read_state_dict(path), model_config)
     if not os.path.isdir(path):
@@ -124,10 +133,10 @@ def random_params(model_config, seed: int = 0) -> dict:
 
 
 def save_official(params, model_config, path: str) -> str:
-    """Writes params as an official-layout .safetensors (loads in the official PyTorch FiT)."""
+    """Writes params as an official-layout .safetensors (loads in the official PyTorch FiT);
+    path may be a URL."""
     if not path.endswith(".safetensors"):
         raise UserError(f"{path}: the output must be a .safetensors file")
-    tmp = path + ".partial.safetensors"
+    tmp = staging_file(path, path + ".partial.safetensors")
     save_file(to_torch_state_dict(params, model_config), tmp)
-    os.replace(tmp, path)
-    return path
+    return publish(tmp, path)
