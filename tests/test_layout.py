@@ -100,7 +100,9 @@ def test_commands_are_absl_mains_and_nothing_uses_argparse():
 
 
 def test_every_benchmark_module_is_a_suite():
-    suites = [m for m in MODULES if m.startswith("fitv2_jax.benchmarks.")]
+    # underscore modules are a suite's helpers (the official-code child process), not suites
+    suites = [m for m in MODULES if m.startswith("fitv2_jax.benchmarks.")
+              and not m.split(".")[-1].startswith("_")]  # fmt: skip
     assert suites
     for name in suites:
         tree = ast.parse(MODULES[name].read_text())

@@ -14,6 +14,7 @@ from absl import app, flags, logging
 
 from fitv2_jax.config.files import CONFIG_ERRORS, check_loaded, config_error_message
 from fitv2_jax.utils.errors import UserError
+from fitv2_jax.utils.host_memory import keep_freed_memory
 
 flags.DEFINE_bool("traceback", False, "show the Python traceback of input errors too",
                   module_name="fitv2_jax.cli.app")  # fmt: skip
@@ -39,7 +40,12 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def run(main: Callable[[list[str]], None]) -> None:
-    """app.run(main); main returns None (absl would use a return value as the exit status)."""
+    """app.run(main); main returns None (absl would use a return value as the exit status).
+
+    Every command first keeps freed host memory for reuse (`utils.host_memory`): XLA:CPU's
+    per-step scratch would otherwise be page-faulted afresh on every call.
+    """
+    keep_freed_memory()
 
     def wrapped(argv):
         if not FLAGS["verbosity"].present:

@@ -51,8 +51,9 @@ def config_error_message(error: BaseException) -> str:
 
 
 def check_loaded(config) -> ml_collections.ConfigDict:
-    """config_flags defers a file's loading error until the config is used: raise it now."""
-    if not isinstance(config, ml_collections.ConfigDict):
+    """config_flags defers a file's loading error until the config is used: raise it now.
+    A plain string (a bench suite's --config path, loaded later) is returned as it is."""
+    if not isinstance(config, (ml_collections.ConfigDict, str)):
         config.keys()
     return config
 
