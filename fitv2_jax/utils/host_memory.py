@@ -8,9 +8,11 @@ come from mmap and go back to the kernel on free, so every step first-touches al
 69k page faults per demo step, a third of the step's CPU time (measured with
 `python -m fitv2_jax.bench --suite versus`). Here glibc is told to serve every thread from one
 arena (M_ARENA_MAX 1), to never mmap (M_MMAP_MAX 0: a non-main arena would mmap blocks above
-64 MB whatever the threshold) and to keep up to 1.5 GB of freed heap (M_TRIM_THRESHOLD): the
-block is reused from the heap and no longer faults. Resident memory then stays at its peak
-instead of shrinking between steps, which is what a training process wants.
+64 MB whatever the threshold) and to never give freed heap back (M_TRIM_THRESHOLD -1, which glibc
+stores as SIZE_MAX: an int threshold would stop at 2 GB, and FiTv2-B/2's step at batch 8 x 256
+needs 4.5 GB of scratch): the block is reused from the heap and no longer faults. Resident memory
+then stays at its peak instead of shrinking between steps, which is what a training process
+wants.
 
 A no-op off glibc (macOS, musl), and when FITV2_KEEP_FREED_MEMORY=0. Applied to the process
 that calls it; arenas made before the call keep serving their threads.
@@ -26,7 +28,7 @@ import sys
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
 M_ARENA_MAX = -8
-TRIM_THRESHOLD_BYTES = 3 << 29  # 1.5 GiB
+NEVER_TRIM = -1  # mallopt's int, converted to size_t SIZE_MAX by glibc
 
 _applied: bool | None = None
 
@@ -50,6 +52,6 @@ def keep_freed_memory() -> bool:
     _applied = bool(
         mallopt(M_ARENA_MAX, 1)
         and mallopt(M_MMAP_MAX, 0)
-        and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
+        and mallopt(M_TRIM_THRESHOLD, NEVER_TRIM)
     )
     return _applied
