@@ -50,8 +50,6 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     _applied = bool(
-        mallopt(M_ARENA_MAX, 1)
-        and mallopt(M_MMAP_MAX, 0)
-        and mallopt(M_TRIM_THRESHOLD, NEVER_TRIM)
+        mallopt(M_ARENA_MAX, 1) and mallopt(M_MMAP_MAX, 0) and mallopt(M_TRIM_THRESHOLD, NEVER_TRIM)
     )
     return _applied
