@@ -11,19 +11,32 @@ estimate compiles the program twice with windowed einsum off, with the blocks' s
 and u times (u the smallest divisor of depth above 1, so each loop iteration holds exactly u
 blocks): one block (forward + backward) costs (cu - c1) / (u - 1), and the step costs
 c1 + (depth - 1) * block. Both FLOPs and the compiler's `optimal_seconds` are corrected so.
+The estimate's programs also keep memory-space assignment from prefetching a buffer in slices:
+on v5e and v6e it slices the stacked block kernels and joins them with a "ConcatBitcast" custom
+call, which the cost model prices at -1 s each (measured: FiTv2-B with 2 blocks on v5e-16 gave
+optimal_seconds -0.999 for its forward, -16.0 for its gradient), so no estimate came out at all.
 Check `flops` against the model's own count before trusting `seconds` (the dry run prints both).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
 
 # the estimate's programs: FSDP matmuls as plain all-gather + matmul, so no hidden loops
 ESTIMATE_OPTIONS = {
     "xla_tpu_enable_windowed_einsum_for_all_gather": False,
     "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False,
+    # whole-buffer prefetches: no ConcatBitcast custom calls, which the cost model cannot price
+    "xla_tpu_sliced_prefetch_max_slices": 1,
 }
+
+
+def unpriced_ops(hlo_text: str) -> dict[str, int]:
+    """Custom-call targets in a compiled TPU program, by count (what the cost model may skip)."""
+    targets = re.findall(r'custom_call_target="([^"]+)"', hlo_text)
+    return {t: targets.count(t) for t in sorted(set(targets))}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,23 +47,26 @@ class CostEstimate:
     block_seconds: float
 
 
-def _costs(compiled) -> tuple[float, float]:
+def program_cost(compiled) -> tuple[float, float]:
+    """(FLOPs, optimal_seconds) of a compiled TPU program, as its cost analysis gives them (a
+    loop's body counted once); an error naming its custom calls if it has none."""
     ca = compiled.cost_analysis()
     ca = ca[0] if isinstance(ca, list | tuple) else ca
     flops, seconds = float(ca.get("flops", -1.0)), float(ca.get("optimal_seconds", -1.0))
     if flops < 0 or seconds <= 0:
         raise RuntimeError(f"the compiler gave no cost estimate (flops {flops}, optimal_seconds "
-                           f"{seconds}): an op it cannot cost is in the program")  # fmt: skip
+                           f"{seconds}): an op it cannot cost is in the program; its custom "
+                           f"calls: {unpriced_ops(compiled.as_text())}")  # fmt: skip
     return flops, seconds
 
 
 def scanned_cost(compile_with_unroll: Callable[[int], object], depth: int) -> CostEstimate:
     """compile_with_unroll(u) -> a compiled program whose `depth` blocks are scanned with
     unroll u (compiled with ESTIMATE_OPTIONS)."""
-    f1, s1 = _costs(compile_with_unroll(1))
+    f1, s1 = program_cost(compile_with_unroll(1))
     if depth == 1:
         return CostEstimate(f1, s1, f1, s1)
     u = next(k for k in range(2, depth + 1) if depth % k == 0)
-    fu, su = _costs(compile_with_unroll(u))
+    fu, su = program_cost(compile_with_unroll(u))
     bf, bs = (fu - f1) / (u - 1), (su - s1) / (u - 1)
     return CostEstimate(f1 + (depth - 1) * bf, s1 + (depth - 1) * bs, bf, bs)
