@@ -29,7 +29,7 @@ ESTIMATE_OPTIONS = {
     "xla_tpu_enable_windowed_einsum_for_all_gather": False,
     "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False,
     # whole-buffer prefetches: no ConcatBitcast custom calls, which the cost model cannot price
-    "xla_tpu_sliced_prefetch_max_slices": 1,
+    "xla_tpu_sliced_prefetch_max_slices": 0,
 }
 
 
