@@ -14,7 +14,7 @@ from fitv2_jax.models.attention import attend
 from fitv2_jax.models.splash import block_size, padded_length
 from fitv2_jax.models.summary import summarize
 from fitv2_jax.parallel.cost import ESTIMATE_OPTIONS, scanned_cost, unpriced_ops
-from fitv2_jax.parallel.hlo import collectives, while_trip_counts
+from fitv2_jax.parallel.hlo import collectives, cycle_profile, while_trip_counts
 from fitv2_jax.parallel.mesh import create_mesh
 from fitv2_jax.parallel.topology import parse_topology, per_device, topology_devices
 from fitv2_jax.training.dry_run import dry_run
@@ -122,6 +122,34 @@ def test_collectives_in_a_loop_count_every_iteration():
     assert table["all-reduce"]["bytes"] == 5 * 4  # a float32 scalar each time
 
 
+def test_cycle_profile_counts_a_scanned_layer_per_iteration_under_its_module_path():
+    devices, _, _ = topology_devices("v5e:2x2")
+    mesh = jax.sharding.Mesh(np.array(devices), ("data",))
+
+    def layers(x, ws):
+        def body(x, w):
+            with jax.named_scope("layer"):
+                return jnp.tanh(x @ w), None
+
+        return jax.lax.scan(body, x, ws)[0]
+
+    def profile(depth):
+        x = jax.ShapeDtypeStruct(
+            (4096, 512), jnp.bfloat16, sharding=jax.NamedSharding(mesh, jax.P("data"))
+        )
+        ws = jax.ShapeDtypeStruct(
+            (depth, 512, 512), jnp.bfloat16, sharding=jax.NamedSharding(mesh, jax.P())
+        )
+        rows = cycle_profile(jax.jit(layers).lower(x, ws).compile().as_text())
+        assert abs(sum(r[0] for r in rows) - 1) < 1e-9
+        return {(r[2], r[3], r[4]): r[1] for r in rows}
+
+    four, eight = profile(4), profile(8)
+    matmul = ("layer", "matmul", "fwd")
+    assert matmul in four and max(four, key=four.get) == matmul  # the loop's matmul dominates
+    assert eight[matmul] == pytest.approx(2 * four[matmul], rel=1e-6)  # once per iteration
+
+
 def test_dry_run_compiles_a_splash_train_step_for_a_tpu_topology(capsys):
     config = load_config(os.path.join(ROOT, "configs", "tiny.py"))
     config.model.hidden_size = 256  # wide enough that matmuls dominate the compiler's FLOPs
@@ -142,6 +170,8 @@ def test_dry_run_compiles_a_splash_train_step_for_a_tpu_topology(capsys):
     assert 0.9 < report["estimate_flops_ratio"] < 1.15, report["estimate_flops_ratio"]
     assert 0 < report["estimate_mfu"] < 1
     assert "compiler estimate (not a measurement)" in out and "fits" in out
+    assert "where the compiler's estimated cycles go" in out
+    assert report["cycle_kinds"]["matmul"] > 0.1 and report["cycle_top"]
 
 
 def test_the_estimate_prices_every_op_of_a_stacked_block_program_on_v5e():

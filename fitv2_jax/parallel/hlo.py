@@ -1,6 +1,8 @@
-"""Collectives in a compiled program, from its HLO text: how many run per step and the bytes.
+"""Collectives in a compiled program, from its HLO text: how many run per step and the bytes;
+and where a TPU program's estimated cycles go.
 
     table = collectives(compiled.as_text())   # {"all-gather": {"count": 72, "bytes": ...}, ...}
+    rows = cycle_profile(compiled.as_text())  # [(share, cycles, "attn/qkv", "matmul", "bwd"), ...]
 
 An op inside a while loop runs once per iteration: every computation's count is multiplied by
 how often it runs (nested loops multiplied). A loop's trip count is the one XLA records on the
@@ -38,7 +40,7 @@ def _largest_array_bytes(line: str) -> int:
 
 
 def _parse(hlo_text: str):
-    """computation -> (collectives [(kind, bytes)], callees [(name, times)]), entry name."""
+    """computation -> (collectives [(kind, bytes)], callees [(name, times)], lines), entry."""
     comps: dict[str, tuple[list, list]] = {}
     bounds = _loop_bounds(hlo_text)
     entry, current = None, None
@@ -47,13 +49,14 @@ def _parse(hlo_text: str):
             m = _HEADER.match(line)
             current = m.group(1) if m else None
             if current is not None:
-                comps[current] = ([], [])
+                comps[current] = ([], [], [])
                 if line.startswith("ENTRY"):
                     entry = current
             continue
         if current is None:
             continue
-        ops, callees = comps[current]
+        ops, callees, lines = comps[current]
+        lines.append(line)
         m = _OP.search(line)
         if m:
             ops.append((m.group(1), _largest_array_bytes(line)))
@@ -86,9 +89,8 @@ def _loop_bounds(hlo_text: str) -> dict[str, int]:
     return bounds
 
 
-def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
-    """{kind: {"count": runs per step, "bytes": per-device bytes per step}} for every kind."""
-    comps, entry = _parse(hlo_text)
+def _runs(comps, entry) -> collections.Counter:
+    """How many times each computation runs per execution of the entry."""
     runs = collections.Counter()
 
     def visit(name: str, times: int, depth: int = 0) -> None:
@@ -100,8 +102,14 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
 
     if entry is not None:
         visit(entry, 1)
+    return runs
+
+
+def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
+    """{kind: {"count": runs per step, "bytes": per-device bytes per step}} for every kind."""
+    comps, entry = _parse(hlo_text)
     table = {k: {"count": 0, "bytes": 0} for k in KINDS}
-    for name, times in runs.items():
+    for name, times in _runs(comps, entry).items():
         for kind, nbytes in comps[name][0]:
             table[kind]["count"] += times
             table[kind]["bytes"] += times * nbytes
@@ -111,4 +119,72 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
 def while_trip_counts(hlo_text: str) -> list[int]:
     """Trip counts of the program's while ops (recorded or read off their conditions)."""
     comps, _ = _parse(hlo_text)
-    return sorted(k for _, callees in comps.values() for _, k in callees if k > 1)
+    return sorted(k for _, callees, _ in comps.values() for _, k in callees if k > 1)
+
+
+_MATMUL = re.compile(r"\s(convolution|dot)\(")
+_CYCLES = re.compile(r'"estimated_cycles":"(\d+)"')
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+_OPCODE = re.compile(r"=\s+\S+(?:\s+\S+)*?\s+([a-z][\w\-]*)\(")
+# JAX's tracing layers in an op_name, which say nothing about where in the model an op is
+_TRACE_PARTS = re.compile(r"^(jit\(.*\)|jvp\(.*\)|transpose\(.*\)|while|body|cond|closed_call|"
+                          r"checkpoint|remat\d*|rematted_computation|vmap\(.*\)|pjit|"
+                          r"shard_map|[A-Z]\w*(\(.*\))?)$")  # fmt: skip
+
+
+def _matmul_computations(comps) -> set[str]:
+    """Computations holding a matmul (a convolution or dot), directly or in a fusion they call."""
+    direct = {n for n, c in comps.items() if any(_MATMUL.search(line) for line in c[2])}
+    found, changed = set(direct), True
+    while changed:
+        changed = False
+        for n, c in comps.items():
+            if n not in found and any(m in found for m, _ in c[1]):
+                found.add(n)
+                changed = True
+    return found
+
+
+def _op_kind(line: str, opcode: str, matmuls: set[str]) -> str:
+    callee = re.search(r"calls=%?([\w.\-]+)", line)
+    if opcode in ("convolution", "dot") or (callee and callee.group(1) in matmuls):
+        return "matmul"
+    for kind in KINDS:
+        if opcode.startswith(kind):
+            return "collective"
+    if opcode in ("copy", "copy-start", "copy-done", "transpose"):
+        return "copy/layout"
+    if opcode == "custom-call":
+        target = re.search(r'custom_call_target="([^"]+)"', line)
+        return f"custom-call {target.group(1)}" if target else "custom-call"
+    return "elementwise/reduce" if opcode == "fusion" else opcode
+
+
+def _where(op_name: str) -> tuple[str, str]:
+    """("blocks/attn/qkv", "bwd") from an op_name such as
+    jit(step)/transpose(jvp(FiT))/while/body/closed_call/blocks/attn/qkv/dot_general."""
+    parts = op_name.split("/")
+    path = [p for p in parts[:-1] if not _TRACE_PARTS.match(p)]
+    return "/".join(path) or "(top level)", "bwd" if "transpose(" in op_name else "fwd"
+
+
+def cycle_profile(hlo_text: str) -> list[tuple[float, float, str, str, str]]:
+    """Where a compiled TPU program's estimated cycles go: rows (share, cycles per step, module
+    path, op kind, fwd/bwd), largest first. Each op's `estimated_cycles` (the TPU compiler's
+    annotation) times how often its computation runs per step; a loop counted per iteration."""
+    comps, entry = _parse(hlo_text)
+    matmuls = _matmul_computations(comps)
+    totals: collections.Counter = collections.Counter()
+    for name, times in _runs(comps, entry).items():
+        for line in comps[name][2]:
+            cycles = _CYCLES.search(line)
+            opcode = _OPCODE.search(line.split(", metadata=")[0].split(", backend_config=")[0])
+            if not cycles or not opcode:
+                continue
+            op_name = _OP_NAME.search(line)
+            where, direction = _where(op_name.group(1)) if op_name else ("(no source)", "")
+            totals[(where, _op_kind(line, opcode.group(1), matmuls), direction)] += (
+                int(cycles.group(1)) * times
+            )
+    grand = sum(totals.values()) or 1
+    return [(c / grand, float(c), *key) for key, c in totals.most_common()]

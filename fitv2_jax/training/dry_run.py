@@ -23,7 +23,7 @@ import jax
 
 from fitv2_jax.models.summary import summarize, train_step_flops
 from fitv2_jax.parallel.cost import ESTIMATE_OPTIONS, scanned_cost
-from fitv2_jax.parallel.hlo import collectives
+from fitv2_jax.parallel.hlo import collectives, cycle_profile
 from fitv2_jax.parallel.mesh import create_mesh
 from fitv2_jax.parallel.topology import per_device, topology_devices
 from fitv2_jax.training.setup import build_setup
@@ -73,6 +73,7 @@ def dry_run(config, global_batch: int | None = None, topology: str | None = None
         hbm, peak = per_device(chip, report["devices"], chips)
         report.update(chip=chip.name, chips=chips, hbm_bytes_per_device=hbm,
                       bf16_flops_per_device=peak, fits=report["peak_bytes"] <= hbm)  # fmt: skip
+        report.update(_cycle_report(compiled.as_text()))
         if estimate:
             counted = model_flops  # what the compiler's FLOPs should add up to
             if config.model.attention_backend in ("splash", "auto"):  # a kernel it skips
@@ -97,6 +98,18 @@ def _estimate(config, global_batch, mesh, model_flops, peak_flops) -> dict:
     est = scanned_cost(compile_with, int(config.model.depth))
     return dict(estimate_flops_per_device=est.flops, estimate_step_seconds=est.seconds,
                 estimate_mfu=model_flops / (est.seconds * peak_flops))  # fmt: skip
+
+
+def _cycle_report(hlo_text: str, top: int = 10) -> dict:
+    """Where the compiled step's estimated cycles go: by op kind and the largest (module, kind,
+    fwd/bwd) groups, as shares of the whole step (`parallel.hlo.cycle_profile`)."""
+    rows = cycle_profile(hlo_text)
+    kinds: dict[str, float] = {}
+    for share, _, _, kind, _ in rows:
+        kinds[kind] = kinds.get(kind, 0.0) + share
+    return dict(cycle_kinds=dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+                cycle_top=[dict(share=r[0], where=r[2], kind=r[3], direction=r[4])
+                           for r in rows[:top]])  # fmt: skip
 
 
 def peak_bytes(memory_analysis) -> int:
@@ -145,6 +158,13 @@ def print_report(r: dict) -> None:
     coll = ", ".join(f"{k} {v['count']} ({v['bytes'] / GIB:.2f} GiB)"
                      for k, v in r["collectives"].items() if v["count"])  # fmt: skip
     print(f"collectives per step (per-device bytes): {coll or 'none'}")
+    if "cycle_kinds" in r:
+        kinds = ", ".join(f"{k} {100 * v:.0f}%" for k, v in r["cycle_kinds"].items() if v >= 0.01)
+        print(f"where the compiler's estimated cycles go: {kinds}; largest:")
+        for row in r["cycle_top"]:
+            print(
+                f"  {100 * row['share']:5.1f}%  {row['where']} ({row['kind']}, {row['direction']})"
+            )
     if "estimate_error" in r:
         print(f"no compiler estimate: {r['estimate_error']}")
     if "estimate_step_seconds" in r:
