@@ -29,8 +29,6 @@ from dataclasses import dataclass
 
 import jax.numpy as jnp
 
-from fitv2_jax.models.splash import compiling_for_tpu
-
 RULES = (
     "normal",
     "linear",
@@ -229,17 +227,17 @@ def rope_cos_sin(
     return cos, sin
 
 
-def apply_rope(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray, lanes: bool | None = None):
+def apply_rope(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray, lanes: bool = False):
     """Rotate interleaved channel pairs: (x[2i], x[2i+1]) -> (x[2i] c_i - x[2i+1] s_i,
     x[2i+1] c_i + x[2i] s_i).
 
-    Two layouts of the same arithmetic. Pairs (`lanes=False`): head_dim split into
-    (head_dim / 2, 2). Lanes (`lanes=True`): each channel's partner comes from rolling the channel
-    axis by one either way, with no minor dimension of 2, which fills 2 of a TPU vreg's 128 lanes
-    (FiTv2-XL/2 on v5p-64: 4% of the compiled step's estimated cycles, plus its share of the q/k-norm
-    backward). The default (None) takes lanes when compiling for TPU and pairs elsewhere, where
-    XLA:CPU fuses the pairs form into the very numerics the CPU tests pin (the two agree to float
-    rounding, not bit for bit, once fused into a model).
+    Two layouts of the same arithmetic. Pairs (default): head_dim split into (head_dim / 2, 2).
+    Lanes (`lanes=True`): each channel's partner comes from rolling the channel axis by one either
+    way, with no minor dimension of 2 (which fills 2 of a TPU vreg's 128 lanes). On TPU, by the
+    compiler's cycle annotations, lanes saves 7% of FiTv2-XL/2's step with XLA attention at 256
+    tokens (v5p-64) but costs 39% more with splash attention at 1024 tokens, so pairs stays the
+    default everywhere (and pins the numerics the CPU tests check; the forms agree bit for bit
+    standalone, to float rounding once XLA fuses them into a model).
 
     Args:
       x: (B, N, H, head_dim).
@@ -248,8 +246,6 @@ def apply_rope(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray, lanes: bool |
     """
     dtype = x.dtype
     x = x.astype(jnp.float32)
-    if lanes is None:
-        lanes = compiling_for_tpu()
     if not lanes:
         pairs = x.reshape(*x.shape[:-1], -1, 2)
         even, odd = pairs[..., 0], pairs[..., 1]

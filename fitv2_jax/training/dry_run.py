@@ -79,7 +79,7 @@ def dry_run(config, global_batch: int | None = None, topology: str | None = None
             if config.model.attention_backend in ("splash", "auto"):  # a kernel it skips
                 maps = summarize(config.model, tokens=n)["attention_map_gmacs"]
                 counted -= 6.0 * maps * 1e9 * setup.global_batch / report["devices"]
-            try:
+            try:  # replaces the main program's cycle profile with the estimated program's
                 report.update(_estimate(config, setup.global_batch, mesh, model_flops, peak))
                 report["estimate_flops_ratio"] = report["estimate_flops_per_device"] / counted
             except RuntimeError as e:  # memory and collectives stand without the estimate
@@ -90,19 +90,26 @@ def dry_run(config, global_batch: int | None = None, topology: str | None = None
 
 
 def _estimate(config, global_batch, mesh, model_flops, peak_flops) -> dict:
+    texts = {}
+
     def compile_with(unroll):
         c = copy.deepcopy(config)
         c.model.scan_unroll = unroll
-        return _compile(c, global_batch, mesh, ESTIMATE_OPTIONS)[1]
+        compiled = _compile(c, global_batch, mesh, ESTIMATE_OPTIONS)[1]
+        texts[unroll] = compiled.as_text()
+        return compiled
 
     est = scanned_cost(compile_with, int(config.model.depth))
+    # the cycle profile of the program the estimate prices (scan not unrolled), not the main one
     return dict(estimate_flops_per_device=est.flops, estimate_step_seconds=est.seconds,
-                estimate_mfu=model_flops / (est.seconds * peak_flops))  # fmt: skip
+                estimate_mfu=model_flops / (est.seconds * peak_flops),
+                **_cycle_report(texts[1]))  # fmt: skip
 
 
 def _cycle_report(hlo_text: str, top: int = 10) -> dict:
     """Where the compiled step's estimated cycles go: by op kind and the largest (module, kind,
-    fwd/bwd) groups, as shares of the whole step (`parallel.hlo.cycle_profile`)."""
+    fwd/bwd) groups, as shares of the whole step (`parallel.hlo.cycle_profile`). With an
+    estimate, of the program it prices (windowed einsums off); else of the main program."""
     rows = cycle_profile(hlo_text)
     kinds: dict[str, float] = {}
     for share, _, _, kind, _ in rows:
