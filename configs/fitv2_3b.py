@@ -8,9 +8,10 @@ Reproduces: FID-50K 2.15 at 256x256 (cfg 1.5), 6.72 at 160x320, 13.73 at 128x384
   at 320x320 / 224x448 / 160x480.
 TPU defaults (remat full, attention auto = splash on TPU) from the README's TPU table
   (`python -m fitv2_jax.bench --suite tpu`, compiler estimates):
-  global batch 256, splash compiled by Mosaic: v5e-256 remat full 0.8 of 16 GiB per chip
-  (none: 2.7), so it fits a v5e chip; v5p-64 remat full 3.6 of 95 GiB, est. 222 ms = 31.3% MFU
-  (none: 18.8 GiB, 269 ms = 25.8%), hence remat full.
+  global batch 256, splash compiled by Mosaic: v5e-256 remat full 0.7-0.8 of 16 GiB per chip
+  (none: 2.7), so it fits a v5e chip (est. 204 ms = 9.9% MFU, with a lane-dense RoPE variant since
+  set aside); v5p-64 remat full 3.6 of 95 GiB,
+  est. 222 ms = 31.3% MFU (none: 18.8 GiB, 269 ms = 25.8%), hence remat full.
 """
 
 from fitv2_jax.config.defaults import base_config, fitv2_model

@@ -10,7 +10,8 @@ Reproduces: FID-50K 2.90 at 512x512 (cfg 1.65), 4.87 at 320x640, 18.55 at 256x76
 TPU defaults (remat full, attention auto = splash on TPU) from the README's TPU table
   (`python -m fitv2_jax.bench --suite tpu`, compiler estimates):
   v5p-64, global batch 256 x 1024 tokens: splash 212 ms vs XLA attention 299 ms with
-  full remat (4.9-6.1 GiB per chip), 331 vs 489 ms without (37 vs 59 GiB).
+  full remat (4.9-6.1 GiB per chip), 331 vs 489 ms without (37 vs 59 GiB); splash with full
+  remat 215 ms (4.8 GiB) since the FFN kernels' FSDP axis moved to their hidden axis.
 """
 
 from fitv2_jax.config.defaults import base_config, fitv2_model, post_training
