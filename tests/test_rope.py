@@ -2,7 +2,6 @@
 
 import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -132,20 +131,3 @@ def test_config_errors_name_the_missing_setting():
             RopeConfig(head_dim=16, custom_freqs="linear", ori_max_pe_len=16, online_rope=True),
             jnp.asarray(grid_of(2, 2)),
         )
-
-
-def test_lane_layout_rotation_equals_pairs():
-    """The lanes form (no minor dimension of 2) computes the pairs form's products and sums."""
-    rng = np.random.default_rng(3)
-    x = jnp.asarray(rng.standard_normal((2, 9, 3, 72)), jnp.float32)
-    angles = jnp.asarray(rng.uniform(0, 6, (2, 9, 36)), jnp.float32)
-    cos, sin = jnp.cos(angles), jnp.sin(angles)
-    rotate = lambda lanes: jax.jit(lambda x: apply_rope(x, cos, sin, lanes=lanes))
-    np.testing.assert_array_equal(rotate(True)(x), rotate(False)(x))
-    grad = lambda lanes: jax.grad(lambda x: jnp.sum(jnp.sin(apply_rope(x, cos, sin, lanes))))(x)
-    np.testing.assert_allclose(grad(True), grad(False), rtol=1e-6, atol=1e-7)
-    xb = x.astype(jnp.bfloat16)
-    np.testing.assert_array_equal(rotate(True)(xb), rotate(False)(xb))
-    pairs_shape = "2x9x3x36x2xf32"  # x split into pairs (cos and sin are small either way)
-    assert pairs_shape in rotate(False).lower(x).as_text()
-    assert pairs_shape not in rotate(True).lower(x).as_text()

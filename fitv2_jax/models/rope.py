@@ -227,17 +227,13 @@ def rope_cos_sin(
     return cos, sin
 
 
-def apply_rope(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray, lanes: bool = False):
+def apply_rope(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
     """Rotate interleaved channel pairs: (x[2i], x[2i+1]) -> (x[2i] c_i - x[2i+1] s_i,
-    x[2i+1] c_i + x[2i] s_i).
+    x[2i+1] c_i + x[2i] s_i), with head_dim split into (head_dim / 2, 2).
 
-    Two layouts of the same arithmetic. Pairs (default): head_dim split into (head_dim / 2, 2).
-    Lanes (`lanes=True`): each channel's partner comes from rolling the channel axis by one either
-    way, with no minor dimension of 2 (which fills 2 of a TPU vreg's 128 lanes). On TPU, by the
-    compiler's cycle annotations, lanes saves 7% of FiTv2-XL/2's step with XLA attention at 256
-    tokens (v5p-64) but costs 39% more with splash attention at 1024 tokens, so pairs stays the
-    default everywhere (and pins the numerics the CPU tests check; the forms agree bit for bit
-    standalone, to float rounding once XLA fuses them into a model).
+    A lane-dense form (partners by rolling the channel axis, no minor dimension of 2; commit
+    d541ff7) was measured on TPU and set aside: by the compiler's estimate it sped FiTv2-XL/2 with
+    XLA attention on v6e-64 (39 vs 46 ms) but slowed splash at 1024 tokens (252 vs 215 ms on v5p-64).
 
     Args:
       x: (B, N, H, head_dim).
@@ -245,15 +241,8 @@ def apply_rope(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray, lanes: bool =
     Returns: (B, N, H, head_dim) in x.dtype; the rotation itself runs in float32.
     """
     dtype = x.dtype
-    x = x.astype(jnp.float32)
-    if not lanes:
-        pairs = x.reshape(*x.shape[:-1], -1, 2)
-        even, odd = pairs[..., 0], pairs[..., 1]
-        c, s = cos[:, :, None, :], sin[:, :, None, :]
-        out = jnp.stack([even * c - odd * s, odd * c + even * s], axis=-1)
-        return out.reshape(x.shape).astype(dtype)
-    c = jnp.repeat(cos.astype(jnp.float32), 2, axis=-1)[:, :, None, :]  # (B, N, 1, head_dim)
-    s = jnp.repeat(sin.astype(jnp.float32), 2, axis=-1)[:, :, None, :]
-    even = jnp.arange(x.shape[-1]) % 2 == 0
-    partner = jnp.where(even, jnp.roll(x, -1, axis=-1), jnp.roll(x, 1, axis=-1))
-    return (x * c + partner * jnp.where(even, -s, s)).astype(dtype)
+    pairs = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
+    even, odd = pairs[..., 0], pairs[..., 1]
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    out = jnp.stack([even * c - odd * s, odd * c + even * s], axis=-1)
+    return out.reshape(x.shape).astype(dtype)

@@ -20,6 +20,7 @@ Check `flops` against the model's own count before trusting `seconds` (the dry r
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import re
 from collections.abc import Callable
@@ -35,8 +36,9 @@ ESTIMATE_OPTIONS = {
 
 def unpriced_ops(hlo_text: str) -> dict[str, int]:
     """Custom-call targets in a compiled TPU program, by count (what the cost model may skip)."""
-    targets = re.findall(r'custom_call_target="([^"]+)"', hlo_text)
-    return {t: targets.count(t) for t in sorted(set(targets))}
+    return dict(
+        sorted(collections.Counter(re.findall(r'custom_call_target="([^"]+)"', hlo_text)).items())
+    )
 
 
 @dataclasses.dataclass(frozen=True)

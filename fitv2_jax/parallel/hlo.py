@@ -122,6 +122,7 @@ def while_trip_counts(hlo_text: str) -> list[int]:
     return sorted(k for _, callees, _ in comps.values() for _, k in callees if k > 1)
 
 
+_CALLS = re.compile(r"calls=%?([\w.\-]+)")
 _MATMUL = re.compile(r"\s(convolution|dot)\(")
 _CYCLES = re.compile(r'"estimated_cycles":"(\d+)"')
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
@@ -146,7 +147,7 @@ def _matmul_computations(comps) -> set[str]:
 
 
 def _op_kind(line: str, opcode: str, matmuls: set[str]) -> str:
-    callee = re.search(r"calls=%?([\w.\-]+)", line)
+    callee = _CALLS.search(line)
     if opcode in ("convolution", "dot") or (callee and callee.group(1) in matmuls):
         return "matmul"
     for kind in KINDS:

@@ -63,7 +63,8 @@ def dry_run(config, global_batch: int | None = None, topology: str | None = None
     start = time.perf_counter()
     setup, compiled = _compile(config, global_batch, mesh)
     n = int(config.model.context_size)
-    report = _memory_report(setup, compiled)
+    hlo_text = compiled.as_text()
+    report = _memory_report(setup, compiled, hlo_text)
     report.update(mode=f"TPU {topology}" if chip else "CPU fake devices",
                   mesh=dict(setup.mesh.shape), global_batch=setup.global_batch, tokens=n,
                   compile_seconds=round(time.perf_counter() - start, 1))  # fmt: skip
@@ -73,37 +74,38 @@ def dry_run(config, global_batch: int | None = None, topology: str | None = None
         hbm, peak = per_device(chip, report["devices"], chips)
         report.update(chip=chip.name, chips=chips, hbm_bytes_per_device=hbm,
                       bf16_flops_per_device=peak, fits=report["peak_bytes"] <= hbm)  # fmt: skip
-        report.update(_cycle_report(compiled.as_text()))
         if estimate:
             counted = model_flops  # what the compiler's FLOPs should add up to
             if config.model.attention_backend in ("splash", "auto"):  # a kernel it skips
                 maps = summarize(config.model, tokens=n)["attention_map_gmacs"]
                 counted -= 6.0 * maps * 1e9 * setup.global_batch / report["devices"]
-            try:  # replaces the main program's cycle profile with the estimated program's
+            try:
                 report.update(_estimate(config, setup.global_batch, mesh, model_flops, peak))
                 report["estimate_flops_ratio"] = report["estimate_flops_per_device"] / counted
             except RuntimeError as e:  # memory and collectives stand without the estimate
                 report["estimate_error"] = str(e)
+        if "cycle_kinds" not in report:  # no estimate: the main program's profile
+            report.update(_cycle_report(hlo_text))
     if verbose:
         print_report(report)
     return report
 
 
 def _estimate(config, global_batch, mesh, model_flops, peak_flops) -> dict:
-    texts = {}
+    priced = {}  # the scanned (unroll 1) program, whose cycle profile the report shows
 
     def compile_with(unroll):
         c = copy.deepcopy(config)
         c.model.scan_unroll = unroll
         compiled = _compile(c, global_batch, mesh, ESTIMATE_OPTIONS)[1]
-        texts[unroll] = compiled.as_text()
+        if unroll == 1:
+            priced["text"] = compiled.as_text()
         return compiled
 
     est = scanned_cost(compile_with, int(config.model.depth))
-    # the cycle profile of the program the estimate prices (scan not unrolled), not the main one
     return dict(estimate_flops_per_device=est.flops, estimate_step_seconds=est.seconds,
                 estimate_mfu=model_flops / (est.seconds * peak_flops),
-                **_cycle_report(texts[1]))  # fmt: skip
+                **_cycle_report(priced["text"]))  # fmt: skip
 
 
 def _cycle_report(hlo_text: str, top: int = 10) -> dict:
@@ -126,7 +128,7 @@ def peak_bytes(memory_analysis) -> int:
             + get("temp_size_in_bytes") - get("alias_size_in_bytes"))  # fmt: skip
 
 
-def _memory_report(setup, compiled) -> dict:
+def _memory_report(setup, compiled, hlo_text: str) -> dict:
     mem = compiled.memory_analysis()
     state, sh = setup.abstract_state, setup.shardings
     get = lambda name: int(getattr(mem, name, 0) or 0)
@@ -141,7 +143,7 @@ def _memory_report(setup, compiled) -> dict:
         "output_bytes": get("output_size_in_bytes"),
         "temp_bytes": get("temp_size_in_bytes"),
         "alias_bytes": get("alias_size_in_bytes"),
-        "collectives": collectives(compiled.as_text()),
+        "collectives": collectives(hlo_text),
     }
     report["peak_bytes"] = peak_bytes(mem)
     return report
