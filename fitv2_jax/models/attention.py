@@ -6,7 +6,8 @@ sequences pass segment ids 1, 2, ... per image and 0 for padding. The attention 
 multiplied by (segment != 0) before the output projection, so padded tokens carry zeros.
 
 Backends (`attention_backend`):
-  "xla"    jax.nn.dot_product_attention (XLA everywhere; cuDNN picks it up on GPU in bf16)
+  "xla"    `models.softmax_attention`: XLA everywhere, a backward that keeps the log-sum-exp
+           instead of the (B, H, N, N) probabilities (5-6% faster CPU train steps, measured)
   "einsum" explicit einsum + float32 softmax (a reference, and the most portable)
   "splash" Pallas TPU splash attention with segment ids, per shard (`models.splash`); Pallas
            interpret mode off TPU
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 
 from fitv2_jax.models.layers import DenseND, Norm
 from fitv2_jax.models.rope import apply_rope
+from fitv2_jax.models.softmax_attention import softmax_attention
 from fitv2_jax.models.splash import compiling_for_tpu, splash_attend
 
 BACKENDS = ("xla", "einsum", "splash", "auto")
@@ -41,9 +43,9 @@ def attend(q, k, v, segment_ids, backend: str = "xla"):
         backend = "splash" if compiling_for_tpu() else "xla"
     if backend == "splash":
         return splash_attend(q, k, v, segment_ids)
-    mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]  # (B, 1, N, N)
     if backend == "xla":
-        return jax.nn.dot_product_attention(q, k, v, mask=mask)
+        return softmax_attention(q, k, v, segment_ids)
+    mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]  # (B, 1, N, N)
     if backend == "einsum":
         scale = q.shape[-1] ** -0.5
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * scale

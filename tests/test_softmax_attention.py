@@ -1,0 +1,71 @@
+"""The log-sum-exp attention against autodiff of jax.nn.dot_product_attention (the oracle): outputs
+and gradients on ragged and packed rows, float32 and bfloat16, and what its backward keeps."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax._src.ad_checkpoint import saved_residuals
+
+from fitv2_jax.models.softmax_attention import softmax_attention
+
+
+def _inputs(dtype, n=40, heads=3, dh=16):
+    rng = np.random.default_rng(0)
+    q, k, v, d_out = (jnp.asarray(2 * rng.standard_normal((4, n, heads, dh)), dtype)
+                      for _ in range(4))  # fmt: skip
+    seg = np.zeros((4, n), np.int32)
+    seg[0, :30] = 1  # ragged: 30 real tokens, 10 padding (padding attends padding)
+    seg[1, :] = 1  # full row
+    seg[2, :10], seg[2, 10:25], seg[2, 25:33] = 1, 2, 3  # three packed images + padding
+    seg[3, :1] = 1  # one real token
+    return q, k, v, d_out, jnp.asarray(seg)
+
+
+def _reference(q, k, v, seg):
+    mask = seg[:, None, :, None] == seg[:, None, None, :]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask)
+
+
+def _out_and_grads(fn, q, k, v, d_out, seg):
+    out, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, seg), q, k, v)
+    return (out, *vjp(d_out))
+
+
+def _max_relative(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+def test_outputs_and_gradients_equal_autodiff_of_xla_attention_in_float32():
+    q, k, v, d_out, seg = _inputs(jnp.float32)
+    ours = jax.jit(lambda *a: _out_and_grads(softmax_attention, *a))(q, k, v, d_out, seg)
+    ref = jax.jit(lambda *a: _out_and_grads(_reference, *a))(q, k, v, d_out, seg)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), ours, ref, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert _max_relative(a, b) < 1e-5, (name, _max_relative(a, b))
+    # the packed rows' images do not see each other: a key of image 2 does not move image 1
+    k2 = k.at[2, 12].add(5.0)
+    moved = softmax_attention(q, k2, v, seg) - softmax_attention(q, k, v, seg)
+    assert float(jnp.max(jnp.abs(moved[2, :10]))) == 0.0
+    assert float(jnp.max(jnp.abs(moved[2, 10:25]))) > 1e-3
+
+
+def test_bfloat16_stays_within_its_rounding_of_the_float32_oracle():
+    q, k, v, d_out, seg = _inputs(jnp.bfloat16)
+    ours = _out_and_grads(softmax_attention, q, k, v, d_out, seg)
+    f32 = [a.astype(jnp.float32) for a in (q, k, v, d_out)]
+    exact = _out_and_grads(_reference, *f32, seg)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), ours, exact, strict=True):
+        assert a.dtype == jnp.bfloat16, name
+        assert _max_relative(a, b) < 2e-2, (name, _max_relative(a, b))  # bf16: 8 mantissa bits
+
+
+@pytest.mark.parametrize("fn, keeps_probabilities", [(_reference, True),
+                                                     (softmax_attention, False)])  # fmt: skip
+def test_the_backward_keeps_no_n_by_n_array(fn, keeps_probabilities):
+    q, k, v, _, seg = _inputs(jnp.float32)
+    n = q.shape[1]
+    shapes = [aval.shape for aval, _ in saved_residuals(lambda q, k, v: fn(q, k, v, seg), q, k, v)]
+    square = [s for s in shapes if len(s) >= 2 and s[-2:] == (n, n)]
+    assert bool(square) == keeps_probabilities, shapes
