@@ -16,7 +16,7 @@ probabilities with one extra q k^T product:
     dv = p^T do        dp = do v^T         delta = rowsum(do * out)
     ds = p * (dp - delta) / sqrt(Dh)       dq = ds k        dk = ds^T q
 
-The gradients equal autodiff's to float32 rounding (tests/test_softmax_attention.py).
+The gradients equal autodiff's to float32 rounding (tests/test_custom_vjps.py).
 """
 
 from __future__ import annotations

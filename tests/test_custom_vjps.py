@@ -1,5 +1,6 @@
-"""The log-sum-exp attention against autodiff of jax.nn.dot_product_attention (the oracle): outputs
-and gradients on ragged and packed rows, float32 and bfloat16, and what its backward keeps."""
+"""Our hand-written backward passes against autodiff (the oracle): the log-sum-exp attention
+against jax.nn.dot_product_attention on ragged and packed rows, and SwiGLU's gated_silu; outputs
+and gradients in float32 and bfloat16, and what each backward keeps."""
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 from jax._src.ad_checkpoint import saved_residuals
 
+from fitv2_jax.models.layers import gated_silu
 from fitv2_jax.models.softmax_attention import softmax_attention
 
 
@@ -69,3 +71,18 @@ def test_the_backward_keeps_no_n_by_n_array(fn, keeps_probabilities):
     shapes = [aval.shape for aval, _ in saved_residuals(lambda q, k, v: fn(q, k, v, seg), q, k, v)]
     square = [s for s in shapes if len(s) >= 2 and s[-2:] == (n, n)]
     assert bool(square) == keeps_probabilities, shapes
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)])
+def test_gated_silu_gradients_equal_autodiff_and_keep_only_its_inputs(dtype, tolerance):
+    rng = np.random.default_rng(1)
+    gate, val, d_out = (jnp.asarray(3 * rng.standard_normal((8, 33)), dtype) for _ in range(3))
+    autodiff = lambda g, v: jax.nn.silu(g) * v
+    out, vjp = jax.vjp(gated_silu, gate, val)
+    ref_out, ref_vjp = jax.vjp(autodiff, gate, val)
+    assert out.dtype == dtype and _max_relative(out, ref_out) == 0.0
+    for a, b in zip(vjp(d_out), ref_vjp(d_out), strict=True):
+        assert a.dtype == dtype and _max_relative(a, b) < tolerance
+    kept = saved_residuals(gated_silu, gate, val)
+    assert [aval.shape for aval, _ in kept] == [gate.shape, val.shape]
+    assert len(saved_residuals(autodiff, gate, val)) > 2  # what the custom backward saves
