@@ -10,7 +10,7 @@ TPU defaults (remat full, XLA attention) from the README's TPU table
   (`python -m fitv2_jax.bench --suite tpu`, compiler estimates): v5p-64, global batch 256, XLA
   attention: remat full 83 ms and 1.2 GiB per chip vs none 124 ms and 9.2 GiB; splash attention
   85 ms (full remat), so at 256 tokens it gains nothing. Since FSDP shards the FFN kernels on their
-  hidden axis: 75 ms (21.4% MFU) on v5p-64, 51 ms on v5e-256, 46 ms on v6e-64 (full remat).
+  hidden axis: 75 ms (21.3% MFU) on v5p-64, 51 ms on v5e-256, 46 ms on v6e-64 (full remat).
 """
 
 from fitv2_jax.config.defaults import base_config, fitv2_model
