@@ -67,18 +67,18 @@ def define_flags(module_name: str) -> None:
 def _timed(fn, repeats: int) -> tuple[float, float]:
     """(median seconds, median minor page faults) of fn() with its result blocked on, after
     warm-up calls until one makes no page faults (at most 3)."""
-    for _ in range(3):
-        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        jax.block_until_ready(fn())
-        if resource.getrusage(resource.RUSAGE_SELF).ru_minflt == f0:
-            break
-    seconds, faults = [], []
-    for _ in range(repeats):
+
+    def call() -> tuple[float, int]:
         f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         start = time.perf_counter()
         jax.block_until_ready(fn())
-        seconds.append(time.perf_counter() - start)
-        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+        seconds = time.perf_counter() - start
+        return seconds, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+
+    for _ in range(3):
+        if call()[1] == 0:
+            break
+    seconds, faults = zip(*(call() for _ in range(repeats)), strict=True)
     return statistics.median(seconds), statistics.median(faults)
 
 
