@@ -1,6 +1,6 @@
 """Our hand-written backward passes against autodiff (the oracle): the log-sum-exp attention
-against jax.nn.dot_product_attention on ragged and packed rows, and SwiGLU's gated_silu; outputs
-and gradients in float32 and bfloat16, and what each backward keeps."""
+against jax.nn.dot_product_attention on ragged and packed rows, SwiGLU's gated_silu and the
+LayerNorm / RMSNorm normalize; outputs and gradients, and what each backward keeps."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax._src.ad_checkpoint import saved_residuals
 
-from fitv2_jax.models.layers import gated_silu
+from fitv2_jax.models.layers import gated_silu, normalize
 from fitv2_jax.models.softmax_attention import softmax_attention
 
 
@@ -86,3 +86,33 @@ def test_gated_silu_gradients_equal_autodiff_and_keep_only_its_inputs(dtype, tol
     kept = saved_residuals(gated_silu, gate, val)
     assert [aval.shape for aval, _ in kept] == [gate.shape, val.shape]
     assert len(saved_residuals(autodiff, gate, val)) > 2  # what the custom backward saves
+
+
+def _autodiff_normalize(x, centered, eps):  # the forward Norm ran before its custom backward
+    if centered:
+        mean = jnp.mean(x, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+        return (x - mean) * jax.lax.rsqrt(var + eps)
+    return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
+
+
+@pytest.mark.parametrize("centered", [True, False], ids=["layernorm", "rmsnorm"])
+def test_normalize_gradients_equal_autodiff_and_keep_y_and_rstd(centered):
+    rng = np.random.default_rng(2)
+    # an offset mean and a wide spread, and a row near the eps floor
+    x = rng.standard_normal((6, 5, 48)) * rng.uniform(0.1, 10, (6, 5, 1)) + 3.0
+    x[0, 0] = 1e-4 * rng.standard_normal(48)
+    x, d_out = jnp.asarray(x, jnp.float32), jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+    fn = lambda x: normalize(x, centered, 1e-6)
+    ref_fn = lambda x: _autodiff_normalize(x, centered, 1e-6)
+    out, vjp = jax.vjp(fn, x)
+    ref_out, ref_vjp = jax.vjp(ref_fn, x)
+    assert _max_relative(out, ref_out) == 0.0  # the forward is the same arithmetic
+    (d_x,), (ref_d_x,) = vjp(d_out), ref_vjp(d_out)
+    for row in np.ndindex(x.shape[:2]):  # each row at its own scale (1/std spans 1e4)
+        assert _max_relative(d_x[row], ref_d_x[row]) < 1e-5, row
+    if centered:  # the gradient of a centred output has zero mean
+        assert float(jnp.max(jnp.abs(jnp.mean(d_x, axis=-1)))) < 1e-3
+    kept = [aval.shape for aval, _ in saved_residuals(fn, x)]
+    assert sorted(kept) == sorted([x.shape, x.shape[:-1] + (1,)]), kept
+    assert len(saved_residuals(ref_fn, x)) > 2

@@ -8,6 +8,7 @@ in float32.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -111,6 +112,41 @@ class DenseND(nn.Module):
         return y
 
 
+def _normalize(x, centered: bool, eps: float):
+    if centered:
+        xc = x - jnp.mean(x, axis=-1, keepdims=True)
+        rstd = jax.lax.rsqrt(jnp.mean(jnp.square(xc), axis=-1, keepdims=True) + eps)
+        return xc * rstd, rstd
+    rstd = jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
+    return x * rstd, rstd
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def normalize(x, centered: bool, eps: float):
+    """x (..., D) float32 -> (x - mean) / sqrt(var + eps) if centered (LayerNorm without affine),
+    else x / sqrt(mean(x^2) + eps) (RMSNorm). Its backward keeps y and 1/std and reduces twice
+    (LayerNorm) or once (RMSNorm); autodiff of the forward kept more and reduced three times."""
+    return _normalize(x, centered, eps)[0]
+
+
+def _normalize_fwd(x, centered, eps):
+    y, rstd = _normalize(x, centered, eps)
+    return y, (y, rstd)
+
+
+def _normalize_bwd(centered, eps, residuals, d_y):
+    y, rstd = residuals
+    # y = xc * r with r = (mean(xc^2) + eps)^-1/2: d xc = r (d_y - y mean(d_y y)); the centring
+    # xc = x - mean(x) then subtracts the mean of d xc (RMSNorm: x itself, no centring).
+    d_x = rstd * (d_y - y * jnp.mean(d_y * y, axis=-1, keepdims=True))
+    if centered:
+        d_x = d_x - jnp.mean(d_x, axis=-1, keepdims=True)
+    return (d_x,)
+
+
+normalize.defvjp(_normalize_fwd, _normalize_bwd)
+
+
 class Norm(nn.Module):
     """The official norms over the last axis, eps 1e-6, computed in float32.
 
@@ -129,12 +165,8 @@ class Norm(nn.Module):
             return x
         dtype = x.dtype
         x = x.astype(jnp.float32)
-        if kind in ("layernorm", "w_layernorm"):
-            mean = jnp.mean(x, axis=-1, keepdims=True)
-            var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-            y = (x - mean) * jax.lax.rsqrt(var + self.eps)
-        elif kind in ("rmsnorm", "w_rmsnorm"):
-            y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+        if kind in ("layernorm", "w_layernorm", "rmsnorm", "w_rmsnorm"):
+            y = normalize(x, kind.endswith("layernorm"), self.eps)
         else:
             raise ValueError(
                 f"Unknown norm {self.kind!r}: use layernorm, w_layernorm, rmsnorm, w_rmsnorm or none."
