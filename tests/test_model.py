@@ -216,7 +216,8 @@ def _close_at_scale(a, b, tolerance=1e-5):
     assert float(np.max(np.abs(a - b))) <= tolerance * float(np.max(np.abs(b)))
 
 
-def test_remat_and_unrolled_scan_give_same_gradients():
+@pytest.mark.parametrize("policy", ["dots", "projections", "full"])
+def test_remat_and_unrolled_scan_give_same_gradients(policy):
     base, params, _ = _tiny_model_and_params()
     inputs = tuple(jnp.asarray(a) for a in make_inputs(seed=6))
 
@@ -225,8 +226,28 @@ def test_remat_and_unrolled_scan_give_same_gradients():
         return jax.grad(loss)(params)
 
     ref = grads(base)
-    other = base.clone(remat_policy="dots", scan_unroll=2)
+    other = base.clone(remat_policy=policy, scan_unroll=2)
     jax.tree.map(_close_at_scale, grads(other), ref)  # remat reorders sums: float32 rounding
+
+
+def test_projections_policy_keeps_attention_output_and_lse_not_norms():
+    """remat "projections": the stacked residuals are the projection outputs, the attention's
+    output and log-sum-exp (B, H, N, 1), and fewer bytes than without remat."""
+    from jax._src.ad_checkpoint import saved_residuals
+
+    base, params, _ = _tiny_model_and_params()
+    inputs = tuple(jnp.asarray(a) for a in make_inputs(seed=6))
+
+    def kept(model):
+        loss = lambda p: jnp.sum(model.apply({"params": p}, *inputs) ** 2)
+        return [aval for aval, src in saved_residuals(loss, params) if "argument" not in src]
+
+    none, proj = kept(base), kept(base.clone(remat_policy="projections"))
+    b, n = inputs[0].shape[:2]
+    lse = (base.depth, b, base.num_heads, n, 1)
+    assert lse in [a.shape for a in proj] and lse in [a.shape for a in none]
+    nbytes = lambda avals: sum(a.size * a.dtype.itemsize for a in avals)
+    assert nbytes(proj) < 0.75 * nbytes(none), (nbytes(proj), nbytes(none))
 
 
 def test_xla_attention_gives_the_model_the_loss_and_gradients_of_autodiff_attention():

@@ -2,7 +2,7 @@ r"""Ours against the official PyTorch FiT on this machine: forward, train step a
 evaluation on the same shapes, interleaved round by round, medians and the speed ratio.
 
     python -m fitv2_jax.bench --suite versus --config configs/fitv2_b.py --batch_size 8 \
-        --tokens 256 --official_src /path/to/FiT --rounds 2
+        --tokens 256 --official_src /path/to/FiT --rounds 2 --remat_policy projections
     python -m fitv2_jax.bench --suite versus --config configs/demo_cpu.py --batch_size 32 \
         --tokens 64 --official_src /path/to/FiT --rounds 3 --repeats 20
 
@@ -60,6 +60,9 @@ def define_flags(module_name: str) -> None:
     flags.DEFINE_string("official_src", None, "local checkout of the public whlzy/FiT "
                         "repository (holds fit/); without it, ours alone", module_name=m)  # fmt: skip
     flags.DEFINE_list("measures", list(MEASURES), "what to time", module_name=m)
+    flags.DEFINE_string("remat_policy", None, "instead of the config's model.remat_policy "
+                        "(`projections` is the CPU choice; the pod configs default to TPU's)",
+                        module_name=m)  # fmt: skip
     flags.DEFINE_float("cfg_scale", 1.5, "guidance scale of the cfg measure", module_name=m)
     cli.define_renamed("batch", "batch_size")
 
@@ -153,9 +156,12 @@ def main() -> None:
                         "give a checkout of the public whlzy/FiT repository")  # fmt: skip
     config = load_config(FLAGS.config)
     config.model.dtype = "float32"  # as the official code runs on a CPU
+    if FLAGS.remat_policy:
+        config.model.remat_policy = FLAGS.remat_policy
     kept = keep_freed_memory()
     ours = Ours(config, FLAGS.batch_size, FLAGS.tokens, FLAGS.cfg_scale)
     print(f"config={FLAGS.config} batch={FLAGS.batch_size} tokens={ours.tokens} float32, "
+          f"remat {config.model.remat_policy}, "
           f"repeats={FLAGS.repeats}, rounds={FLAGS.rounds}, freed memory kept: {kept}",
           flush=True)  # fmt: skip
     rows = {m: {"ours": [], "official": []} for m in FLAGS.measures}

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 
 def _masked_logits(q, k, segment_ids):
@@ -50,6 +51,8 @@ def softmax_attention(q, k, v, segment_ids):
 
 def _fwd(q, k, v, segment_ids):
     out, lse = _forward(q, k, v, segment_ids)
+    # named for remat policies (fit.REMAT_POLICIES "projections" keeps both)
+    out, lse = checkpoint_name(out, "attention_out"), checkpoint_name(lse, "attention_lse")
     return out, (q, k, v, segment_ids, out, lse)
 
 
