@@ -97,7 +97,7 @@ def _autodiff_normalize(x, centered, eps):  # the forward Norm ran before its cu
 
 
 @pytest.mark.parametrize("centered", [True, False], ids=["layernorm", "rmsnorm"])
-def test_normalize_gradients_equal_autodiff_and_keep_y_and_rstd(centered):
+def test_normalize_gradients_equal_autodiff_and_keep_x_and_row_statistics(centered):
     rng = np.random.default_rng(2)
     # an offset mean and a wide spread, and a row near the eps floor
     x = rng.standard_normal((6, 5, 48)) * rng.uniform(0.1, 10, (6, 5, 1)) + 3.0
@@ -114,5 +114,25 @@ def test_normalize_gradients_equal_autodiff_and_keep_y_and_rstd(centered):
     if centered:  # the gradient of a centred output has zero mean
         assert float(jnp.max(jnp.abs(jnp.mean(d_x, axis=-1)))) < 1e-3
     kept = [aval.shape for aval, _ in saved_residuals(fn, x)]
-    assert sorted(kept) == sorted([x.shape, x.shape[:-1] + (1,)]), kept
+    row = x.shape[:-1] + (1,)
+    assert sorted(kept) == sorted([x.shape, row, row] if centered else [x.shape, row]), kept
     assert len(saved_residuals(ref_fn, x)) > 2
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)])
+def test_rope_backward_is_the_inverse_rotation_and_keeps_no_activation(dtype, tolerance):
+    """apply_rope off TPU: rotate_back_in_backward."""
+    from fitv2_jax.models.rope import _rotate, apply_rope
+
+    rng = np.random.default_rng(3)
+    x, d_out = (jnp.asarray(rng.standard_normal((2, 7, 3, 16)), dtype) for _ in range(2))
+    angle = rng.uniform(-np.pi, np.pi, (2, 7, 8))
+    magnitude = 1.3  # yarn / ntk-pro scale cos and sin: the map is not a pure rotation
+    cos, sin = (jnp.asarray(magnitude * f(angle), jnp.float32) for f in (np.cos, np.sin))
+    out, vjp = jax.vjp(lambda x: apply_rope(x, cos, sin), x)
+    ref_out, ref_vjp = jax.vjp(lambda x: _rotate(x, cos, sin), x)
+    assert out.dtype == dtype and _max_relative(out, ref_out) == 0.0
+    (d_x,), (ref_d_x,) = vjp(d_out), ref_vjp(d_out)
+    assert d_x.dtype == dtype and _max_relative(d_x, ref_d_x) < tolerance
+    kept = [aval.shape for aval, _ in saved_residuals(lambda x: apply_rope(x, cos, sin), x)]
+    assert x.shape not in kept, kept

@@ -25,7 +25,8 @@ import jax.numpy as jnp
 from fitv2_jax.models.layers import DenseND, Norm
 from fitv2_jax.models.rope import apply_rope
 from fitv2_jax.models.softmax_attention import softmax_attention
-from fitv2_jax.models.splash import compiling_for_tpu, splash_attend
+from fitv2_jax.models.splash import splash_attend
+from fitv2_jax.parallel.platform import compiling_for_tpu
 
 BACKENDS = ("xla", "einsum", "splash", "auto")
 

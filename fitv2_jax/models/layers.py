@@ -17,6 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fitv2_jax.parallel.platform import compiling_for_tpu
+
 Dtype = Any
 
 # torch.nn.init.xavier_uniform_ on a (out, in) weight == fan_avg uniform on our (in, out) kernel.
@@ -113,29 +115,34 @@ class DenseND(nn.Module):
 
 
 def _normalize(x, centered: bool, eps: float):
-    if centered:
-        xc = x - jnp.mean(x, axis=-1, keepdims=True)
-        rstd = jax.lax.rsqrt(jnp.mean(jnp.square(xc), axis=-1, keepdims=True) + eps)
-        return xc * rstd, rstd
-    rstd = jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
-    return x * rstd, rstd
+    """(y, mean or None, 1/std) of the rows of x."""
+    mean = jnp.mean(x, axis=-1, keepdims=True) if centered else None
+    xc = x - mean if centered else x
+    rstd = jax.lax.rsqrt(jnp.mean(jnp.square(xc), axis=-1, keepdims=True) + eps)
+    return xc * rstd, mean, rstd
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def normalize(x, centered: bool, eps: float):
     """x (..., D) float32 -> (x - mean) / sqrt(var + eps) if centered (LayerNorm without affine),
-    else x / sqrt(mean(x^2) + eps) (RMSNorm). Its backward keeps y and 1/std and reduces twice
-    (LayerNorm) or once (RMSNorm); autodiff of the forward kept more and reduced three times."""
+    else x / sqrt(mean(x^2) + eps) (RMSNorm).
+
+    Its backward keeps x and the per-row mean and 1/std, recomputes y in the same pass, and
+    reduces twice (LayerNorm) or once (RMSNorm); autodiff kept three arrays and reduced three
+    times. Keeping x rather than y: x is usually kept anyway (a projection's output, the scan's
+    carry). `Norm` uses it off TPU; on TPU the compiler estimates autodiff faster.
+    """
     return _normalize(x, centered, eps)[0]
 
 
 def _normalize_fwd(x, centered, eps):
-    y, rstd = _normalize(x, centered, eps)
-    return y, (y, rstd)
+    y, mean, rstd = _normalize(x, centered, eps)
+    return y, (x, mean, rstd)
 
 
 def _normalize_bwd(centered, eps, residuals, d_y):
-    y, rstd = residuals
+    x, mean, rstd = residuals
+    y = (x - mean if centered else x) * rstd
     # y = xc * r with r = (mean(xc^2) + eps)^-1/2: d xc = r (d_y - y mean(d_y y)); the centring
     # xc = x - mean(x) then subtracts the mean of d xc (RMSNorm: x itself, no centring).
     d_x = rstd * (d_y - y * jnp.mean(d_y * y, axis=-1, keepdims=True))
@@ -166,7 +173,13 @@ class Norm(nn.Module):
         dtype = x.dtype
         x = x.astype(jnp.float32)
         if kind in ("layernorm", "w_layernorm", "rmsnorm", "w_rmsnorm"):
-            y = normalize(x, kind.endswith("layernorm"), self.eps)
+            centered = kind.endswith("layernorm")
+            if (
+                compiling_for_tpu()
+            ):  # the TPU compiler estimates autodiff faster (XL: 74.9 vs 76.8 ms)
+                y = _normalize(x, centered, self.eps)[0]
+            else:
+                y = normalize(x, centered, self.eps)
         else:
             raise ValueError(
                 f"Unknown norm {self.kind!r}: use layernorm, w_layernorm, rmsnorm, w_rmsnorm or none."

@@ -27,6 +27,8 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 from jax.sharding import PartitionSpec as P
 
+from fitv2_jax.parallel.platform import compiling_for_tpu
+
 BLOCK_MULTIPLE = 128  # splash tiles rows in multiples of 128
 MAX_BLOCK = 512
 PAD_SEGMENT = -1
@@ -66,13 +68,6 @@ def _local_attend(q, k, v, segment_ids, interpret: bool):
     one = lambda q, k, v, s: kernel(q, k, v, segment_ids=splash.SegmentIds(q=s, kv=s))
     out = jax.vmap(one)(q, k, v, seg)  # (b, h, L, Dh)
     return out.transpose(0, 2, 1, 3)[:, :n]
-
-
-def compiling_for_tpu() -> bool:
-    """True when the current mesh (jax.set_mesh), else the default backend, is TPU."""
-    mesh = jax.sharding.get_abstract_mesh()
-    platform = None if mesh.empty else mesh.abstract_device.platform
-    return (platform or jax.default_backend()) == "tpu"
 
 
 def splash_attend(q, k, v, segment_ids):
