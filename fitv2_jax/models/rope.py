@@ -269,13 +269,13 @@ def rotate_back_in_backward(x, cos, sin):
     return _rotate(x, cos, sin)
 
 
-def _apply_rope_fwd(x, cos, sin):
+def _rotate_back_fwd(x, cos, sin):
     return _rotate(x, cos, sin), (cos, sin)
 
 
-def _apply_rope_bwd(residuals, d_out):
+def _rotate_back_bwd(residuals, d_out):
     cos, sin = residuals
     return _rotate(d_out, cos, -sin), jnp.zeros_like(cos), jnp.zeros_like(sin)
 
 
-rotate_back_in_backward.defvjp(_apply_rope_fwd, _apply_rope_bwd)
+rotate_back_in_backward.defvjp(_rotate_back_fwd, _rotate_back_bwd)

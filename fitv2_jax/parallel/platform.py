@@ -2,7 +2,8 @@
 
     compiling_for_tpu()   # True under a TPU mesh (a TPU VM, or `--dry_run --topology` on any host)
 
-Traced code reads it to pick a TPU-tuned form (splash attention, autodiff'd norms); a topology
+Traced code reads it to pick a TPU-tuned form (splash attention; autodiff for norms and RoPE,
+whose hand-written backward passes serve CPU and GPU); a topology
 compile on a CPU host sees the TPU mesh, not the host's CPU backend.
 """
 
