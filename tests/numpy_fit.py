@@ -159,7 +159,11 @@ def forward(sd: dict, cfg: dict, x, t, y, grid, mask, size=None):
         q, k, v = qkv
         if qk_norm:
             q, k = _layernorm(q), _layernorm(k)
+            if cfg.get("qk_norm_weight"):
+                q, k = q * sd[p + "attn.q_norm.weight"], k * sd[p + "attn.k_norm.weight"]
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        if cfg.get("add_rel_pe_to_v"):
+            v = _rotate(v, cos, sin)
         logits = np.where(same, q @ k.transpose(0, 1, 3, 2) / math.sqrt(hd), -np.inf)
         probs = np.exp(logits - logits.max(-1, keepdims=True))
         probs = probs / probs.sum(-1, keepdims=True)
@@ -201,6 +205,9 @@ def official_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
         b = f"blocks.{i}."
         shapes.update({b + "attn.qkv.weight": (3 * d, d), b + "attn.qkv.bias": (3 * d,)})
         shapes.update({b + "attn.proj.weight": (d, d), b + "attn.proj.bias": (d,)})
+        if cfg.get("q_norm") == "layernorm" and cfg.get("qk_norm_weight"):
+            hd = d // cfg["num_heads"]
+            shapes.update({b + "attn.q_norm.weight": (hd,), b + "attn.k_norm.weight": (hd,)})
         names = ["fc1_g", "fc1_x"] if swiglu else ["fc1"]
         for n in names:
             shapes.update({b + f"mlp.{n}.weight": (hidden, d), b + f"mlp.{n}.bias": (hidden,)})

@@ -61,6 +61,8 @@ RULE_CASES = {
         adaln_type="normal", adaln_lora_dim=None,
     ),
     "gelu_mlp": dict(use_swiglu=False, time_shifting=2.0),
+    # every leaf stored in our head-channel order (models/rope.py): q/k norm weights, RoPE on v
+    "norm_weights_rope_on_v": dict(qk_norm_weight=True, add_rel_pe_to_v=True),
     "online_ntk_decoupled": dict(custom_freqs="ntk-aware", decouple=True, ori_max_pe_len=4, online_rope=True),
     "online_linear": dict(custom_freqs="linear", ori_max_pe_len=4, online_rope=True),
     "online_ntk_by_parts": dict(custom_freqs="ntk-by-parts", decouple=True, ori_max_pe_len=4, online_rope=True),

@@ -6,7 +6,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fitv2_jax.models.rope import RopeConfig, apply_rope, axis_freqs, magnitude, rope_cos_sin
+from fitv2_jax.models.rope import (
+    RopeConfig,
+    apply_rope,
+    axis_freqs,
+    head_channel_order,
+    magnitude,
+    rope_cos_sin,
+)
 
 
 def grid_of(h, w):
@@ -40,15 +47,34 @@ def test_rotation_layout_first_half_follows_h_second_half_follows_w():
     np.testing.assert_allclose(np.asarray(sin)[0, 0], np.sin(expected), rtol=1e-6)
     x = np.arange(8, dtype=np.float32).reshape(1, 1, 1, 8)
     out = np.asarray(apply_rope(jnp.asarray(x), cos, sin))[0, 0, 0]
-    # pair j of channels (2j, 2j+1) rotates by expected[j]
+    # our layout: pair j is channels (j, j + 4), rotated by expected[j]
     for j in range(4):
-        a, b, th = x[0, 0, 0, 2 * j], x[0, 0, 0, 2 * j + 1], expected[j]
+        a, b, th = x[0, 0, 0, j], x[0, 0, 0, j + 4], expected[j]
         np.testing.assert_allclose(
-            out[2 * j : 2 * j + 2],
+            out[[j, j + 4]],
             [a * math.cos(th) - b * math.sin(th), b * math.cos(th) + a * math.sin(th)],
             rtol=1e-5,
             atol=1e-5,
         )
+
+
+def test_our_channel_order_carries_the_official_interleaved_rotation():
+    """apply_rope on channels in head_channel_order == the official rotation of interleaved
+    pairs (x[2j], x[2j+1]), reordered the same way; bit for bit (the same products)."""
+    head_dim = 72
+    cfg = RopeConfig(head_dim=head_dim)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 30, 3, head_dim)).astype(np.float32)  # official order
+    grid = np.stack([rng.integers(0, 16, (2, 30)), rng.integers(0, 16, (2, 30))], 1)
+    cos, sin = (np.asarray(a) for a in rope_cos_sin(cfg, jnp.asarray(grid, jnp.int32)))
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    even, odd = x[..., 0::2], x[..., 1::2]
+    official = np.stack([even * c - odd * s, odd * c + even * s], -1).reshape(x.shape)
+    order = head_channel_order(head_dim)
+    np.testing.assert_array_equal(order[:4], [0, 2, 4, 6])
+    np.testing.assert_array_equal(order[36:40], [1, 3, 5, 7])
+    ours = np.asarray(apply_rope(jnp.asarray(x[..., order]), jnp.asarray(cos), jnp.asarray(sin)))
+    np.testing.assert_array_equal(ours, official[..., order])
 
 
 def test_ntk_aware_base_change_by_hand():

@@ -20,7 +20,9 @@ Key mapping (official key -> our path; blocks are stacked on a leading depth axi
   blocks.{i}.adaLN_modulation.fc*.*        blocks/adaLN_modulation/swiglu/fc*/*
   blocks.{i}.norm{1,2}.weight              blocks/norm{1,2}/weight  (affine norm types only)
   final_layer.{linear,norm_final,adaLN_modulation.1}.*   final_layer/...
-A torch Linear weight (out, in) is our kernel (in, out) transposed, then reshaped.
+A torch Linear weight (out, in) is our kernel (in, out) transposed, then reshaped. Every head's
+channels (of q, k and v, the q/k norm weights and the output projection's inputs) are stored in
+`rope.head_channel_order`: the official even channels, then the odd ones (why: models/rope.py).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import jax
 import numpy as np
 
 from fitv2_jax.models.build import abstract_params
+from fitv2_jax.models.rope import head_channel_order
 from fitv2_jax.utils.errors import UserError
 
 _MODULE_TO_TORCH = {
@@ -70,7 +73,19 @@ def _in_dims(path: tuple[str, ...]) -> int:
     return 2 if path[-2:] == ("proj", "kernel") else 1
 
 
+# attention leaves with a head-channel axis (the leaf without the depth axis) -> that axis
+_HEAD_CHANNEL_AXIS = {("qkv", "kernel"): -1, ("qkv", "bias"): -1, ("proj", "kernel"): -2,
+                      ("q_norm", "weight"): -1, ("k_norm", "weight"): -1}  # fmt: skip
+
+
+def _head_axis(path) -> int | None:
+    return _HEAD_CHANNEL_AXIS.get(tuple(path[-2:])) if "attn" in path else None
+
+
 def _to_torch_leaf(path, value: np.ndarray) -> np.ndarray:
+    axis = _head_axis(path)
+    if axis is not None:  # ours -> official channel order
+        value = np.take(value, np.argsort(head_channel_order(value.shape[axis])), axis=axis)
     if path[-1] == "kernel":
         k = _in_dims(path)
         value = value.reshape(math.prod(value.shape[:k]), -1).T
@@ -82,7 +97,11 @@ def _to_torch_leaf(path, value: np.ndarray) -> np.ndarray:
 def _to_flax_leaf(path, value: np.ndarray, shape) -> np.ndarray:
     if path[-1] == "kernel":
         value = value.T
-    return value.reshape(shape)
+    value = value.reshape(shape)
+    axis = _head_axis(path)
+    if axis is not None:  # official -> our channel order
+        value = np.take(value, head_channel_order(value.shape[axis]), axis=axis)
+    return value
 
 
 def _torch_shape(path, shape) -> tuple[int, ...]:

@@ -1,9 +1,18 @@
 """2D rotary position embedding (RoPE) for FiT and every resolution-extrapolation rule.
 
-Layout (the official one, which checkpoints depend on): for a head of size `head_dim`, the first
-head_dim/2 channels are rotated by the token's row index h, the last head_dim/2 by its column index
-w. Each axis uses D = head_dim/2 channels as D/2 interleaved pairs (x[2j], x[2j+1]) rotated by angle
-pos * freq_j, with freq_j = theta^(-2j/D).
+Official layout: for a head of size `head_dim`, the first head_dim/2 channels are rotated by the
+token's row index h, the last head_dim/2 by its column index w. Each axis uses D = head_dim/2
+channels as D/2 interleaved pairs (x[2j], x[2j+1]) rotated by angle pos * freq_j, with
+freq_j = theta^(-2j/D); so pair j of the head (j < head_dim/2) has angle index j of `cos, sin`.
+
+Our layout stores every head's channels in `head_channel_order`: the official even channels, then
+the odd ones. Pair j is then (x[j], x[j + head_dim/2]), and the rotation works on the two halves of
+the head, with no axis of size 2. Attention is unchanged by the same reordering of the q, k and v
+channels of every head (and of the output projection's inputs), which `models.convert` applies to
+official checkpoints. Why: on TPU the pairs' axis of size 2 made XLA split the heads into
+(36, 2)-shaped arrays and relayout them around every RoPE, q/k norm and their backward passes;
+with halves, FiTv2-XL/2 on v5p-64 (XLA attention, full remat) drops from 79.3 to 67.0 ms per step
+by the compiler's estimate (the 4-block scan extrapolated to 36 blocks).
 
 Extrapolation rules (`custom_freqs`), with s = max(L_test / L_train, 1) per axis ("decouple") or
 from the longer side, L_train = `ori_max_pe_len` (16 patches for the 256-token models):
@@ -29,6 +38,7 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fitv2_jax.parallel.platform import compiling_for_tpu
 
@@ -230,22 +240,29 @@ def rope_cos_sin(
     return cos, sin
 
 
+def head_channel_order(head_dim: int) -> np.ndarray:
+    """Our channel i of a head is official channel order[i]: the even channels, then the odd."""
+    return np.concatenate([np.arange(0, head_dim, 2), np.arange(1, head_dim, 2)])
+
+
 def _rotate(x, cos, sin):
     dtype = x.dtype
-    pairs = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
-    even, odd = pairs[..., 0], pairs[..., 1]
+    half = x.shape[-1] // 2
+    x = x.astype(jnp.float32)
+    first, second = x[..., :half], x[..., half:]
     c, s = cos[:, :, None, :], sin[:, :, None, :]
-    out = jnp.stack([even * c - odd * s, odd * c + even * s], axis=-1)
-    return out.reshape(x.shape).astype(dtype)
+    out = jnp.concatenate([first * c - second * s, second * c + first * s], axis=-1)
+    return out.astype(dtype)
 
 
 def apply_rope(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
-    """Rotate interleaved channel pairs: (x[2i], x[2i+1]) -> (x[2i] c_i - x[2i+1] s_i,
-    x[2i+1] c_i + x[2i] s_i), with head_dim split into (head_dim / 2, 2).
+    """Rotate the channel pairs (x[i], x[i + head_dim/2]) by angle i: -> (x[i] c_i - x[i+h] s_i,
+    x[i+h] c_i + x[i] s_i), h = head_dim/2, i.e. the official interleaved rotation in our
+    `head_channel_order` (module doc).
 
-    A lane-dense form (partners by rolling the channel axis, no minor dimension of 2; commit
-    d541ff7) was measured on TPU and set aside: by the compiler's estimate it sped FiTv2-XL/2 with
-    XLA attention on v6e-64 (39 vs 46 ms) but slowed splash at 1024 tokens (252 vs 215 ms on v5p-64).
+    Earlier forms, measured on TPU: the official interleaved pairs (a (head_dim/2, 2) split; see
+    the module doc), and partners found by rolling the channel axis (commit d541ff7: faster for
+    XLA attention on v6e-64, 39 vs 46 ms, slower for splash at 1024 tokens, 252 vs 215 ms).
 
     Off TPU the backward is the transposed map, the same rotation with -sin, as one fused pass
     (`rotate_back_in_backward`; autodiff of the pair slicing and stacking made zero-padded copies
