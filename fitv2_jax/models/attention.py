@@ -61,6 +61,7 @@ class Attention(nn.Module):
 
     Parameters: qkv kernel (D, 3, H, Dh) + bias (3, H, Dh) (official `attn.qkv`, output split as
     [q | k | v] then heads), optional q/k norm weights (Dh,), proj kernel (H, Dh, D) + bias (D,).
+    Each head's Dh channels are in `rope.head_channel_order` (official evens, then odds).
     """
 
     num_heads: int
