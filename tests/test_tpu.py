@@ -81,6 +81,17 @@ def test_auto_backend_is_xla_off_tpu():
     )
 
 
+@pytest.mark.parametrize("tokens,splash", [(256, False), (1024, True)])
+def test_auto_backend_on_tpu_is_splash_from_1024_tokens(tokens, splash):
+    devices, _, _ = topology_devices("v5p:2x2x1")
+    mesh = create_mesh((1, 4, 1), devices=devices)
+    x = jax.ShapeDtypeStruct((4, tokens, 2, 72), jnp.bfloat16)
+    seg = jax.ShapeDtypeStruct((4, tokens), jnp.int32)
+    with jax.set_mesh(mesh):
+        text = jax.jit(lambda q, k, v, s: attend(q, k, v, s, "auto")).lower(x, x, x, seg).as_text()
+    assert ("tpu_custom_call" in text) == splash  # the Mosaic (Pallas) kernel, or XLA attention
+
+
 def test_splash_blocks_for_256_and_1024_tokens():
     assert (padded_length(256), block_size(256)) == (256, 256)
     assert (padded_length(1024), block_size(1024)) == (1024, 512)
@@ -154,7 +165,7 @@ def test_dry_run_compiles_a_splash_train_step_for_a_tpu_topology(capsys):
     config = load_config(os.path.join(ROOT, "configs", "tiny.py"))
     config.model.hidden_size = 256  # wide enough that matmuls dominate the compiler's FLOPs
     config.model.adaln_lora_dim = 64
-    config.model.attention_backend = "auto"  # splash, since the mesh is TPU
+    config.model.attention_backend = "splash"
     config.model.dtype = "bfloat16"
     config.model.context_size = 256
     # conftest asks for "highest" matmuls (CPU oracles); Mosaic rejects that for bf16 dots
@@ -166,12 +177,26 @@ def test_dry_run_compiles_a_splash_train_step_for_a_tpu_topology(capsys):
     assert report["collectives"]["all-gather"]["count"] > 0  # FSDP over 4 chips
     # the corrected cost analysis counts every block: its FLOPs match the model's own count
     # less the attention maps: the compiler times the splash kernel but does not count its FLOPs
-    # (with XLA attention, which "auto" must not have chosen, the ratio would be about 1.2)
+    # (with XLA attention the ratio would be about 1.2)
     assert 0.9 < report["estimate_flops_ratio"] < 1.15, report["estimate_flops_ratio"]
     assert 0 < report["estimate_mfu"] < 1
     assert "compiler estimate (not a measurement)" in out and "fits" in out
     assert "where the compiler's estimated cycles go" in out
     assert report["cycle_kinds"]["matmul"] > 0.1 and report["cycle_top"]
+
+
+def test_dry_run_of_a_config_with_every_block_unrolled_prices_the_program_itself():
+    """No block loop (scan_unroll >= depth): the cost analysis of the unrolled program is whole,
+    so its FLOPs match the model's own count without any trip-count correction."""
+    config = load_config(os.path.join(ROOT, "configs", "tiny.py"))
+    config.model.hidden_size, config.model.adaln_lora_dim = 256, 64
+    config.model.dtype, config.model.remat_policy = "bfloat16", "none"
+    config.model.attention_backend, config.model.context_size = "xla", 256
+    config.model.depth = config.model.scan_unroll = 3
+    with jax.default_matmul_precision("default"):
+        report = dry_run(config, global_batch=8, topology="v5p:2x2x1", verbose=False)
+    assert 0.95 < report["estimate_flops_ratio"] < 1.1, report["estimate_flops_ratio"]
+    assert 0 < report["estimate_mfu"] < 1 and report["cycle_kinds"]["matmul"] > 0.1
 
 
 def test_the_estimate_prices_every_op_of_a_stacked_block_program_on_v5e():

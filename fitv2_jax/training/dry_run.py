@@ -22,7 +22,7 @@ import time
 import jax
 
 from fitv2_jax.models.summary import summarize, train_step_flops
-from fitv2_jax.parallel.cost import ESTIMATE_OPTIONS, scanned_cost
+from fitv2_jax.parallel.cost import ESTIMATE_OPTIONS, CostEstimate, program_cost, scanned_cost
 from fitv2_jax.parallel.hlo import collectives, cycle_profile
 from fitv2_jax.parallel.mesh import create_mesh
 from fitv2_jax.parallel.topology import per_device, topology_devices
@@ -92,7 +92,7 @@ def dry_run(config, global_batch: int | None = None, topology: str | None = None
 
 
 def _estimate(config, global_batch, mesh, model_flops, peak_flops) -> dict:
-    priced = {}  # the scanned (unroll 1) program, whose cycle profile the report shows
+    priced = {}  # the program whose cycle profile the report shows (scanned: unroll 1)
 
     def compile_with(unroll):
         c = copy.deepcopy(config)
@@ -102,7 +102,14 @@ def _estimate(config, global_batch, mesh, model_flops, peak_flops) -> dict:
             priced["text"] = compiled.as_text()
         return compiled
 
-    est = scanned_cost(compile_with, int(config.model.depth))
+    depth, unroll = int(config.model.depth), int(config.model.scan_unroll)
+    if unroll >= depth:  # no loop over the blocks: the program's cost analysis is whole
+        compiled = compile_with(unroll)
+        priced["text"] = compiled.as_text()
+        flops, seconds = program_cost(compiled)
+        est = CostEstimate(flops, seconds, flops / depth, seconds / depth)
+    else:
+        est = scanned_cost(compile_with, depth)
     return dict(estimate_flops_per_device=est.flops, estimate_step_seconds=est.seconds,
                 estimate_mfu=model_flops / (est.seconds * peak_flops),
                 **_cycle_report(priced["text"]))  # fmt: skip
