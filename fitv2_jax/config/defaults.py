@@ -48,6 +48,7 @@ def fitv2_model(
         dtype="float32",
         remat_policy="none",
         attention_backend="xla",
+        scan_unroll=1,  # blocks per iteration of the scan over depth (depth: no loop)
         clamp_time=True,
     )
     for key, value in overrides.items():
