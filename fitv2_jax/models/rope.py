@@ -11,8 +11,8 @@ the head, with no axis of size 2. Attention is unchanged by the same reordering 
 channels of every head (and of the output projection's inputs), which `models.convert` applies to
 official checkpoints. Why: on TPU the pairs' axis of size 2 made XLA split the heads into
 (36, 2)-shaped arrays and relayout them around every RoPE, q/k norm and their backward passes;
-with halves, FiTv2-XL/2 on v5p-64 (XLA attention, full remat) drops from 79.3 to 67.0 ms per step
-by the compiler's estimate (the 4-block scan extrapolated to 36 blocks).
+with halves, FiTv2-XL/2 on v5p-64 (XLA attention, full remat) went from 74.6 to 66.7 ms per step
+by the compiler's estimate (`train --dry_run --topology v5p-64`).
 
 Extrapolation rules (`custom_freqs`), with s = max(L_test / L_train, 1) per axis ("decouple") or
 from the longer side, L_train = `ori_max_pe_len` (16 patches for the 256-token models):

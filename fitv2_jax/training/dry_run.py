@@ -22,7 +22,7 @@ import time
 import jax
 
 from fitv2_jax.models.summary import summarize, train_step_flops
-from fitv2_jax.parallel.cost import ESTIMATE_OPTIONS, CostEstimate, program_cost, scanned_cost
+from fitv2_jax.parallel.cost import ESTIMATE_OPTIONS, program_cost, scanned_cost
 from fitv2_jax.parallel.hlo import collectives, cycle_profile
 from fitv2_jax.parallel.mesh import create_mesh
 from fitv2_jax.parallel.topology import per_device, topology_devices
@@ -107,11 +107,11 @@ def _estimate(config, global_batch, mesh, model_flops, peak_flops) -> dict:
         compiled = compile_with(unroll)
         priced["text"] = compiled.as_text()
         flops, seconds = program_cost(compiled)
-        est = CostEstimate(flops, seconds, flops / depth, seconds / depth)
     else:
         est = scanned_cost(compile_with, depth)
-    return dict(estimate_flops_per_device=est.flops, estimate_step_seconds=est.seconds,
-                estimate_mfu=model_flops / (est.seconds * peak_flops),
+        flops, seconds = est.flops, est.seconds
+    return dict(estimate_flops_per_device=flops, estimate_step_seconds=seconds,
+                estimate_mfu=model_flops / (seconds * peak_flops),
                 **_cycle_report(priced["text"]))  # fmt: skip
 
 
