@@ -44,11 +44,16 @@ def _qk_norm_kind(kind: str | None, weight: bool) -> str:
     return kind
 
 
+def resolve_backend(backend: str, tokens: int, on_tpu: bool) -> str:
+    """The backend `attend` runs: "auto" resolved for a sequence length and platform."""
+    if backend == "auto":
+        return "splash" if on_tpu and tokens >= SPLASH_MIN_TOKENS else "xla"
+    return backend
+
+
 def attend(q, k, v, segment_ids, backend: str = "xla"):
     """q, k, v: (B, N, H, Dh); segment_ids: (B, N) int. Returns (B, N, H, Dh)."""
-    if backend == "auto":
-        long = q.shape[1] >= SPLASH_MIN_TOKENS
-        backend = "splash" if long and compiling_for_tpu() else "xla"
+    backend = resolve_backend(backend, q.shape[1], compiling_for_tpu())
     if backend == "splash":
         return splash_attend(q, k, v, segment_ids)
     if backend == "xla":

@@ -21,6 +21,7 @@ import time
 
 import jax
 
+from fitv2_jax.models.attention import resolve_backend
 from fitv2_jax.models.summary import summarize, train_step_flops
 from fitv2_jax.parallel.cost import ESTIMATE_OPTIONS, program_cost, scanned_cost
 from fitv2_jax.parallel.hlo import collectives, cycle_profile
@@ -76,7 +77,7 @@ def dry_run(config, global_batch: int | None = None, topology: str | None = None
                       bf16_flops_per_device=peak, fits=report["peak_bytes"] <= hbm)  # fmt: skip
         if estimate:
             counted = model_flops  # what the compiler's FLOPs should add up to
-            if config.model.attention_backend in ("splash", "auto"):  # a kernel it skips
+            if resolve_backend(config.model.attention_backend, n, on_tpu=True) == "splash":
                 maps = summarize(config.model, tokens=n)["attention_map_gmacs"]
                 counted -= 6.0 * maps * 1e9 * setup.global_batch / report["devices"]
             try:
