@@ -1,8 +1,10 @@
 """Training: sharded step == single device, accumulation, exact resume after SIGKILL, SIGTERM,
-interrupted saves, restore onto fewer devices, NaN stop, post-training subset, AOT dry run."""
+interrupted saves, restore onto fewer devices, NaN stop, post-training subset, AOT dry run,
+upgrade of older checkpoint formats."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,8 +26,13 @@ from fitv2_jax.config.defaults import base_config, fitv2_model
 from fitv2_jax.config.files import load_config
 from fitv2_jax.data.pipeline import make_train_iterator, to_global_batch
 from fitv2_jax.flow.transport import masked_loss
-from fitv2_jax.models.convert import from_torch_state_dict, is_post_training_param
+from fitv2_jax.models.convert import (
+    from_torch_state_dict,
+    head_channel_axis,
+    is_post_training_param,
+)
 from fitv2_jax.models.fit import FiT
+from fitv2_jax.models.rope import head_channel_order
 from fitv2_jax.parallel.mesh import create_mesh
 from fitv2_jax.parallel.rules import LOGICAL_RULES
 from fitv2_jax.training.checkpoint import Checkpoints
@@ -33,6 +40,8 @@ from fitv2_jax.training.dry_run import dry_run
 from fitv2_jax.training.loop import NonFiniteLossError, train
 from fitv2_jax.training.state import init_state, make_optimizer, state_shardings
 from fitv2_jax.training.step import BATCH_KEYS, make_train_step, segment_losses
+from fitv2_jax.utils.errors import UserError
+from fitv2_jax.weights import checkpoint_format
 from fitv2_jax.weights.checkpoints import restore_run_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -375,3 +384,53 @@ def test_damaged_checkpoints_are_moved_aside_and_the_run_resumes_from_an_intact_
     moved = sorted(p.name.split(".")[0] for p in ckpts.glob("*.unreadable-*"))
     assert moved == ["2", "3"]
     assert Checkpoints(str(tmp_path), config.train).all_steps() == [1, 2, 3, 4]
+
+
+def _as_format_1(tree):
+    """`tree` with every head's channels back in the official interleaved order (format 1)."""
+
+    def back(path, leaf):
+        names = tuple(
+            str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path
+        )
+        axis = head_channel_axis(names)
+        if axis is None:
+            return leaf
+        return np.take(leaf, np.argsort(head_channel_order(leaf.shape[axis])), axis=axis)
+
+    return jax.tree_util.tree_map_with_path(back, tree)
+
+
+def test_a_step_saved_before_the_head_channel_reorder_is_upgraded_on_load(
+    demo_px, tmp_path, capsys, monkeypatch
+):
+    """A format-1 step (interleaved head channels, no format item) resumes with params, EMA and
+    Adam moments reordered, and sampling reads its EMA reordered; a newer format is refused."""
+    config = tiny_config(demo_px, async_checkpoint=False)
+    mesh = create_mesh((2, 4, 1))
+    _, state, _, shardings = _run_step(config, mesh, _first_batch(config), randomize=True)
+    state = jax.device_get(state)
+    old = _as_format_1(state)
+    qkv = lambda s: s.opt_state[1][0].mu["blocks"]["attn"]["qkv"]["kernel"]  # noqa: E731
+    assert not np.array_equal(qkv(old), qkv(state)) and np.abs(qkv(state)).max() > 0
+    ckpt = Checkpoints(str(tmp_path), config.train)
+    ckpt.save(1, old, None, config, force=True)
+    ckpt.close()
+    shutil.rmtree(tmp_path / "checkpoints" / "1" / "format")
+
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
+    capsys.readouterr()
+    restored = Checkpoints(str(tmp_path), config.train).restore(1, abstract, shardings)
+    assert "Checkpoint step 1 is format 1; upgrading it to 2" in capsys.readouterr().out
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), restored, state)
+    ema = restore_run_params(str(tmp_path), config.model)
+    jax.tree.map(np.testing.assert_array_equal, ema, state.ema_params)
+
+    monkeypatch.setattr(checkpoint_format, "FORMAT", {"version": 3})
+    ckpt = Checkpoints(str(tmp_path), config.train)
+    ckpt.save(2, state, None, config, force=True)
+    ckpt.close()
+    with pytest.raises(UserError, match="checkpoint format 3 was written by a newer fitv2-jax"):
+        Checkpoints(str(tmp_path), config.train).restore(2, abstract, shardings)
+    with pytest.raises(UserError, match="checkpoint format 3"):
+        restore_run_params(str(tmp_path), config.model)

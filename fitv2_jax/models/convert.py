@@ -78,12 +78,14 @@ _HEAD_CHANNEL_AXIS = {("qkv", "kernel"): -1, ("qkv", "bias"): -1, ("proj", "kern
                       ("q_norm", "weight"): -1, ("k_norm", "weight"): -1}  # fmt: skip
 
 
-def _head_axis(path) -> int | None:
+def head_channel_axis(path: tuple[str, ...]) -> int | None:
+    """The axis of a head's channels in the leaf at `path` (param names; any prefix such as
+    params/blocks or an optimizer state's), or None for a leaf without one."""
     return _HEAD_CHANNEL_AXIS.get(tuple(path[-2:])) if "attn" in path else None
 
 
 def _to_torch_leaf(path, value: np.ndarray) -> np.ndarray:
-    axis = _head_axis(path)
+    axis = head_channel_axis(path)
     if axis is not None:  # ours -> official channel order
         value = np.take(value, np.argsort(head_channel_order(value.shape[axis])), axis=axis)
     if path[-1] == "kernel":
@@ -98,7 +100,7 @@ def _to_flax_leaf(path, value: np.ndarray, shape) -> np.ndarray:
     if path[-1] == "kernel":
         value = value.T
     value = value.reshape(shape)
-    axis = _head_axis(path)
+    axis = head_channel_axis(path)
     if axis is not None:  # official -> our channel order
         value = np.take(value, head_channel_order(value.shape[axis]), axis=axis)
     return value

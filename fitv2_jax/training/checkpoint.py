@@ -5,8 +5,9 @@
     state = ckpt.restore(step, abstract_state, shardings, data_iterator)
 
 Layout (`fitv2_jax.weights.checkpoints`, which reads params back for inference):
-WORKDIR/checkpoints/<step>/{state,data,config}. Orbax writes each step to a temporary directory
-and renames it when complete, so a crash mid-save never leaves a step that restores. Restoring
+WORKDIR/checkpoints/<step>/{state,data,config,format}. Orbax writes each step to a temporary
+directory and renames it when complete, so a crash mid-save never leaves a step that restores.
+Steps of an older format are upgraded on restore (`weights.checkpoint_format`). Restoring
 places every array on the *current* mesh (the abstract target carries the shardings), so a run
 saved on 8 devices resumes on 4, and a run of 2 processes on 1 or 4 (bucketing mode).
 WORKDIR may be a URL (gs://...): Orbax writes it through epath and TensorStore's own drivers.
@@ -18,12 +19,14 @@ import json
 
 import grain
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from fitv2_jax.utils import paths
 from fitv2_jax.utils.errors import UserError
-from fitv2_jax.weights.checkpoints import CHECKPOINT_DIR, ITEMS
+from fitv2_jax.weights import checkpoint_format
+from fitv2_jax.weights.checkpoints import CHECKPOINT_DIR, ITEMS, step_version
 
 
 def _abstract_with(tree, shardings):
@@ -68,6 +71,7 @@ class Checkpoints:
         items = dict(
             state=ocp.args.PyTreeSave(state),
             config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
+            format=ocp.args.JsonSave(checkpoint_format.FORMAT),
         )
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
@@ -80,6 +84,7 @@ class Checkpoints:
         Grain keeps one iterator file per process (process_I-of-N.json). On another process
         count, a portable iterator (bucketing mode: every host's state is the same global batch
         index) takes the state of the saved process 0; any other is refused."""
+        version = step_version(self.manager, step)
         target = _abstract_with(abstract_state, shardings)
         items = dict(
             state=ocp.args.PyTreeRestore(
@@ -97,7 +102,16 @@ class Checkpoints:
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         if foreign is not None:
             data_iterator.set_state(foreign)
-        return restored["state"]
+        state = restored["state"]
+        if version != checkpoint_format.VERSION:
+            print(
+                f"Checkpoint step {step} is format {version}; upgrading it to "
+                f"{checkpoint_format.VERSION} on load (weights/checkpoint_format.py)",
+                flush=True,
+            )
+            upgrade = lambda s: checkpoint_format.upgrade(s, version, jnp.take)  # noqa: E731
+            state = jax.jit(upgrade, out_shardings=shardings, donate_argnums=0)(state)
+        return state
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -4,6 +4,7 @@
     WORKDIR/checkpoints/<step>/state          TrainState: params, ema_params, opt_state, step, rng
     WORKDIR/checkpoints/<step>/data           the Grain iterator's position
     WORKDIR/checkpoints/<step>/config         the config the step was saved with
+    WORKDIR/checkpoints/<step>/format         its format version (`weights.checkpoint_format`)
 
 `fitv2_jax.training.checkpoint.Checkpoints` writes this layout; sampling, evaluation, export and
 warm starts read it here, without building an optimizer. WORKDIR may be a URL (gs://...).
@@ -21,9 +22,10 @@ import orbax.checkpoint as ocp
 from fitv2_jax.models.build import abstract_params
 from fitv2_jax.utils import paths
 from fitv2_jax.utils.errors import MissingFileError, UserError
+from fitv2_jax.weights import checkpoint_format
 
 CHECKPOINT_DIR = "checkpoints"
-ITEMS = ("state", "data", "config")
+ITEMS = ("state", "data", "config", "format")
 CONFIG_JSON = "config.json"
 
 
@@ -49,6 +51,16 @@ def read_only_manager(workdir: str) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(
         paths.join(paths.absolute(workdir), CHECKPOINT_DIR), item_names=ITEMS, options=options
     )
+
+
+def step_version(manager: ocp.CheckpointManager, step: int) -> int:
+    """The format version of a complete step (`weights.checkpoint_format`)."""
+    step_dir = paths.join(str(manager.directory), str(step))
+    item = None
+    if paths.isdir(paths.join(step_dir, "format")):
+        item = manager.restore(step, args=ocp.args.Composite(format=ocp.args.JsonRestore()))
+        item = item["format"]
+    return checkpoint_format.version_of(item, step_dir)
 
 
 def saved_config(path: str) -> ml_collections.ConfigDict | None:
@@ -114,13 +126,16 @@ def restore_run_params(path: str, model_config, use_ema: bool = True, step: int 
         partial_restore=True,
     )
     try:
+        version = step_version(manager, step)
         restored = manager.restore(step, args=ocp.args.Composite(state=args))["state"][key]
+    except UserError:
+        raise
     except Exception as e:  # noqa: BLE001 - damaged files or another model's checkpoint
         message = " ".join(str(e).split())[:300]
         raise UserError(f"{path}: cannot read the {key} of step {step} ({message}); is it this "
                         "config's model, and is the step complete?") from e  # fmt: skip
     finally:
         manager.close()
-    params = jax.tree.map(np.asarray, restored)
+    params = checkpoint_format.upgrade(jax.tree.map(np.asarray, restored), version, np.take)
     check_finite(params, f"{path} (step {step})")
     return params
