@@ -25,7 +25,7 @@ from fitv2_jax.config.files import load_config
 from fitv2_jax.flow.guidance import cfg_velocity
 from fitv2_jax.models.build import abstract_params
 from fitv2_jax.models.inception import InceptionV3, preprocess
-from fitv2_jax.parallel.cost import ESTIMATE_OPTIONS, scanned_cost
+from fitv2_jax.parallel.cost import ESTIMATE_OPTIONS, configured_cost, program_cost
 from fitv2_jax.parallel.mesh import create_mesh
 from fitv2_jax.parallel.topology import per_device, topology_devices
 from fitv2_jax.sampling.rules import model_for_size, resolve_rule
@@ -53,7 +53,7 @@ def _sharded(tree, mesh, spec_of):
 
 
 def velocity_cost(config, h: int, w: int, mesh, batch: int):
-    """(memory analysis of the real program, CostEstimate) of one guided evaluation."""
+    """(memory analysis of the real program, estimated seconds) of one guided evaluation."""
     vae_factor, p = (8 if config.get("latent", True) else 1), int(config.model.patch_size)
     gh, gw = h // vae_factor // p, w // vae_factor // p
     n, c = gh * gw, p * p * int(config.model.in_channels)
@@ -80,9 +80,10 @@ def velocity_cost(config, h: int, w: int, mesh, batch: int):
         with jax.set_mesh(mesh):
             return jax.jit(evaluate).lower(params, inputs).compile(compiler_options=options)
 
-    memory = compiled(int(config.model.get("scan_unroll", 1))).memory_analysis()
-    est = scanned_cost(lambda u: compiled(u, ESTIMATE_OPTIONS), int(config.model.depth))
-    return memory, est
+    unroll, depth = int(config.model.get("scan_unroll", 1)), int(config.model.depth)
+    memory = compiled(unroll).memory_analysis()
+    _, seconds = configured_cost(lambda u: compiled(u, ESTIMATE_OPTIONS), depth, unroll)
+    return memory, seconds
 
 
 def inception_cost(h: int, w: int, mesh, batch: int):
@@ -94,7 +95,7 @@ def inception_cost(h: int, w: int, mesh, batch: int):
     with jax.set_mesh(mesh):
         c = jax.jit(lambda p, x: net.apply({"params": p}, preprocess(x))).lower(params, images)
         c = c.compile()
-    return c.memory_analysis(), scanned_cost(lambda u: c, 1)
+    return c.memory_analysis(), program_cost(c)[1]
 
 
 def main() -> None:
@@ -117,9 +118,9 @@ def main() -> None:
         imem, inc = inception_cost(h, w, mesh, batch)
         rate = "-"
         if FLAGS.nfe:
-            per_batch = FLAGS.nfe * vel.seconds + inc.seconds
+            per_batch = FLAGS.nfe * vel + inc
             ips = batch / per_batch
             rate = f"{ips:.0f} ({50_000 / ips / 60:.1f} min)"
         name = path.rsplit("/", 1)[-1].removesuffix(".py")
-        print(f"| {name} | {h}x{w} | {vel.seconds * 1e3:.1f} ms | {peak_bytes(vmem) / GIB:.1f} GiB | "
-              f"{inc.seconds * 1e3:.1f} ms | {peak_bytes(imem) / GIB:.1f} GiB | {rate} |", flush=True)  # fmt: skip
+        print(f"| {name} | {h}x{w} | {vel * 1e3:.1f} ms | {peak_bytes(vmem) / GIB:.1f} GiB | "
+              f"{inc * 1e3:.1f} ms | {peak_bytes(imem) / GIB:.1f} GiB | {rate} |", flush=True)  # fmt: skip

@@ -2,6 +2,7 @@
 
     est = scanned_cost(lambda unroll: compile_with(unroll), depth=36)
     est.flops, est.seconds      # per device, for the whole step
+    flops, seconds = configured_cost(compile_with, depth=36, unroll=config.model.scan_unroll)
 
 `compiled.cost_analysis()` counts a while loop's body once, whatever its trip count (measured:
 a 10-step fori_loop of a matmul reports one matmul). Two loops matter here: the scan over the
@@ -75,3 +76,14 @@ def scanned_cost(compile_with_unroll: Callable[[int], object], depth: int) -> Co
     fu, su = program_cost(compile_with_unroll(u))
     bf, bs = (fu - f1) / (u - 1), (su - s1) / (u - 1)
     return CostEstimate(f1 + (depth - 1) * bf, s1 + (depth - 1) * bs, bf, bs)
+
+
+def configured_cost(
+    compile_with_unroll: Callable[[int], object], depth: int, unroll: int
+) -> tuple[float, float]:
+    """(FLOPs, seconds) per device of the program as the config runs it: its own cost analysis
+    when every block is unrolled (no loop), else the scanned estimate."""
+    if unroll >= depth:
+        return program_cost(compile_with_unroll(unroll))
+    est = scanned_cost(compile_with_unroll, depth)
+    return est.flops, est.seconds

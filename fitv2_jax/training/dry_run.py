@@ -23,7 +23,7 @@ import jax
 
 from fitv2_jax.models.attention import resolve_backend
 from fitv2_jax.models.summary import summarize, train_step_flops
-from fitv2_jax.parallel.cost import ESTIMATE_OPTIONS, program_cost, scanned_cost
+from fitv2_jax.parallel.cost import ESTIMATE_OPTIONS, configured_cost
 from fitv2_jax.parallel.hlo import collectives, cycle_profile
 from fitv2_jax.parallel.mesh import create_mesh
 from fitv2_jax.parallel.topology import per_device, topology_devices
@@ -93,24 +93,19 @@ def dry_run(config, global_batch: int | None = None, topology: str | None = None
 
 
 def _estimate(config, global_batch, mesh, model_flops, peak_flops) -> dict:
-    priced = {}  # the program whose cycle profile the report shows (scanned: unroll 1)
+    depth, unroll = int(config.model.depth), int(config.model.scan_unroll)
+    shown = unroll if unroll >= depth else 1  # the program whose cycle profile the report shows
+    priced = {}
 
-    def compile_with(unroll):
+    def compile_with(u):
         c = copy.deepcopy(config)
-        c.model.scan_unroll = unroll
+        c.model.scan_unroll = u
         compiled = _compile(c, global_batch, mesh, ESTIMATE_OPTIONS)[1]
-        if unroll == 1:
+        if u == shown:
             priced["text"] = compiled.as_text()
         return compiled
 
-    depth, unroll = int(config.model.depth), int(config.model.scan_unroll)
-    if unroll >= depth:  # no loop over the blocks: the program's cost analysis is whole
-        compiled = compile_with(unroll)
-        priced["text"] = compiled.as_text()
-        flops, seconds = program_cost(compiled)
-    else:
-        est = scanned_cost(compile_with, depth)
-        flops, seconds = est.flops, est.seconds
+    flops, seconds = configured_cost(compile_with, depth, unroll)
     return dict(estimate_flops_per_device=flops, estimate_step_seconds=seconds,
                 estimate_mfu=model_flops / (seconds * peak_flops),
                 **_cycle_report(priced["text"]))  # fmt: skip
