@@ -9,8 +9,8 @@ Reproduces: FID-50K 2.15 at 256x256 (cfg 1.5), 6.72 at 160x320, 13.73 at 128x384
 TPU defaults (remat full; attention auto = XLA attention at 256 tokens) from the README's TPU
   table (`python -m fitv2_jax.bench --suite tpu`, compiler estimates, global batch 256):
   v5p-64 remat full: XLA attention 204 ms (34.1% MFU) vs splash 212 ms, 3.6 of 95 GiB per chip
-  (2026-12-03); v5e-256 remat full with splash: 0.7 of 16 GiB per chip, est. 194 ms (10.5%), so it
-  fits a v5e chip (XLA attention there not measured). Remat none (before 2026-12-03): 18.8 GiB and
+  (2026-12-03); v5e-256 remat full: 0.7 of 16 GiB per chip with either attention (auto/XLA est.
+  202 ms, 10.0%; splash 194 ms), so it fits a v5e chip. Remat none (before 2026-12-03): 18.8 GiB and
   269 ms on v5p-64 vs 222 ms with full, hence remat full.
 """
 
