@@ -77,7 +77,9 @@ def dry_run(config, global_batch: int | None = None, topology: str | None = None
                       bf16_flops_per_device=peak, fits=report["peak_bytes"] <= hbm)  # fmt: skip
         if estimate:
             counted = model_flops  # what the compiler's FLOPs should add up to
-            if resolve_backend(config.model.attention_backend, n, on_tpu=True) == "splash":
+            splash = resolve_backend(config.model.attention_backend, n, on_tpu=True) == "splash"
+            report["estimate_flops_without_maps"] = splash
+            if splash:
                 maps = summarize(config.model, tokens=n)["attention_map_gmacs"]
                 counted -= 6.0 * maps * 1e9 * setup.global_batch / report["devices"]
             try:
@@ -183,5 +185,6 @@ def print_report(r: dict) -> None:
         print(f"compiler estimate (not a measurement): {r['estimate_step_seconds'] * 1e3:.1f} ms "
               f"per step, MFU {100 * r['estimate_mfu']:.1f}% of {r['bf16_flops_per_device'] / 1e12:.1f} "
               f"bf16 TFLOP/s per device; its FLOPs are {r['estimate_flops_ratio']:.3f}x the "
-              f"model's {r['model_flops_per_device']:.3e} per device (splash: without the "
-              "attention maps, which its kernel hides from the count; its time is included)")  # fmt: skip
+              f"model's {r['model_flops_per_device']:.3e} per device"
+              + (" without the attention maps (the splash kernel hides them from the count; its "
+                 "time is included)" if r.get("estimate_flops_without_maps") else ""))  # fmt: skip
