@@ -133,6 +133,36 @@ def test_collectives_in_a_loop_count_every_iteration():
     assert table["all-reduce"]["bytes"] == 5 * 4  # a float32 scalar each time
 
 
+def test_ops_after_a_kernel_whose_metadata_spans_lines_are_counted():
+    """The splash kernel's attributes hold a newline (as libtpu prints them): its tail is an
+    unindented line, which must not end the computation for the ops after it."""
+    text = "\n".join([
+        "HloModule m",
+        "",
+        "%add (a: f32[], b: f32[]) -> f32[] {",
+        "  %a = f32[] parameter(0)",
+        "  %b = f32[] parameter(1)",
+        "  ROOT %s = f32[] add(%a, %b)",
+        "}",
+        "",
+        "ENTRY %main (p: f32[8,128]) -> f32[8,128] {",
+        "  %p = f32[8,128]{1,0} parameter(0)",
+        '  %k = f32[8,128]{1,0} custom-call(%p), custom_call_target="tpu_custom_call", '
+        'frontend_attributes={kernel_metadata="{\\"xprof_metadata\\":\\"{\\\\\\"block_q\\\\\\": 512}',
+        '\\"}"}, metadata={op_name="jit(f)/attn/splash_mha_fwd"}, '
+        'backend_config={"estimated_cycles":"100"}',
+        "  %ar = f32[8,128]{1,0} all-reduce(%k), replica_groups={}, to_apply=%add, "
+        'metadata={op_name="jit(f)/attn/all_reduce"}, backend_config={"estimated_cycles":"50"}',
+        "  ROOT %t = f32[8,128]{1,0} tanh(%ar), "
+        'metadata={op_name="jit(f)/mlp/tanh"}, backend_config={"estimated_cycles":"300"}',
+        "}",
+    ])  # fmt: skip
+    assert collectives(text)["all-reduce"] == {"count": 1, "bytes": 8 * 128 * 4}
+    rows = cycle_profile(text)
+    assert sum(r[1] for r in rows) == 450
+    assert {r[2] for r in rows} == {"attn", "mlp"}
+
+
 def test_cycle_profile_counts_a_scanned_layer_per_iteration_under_its_module_path():
     devices, _, _ = topology_devices("v5e:2x2")
     mesh = jax.sharding.Mesh(np.array(devices), ("data",))

@@ -39,12 +39,31 @@ def _largest_array_bytes(line: str) -> int:
     return max(sizes, default=0)
 
 
+def _lines(hlo_text: str) -> list[str]:
+    """The text's lines with every op on one line. An attribute string may hold a newline (the
+    splash kernel's metadata does), which leaves an unindented tail; read as a line of its own it
+    ended the computation, so every op after the first splash call went uncounted."""
+    lines: list[str] = []
+    inside = False
+    for line in hlo_text.splitlines():
+        if line and not line[0].isspace():
+            if _HEADER.match(line):
+                inside = True
+            elif line.strip() == "}":
+                inside = False
+            elif inside and lines:  # the tail of the op above
+                lines[-1] += " " + line
+                continue
+        lines.append(line)
+    return lines
+
+
 def _parse(hlo_text: str):
     """computation -> (collectives [(kind, bytes)], callees [(name, times)], lines), entry."""
     comps: dict[str, tuple[list, list]] = {}
     bounds = _loop_bounds(hlo_text)
     entry, current = None, None
-    for line in hlo_text.splitlines():
+    for line in _lines(hlo_text):
         if line and not line[0].isspace():
             m = _HEADER.match(line)
             current = m.group(1) if m else None
@@ -75,7 +94,7 @@ def _parse(hlo_text: str):
 def _loop_bounds(hlo_text: str) -> dict[str, int]:
     """condition computation -> N, for conditions whose root is `counter < constant N`."""
     bounds, consts, current = {}, {}, None
-    for line in hlo_text.splitlines():
+    for line in _lines(hlo_text):
         if line and not line[0].isspace():
             m = _HEADER.match(line)
             current, consts = (m.group(1) if m else None), {}
