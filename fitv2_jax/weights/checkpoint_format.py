@@ -39,11 +39,7 @@ def version_of(item: dict | None, where: str) -> int:
 
 def _names(path) -> tuple[str, ...]:
     """A jax key path as names: dict keys, attribute names (optax states), sequence indices."""
-    names = []
-    for k in path:
-        attr = next(a for a in ("key", "name", "idx") if hasattr(k, a))
-        names.append(str(getattr(k, attr)))
-    return tuple(names)
+    return tuple(jax.tree_util.keystr(path, simple=True, separator="/").split("/"))
 
 
 def upgrade(tree, version: int, take):
