@@ -12,9 +12,22 @@ mode (slow; for tests). Softmax scale 1/sqrt(Dh) is applied to q before the kern
 rejects bf16 dots under `jax_default_matmul_precision="highest"` ("Bad lhs type"): keep the
 default precision when compiling for TPU.
 
-Block sizes (query, key and both backward kernels alike; fused backward kernel): the padded
-length when it is at most 512 (one block per row at 256 tokens), else 512 (1024 tokens: 2 x 2
-blocks), chosen from the compiler's estimate on v5p (`python -m fitv2_jax.bench --suite tpu`).
+Layout: q, k and v enter the kernel as (h, Dh, L), tokens on the lanes (`QKVLayout.SEQ_MINOR`
+for all three; the kernel transposes its q tile itself). With the kernel's default (Dh on the
+lanes) a head's 72 or 96 channels were padded to 128 lanes, and XLA laid the q/k norms and RoPE
+out the same way around the kernel; tokens on the lanes is what XLA attention uses too. By the
+compiler's estimate of the ops around the kernels (v5p-64, 4 blocks unrolled, no remat, a train
+step; the kernels' own priced work is the same either way): FiTv2-XL/2 5.91 ms vs 6.99 with Dh
+on the lanes; HR FiTv2-XL/2 at 1024 tokens 16.72 vs 18.71; FiTv2-3B/2 (Dh 96) 16.48 vs 17.13.
+Mixed layouts were in between or worse.
+
+Block sizes (fused backward kernel): the padded length when it is at most 512 (one block per
+row at 256 tokens), else 512 (1024 tokens: 2 x 2 blocks), except that the backward takes all of a
+row's keys in one block, computed 512 at a time. With two key blocks the fused backward wrote a
+partial dq per key block and XLA summed them in a reduce the compiler prices at 0.6 ms per HR
+FiTv2-XL/2 block on v5p (4 blocks unrolled: 17.88 vs 19.08 ms a step; `python -m fitv2_jax.train
+--dry_run` prints the profile). The kernels' own tile sizes do not move the estimate, which
+prices them by their work (`parallel.cost.splash_kernel_work`).
 """
 
 from __future__ import annotations
@@ -32,6 +45,8 @@ from fitv2_jax.parallel.platform import compiling_for_tpu
 BLOCK_MULTIPLE = 128  # splash tiles rows in multiples of 128
 MAX_BLOCK = 512
 PAD_SEGMENT = -1
+# q, k and v enter the kernel as (h, Dh, L): tokens on the lanes (module doc)
+SEQ_MINOR = splash.QKVLayout.SEQ_MINOR
 
 
 def block_size(length: int) -> int:
@@ -46,9 +61,12 @@ def padded_length(n: int) -> int:
 
 def _kernel(heads: int, length: int, interpret: bool):
     b = block_size(length)
+    # the backward takes a row's keys in one block (computed b at a time): with several key
+    # blocks the fused kernel writes one partial dq per block and XLA sums them after it
     sizes = splash.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b,
-                              block_kv_dkv=b, block_kv_dkv_compute=b,
-                              use_fused_bwd_kernel=True)  # fmt: skip
+                              block_kv_dkv=length, block_kv_dkv_compute=b,
+                              use_fused_bwd_kernel=True, q_layout=SEQ_MINOR, k_layout=SEQ_MINOR,
+                              v_layout=SEQ_MINOR)  # fmt: skip
     mask = masks.MultiHeadMask([masks.FullMask((length, length)) for _ in range(heads)])
     # built per trace, not cached: its mask tables become constants of the trace that made them
     return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
