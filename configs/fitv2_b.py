@@ -6,7 +6,8 @@ Hardware: a single 8-chip host; the paper's ablation model.
 Reproduces: FID-50K 26.03 at 256x256 after 400K steps without CFG (FiT-B/2: 36.36); 16.52 at 2000K.
 TPU defaults (remat none; attention auto = XLA attention at 256 tokens) from the README's TPU
   table (`python -m fitv2_jax.bench --suite tpu`, compiler estimates, 2026-12-03):
-  v5p-64, global batch 256, no remat: XLA attention 24 ms (12.5% MFU) vs splash 28 ms.
+  v5p-64, global batch 256, no remat: XLA attention 24.1 ms (12.5% MFU) vs splash 24.3 ms (its
+  kernels priced by their work).
 """
 
 from fitv2_jax.config.defaults import base_config, fitv2_model

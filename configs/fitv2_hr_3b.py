@@ -8,9 +8,10 @@ Hardware: paper: 200K steps at batch 256, constant LR 1e-4.
 Reproduces: FID-50K 2.41 at 512x512 (cfg 1.6), 4.54 at 320x640, 16.08 at 256x768.
 TPU defaults (remat none, all 40 blocks unrolled; attention auto = splash at 1024 tokens on TPU)
   from the README's TPU table (compiler estimates, v5p-64, global batch 256 x 1024 tokens,
-  2026-12-03): `train --dry_run --topology v5p-64` unrolled without remat 472.3 ms (62.1% MFU,
-  47.5 of 95 GiB per chip) vs the scanned blocks with full remat about 620 ms (a 4-block program
-  extrapolated to 40, as parallel/cost.py does). On chips with less HBM (v5e: 16 GiB) pass
+  2026-12-03, the splash kernels priced by their work): `train --dry_run --topology v5p-64`
+  unrolled without remat 473.6 ms (61.9% MFU, 44.7 of 95 GiB per chip) vs the scanned blocks with
+  full remat about 620 ms (a 4-block program extrapolated to 40, as parallel/cost.py does, before
+  the kernels were priced). On chips with less HBM (v5e: 16 GiB) pass
   `--config.model.remat_policy=full --config.model.scan_unroll=1` (not measured there).
 """
 

@@ -9,10 +9,11 @@ Hardware: paper: 400K steps at batch 256, constant LR 1e-4, no warmup.
 Reproduces: FID-50K 2.90 at 512x512 (cfg 1.65), 4.87 at 320x640, 18.55 at 256x768 (VisionNTK).
 TPU defaults (remat none, all 36 blocks unrolled; attention auto = splash at 1024 tokens on TPU)
   from the README's TPU table (`python -m fitv2_jax.bench --suite tpu` and `train --dry_run`,
-  compiler estimates, v5p-64, global batch 256 x 1024 tokens, 2026-12-03): unrolled without remat
-  165.9 ms (42.5% MFU, 23.6 GiB per chip); scanned with full remat splash 204 ms (5.0 GiB) vs XLA
-  attention 242 ms (5.7 GiB); scanned without remat (earlier code) 331 vs 489 ms at 37 vs 59 GiB.
-  `--dry_run` compiles for about 7 minutes per program on a 2-core host.
+  compiler estimates, v5p-64, global batch 256 x 1024 tokens, 2026-12-03, the splash kernels
+  priced by their work): unrolled without remat 149.1 ms (47.3% MFU, 20.2 GiB per chip); a
+  4-block program of it 17.9 ms with splash vs 20.9 ms with XLA attention; scanned with full
+  remat: see the README table. `--dry_run` compiles for about 5 minutes per program on a 2-core
+  host.
 """
 
 from fitv2_jax.config.defaults import base_config, fitv2_model, post_training

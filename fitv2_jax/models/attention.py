@@ -12,11 +12,12 @@ Backends (`attention_backend`):
   "splash" Pallas TPU splash attention with segment ids, per shard (`models.splash`); Pallas
            interpret mode off TPU
   "auto"   splash when compiling for TPU at SPLASH_MIN_TOKENS tokens or more, xla otherwise (the
-           pod configs' default). By the TPU compiler's estimate on v5p-64 (README TPU table):
-           at 1024 tokens splash is faster (HR FiTv2-XL/2 204 vs 242 ms per step), at 256 slower
-           (FiTv2-XL/2 86 vs 67 ms, FiTv2-B/2 28 vs 24 ms): the kernel wants each head's 72
-           channels on the lanes, and the q/k/v projection, norms and RoPE then run on arrays
-           padded to 128 lanes and relayout around it. Lengths in between were not measured.
+           pod configs' default). By the TPU compiler's estimate on v5p-64 with the splash
+           kernels priced at their roofline (README TPU table): at 1024 tokens splash is faster
+           (HR FiTv2-XL/2, 4 unrolled blocks: 17.9 vs 20.9 ms); at 256 tokens the two are even
+           (FiTv2-XL/2, 36 unrolled blocks: 52.8 vs 53.2 ms), and a kernel priced at its roofline
+           is the best case, so XLA attention stays below 1024. Lengths in between were not
+           measured.
 """
 
 from __future__ import annotations
