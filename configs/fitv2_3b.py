@@ -13,7 +13,7 @@ TPU defaults (remat none, all 40 blocks unrolled; attention auto = XLA attention
   (45.9% MFU, 12.1 of 95 GiB per chip) vs the scanned blocks with full remat 204 ms (34.1%,
   3.6 GiB; splash 199 ms, its kernels priced by their work). v5e-256 (one image per chip) was
   measured scanned with full remat only:
-  0.7 of 16 GiB per chip with either attention (XLA est. 202 ms, 10.0%; splash 194 ms), so it fits
+  0.7 of 16 GiB per chip with either attention (XLA est. 202 ms, 10.0%; splash 185 ms), so it fits
   a v5e chip; there pass `--config.model.remat_policy=full --config.model.scan_unroll=1` (unrolling
   lost on v5e-256 for XL/2: 65 vs 48 ms). Scanned without remat (before 2026-12-03): 18.8 GiB and
   269 ms on v5p-64.
