@@ -98,8 +98,8 @@ def splash_kernel_work(hlo_text: str) -> dict[KernelWork, int]:
     analysis counts), by their work. The Mosaic kernels carry no cost estimate, and the compiler
     prices a Pallas call without one at zero time and zero FLOPs (measured: 1 or 8 chained
     splash calls on one v5p chip, 6.9 us either way, all of it the copies around them). Each
-    call's (B, H, L, Dh) is read from its results;
-    with unfused backward kernels dkv does s, dp, dv and dk (4 matmuls)."""
+    call's (B, H, L, Dh) is read from its results; with unfused backward kernels dkv does s, dp,
+    dv and dk (4 matmuls)."""
     calls: collections.Counter = collections.Counter()
     fused = "splash_mha_dq" not in hlo_text
     for name, results in _KERNEL_CALL.findall(hlo_text):
@@ -130,11 +130,11 @@ def kernel_seconds(device, work: KernelWork) -> float:
     topology): an empty kernel compiled with `pl.CostEstimate(work)`, whose cost analysis is then
     the compiler's own pricing of that estimate (measured: a 2048^3 bf16 matmul kernel so
     annotated is priced at 394 TFLOP/s on v5p, the rate of the issue's matmul probe)."""
-    return _kernel_seconds(device.device_kind, device, work)
+    return _kernel_seconds(device, work)
 
 
 @functools.lru_cache(maxsize=256)
-def _kernel_seconds(kind: str, device, work: KernelWork) -> float:
+def _kernel_seconds(device, work: KernelWork) -> float:
     import jax
     import jax.numpy as jnp
     from jax.experimental import pallas as pl
@@ -142,8 +142,9 @@ def _kernel_seconds(kind: str, device, work: KernelWork) -> float:
     def copy(x_ref, o_ref):
         o_ref[...] = x_ref[...]
 
+    estimate = pl.CostEstimate(**{k: int(v) for k, v in dataclasses.asdict(work).items()})
     call = pl.pallas_call(copy, out_shape=jax.ShapeDtypeStruct((8, 128), jnp.float32),
-                          cost_estimate=pl.CostEstimate(**{k: int(v) for k, v in dataclasses.asdict(work).items()}))  # fmt: skip
+                          cost_estimate=estimate)  # fmt: skip
     arg = jax.ShapeDtypeStruct((8, 128), jnp.float32,
                                sharding=jax.sharding.SingleDeviceSharding(device))  # fmt: skip
     compiled = jax.jit(call).lower(arg).compile(compiler_options=ESTIMATE_OPTIONS)
