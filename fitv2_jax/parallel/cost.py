@@ -31,6 +31,10 @@ import math
 import re
 from collections.abc import Callable
 
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
 # the estimate's programs: FSDP matmuls as plain all-gather + matmul, so no hidden loops
 ESTIMATE_OPTIONS = {
     "xla_tpu_enable_windowed_einsum_for_all_gather": False,
@@ -135,10 +139,6 @@ def kernel_seconds(device, work: KernelWork) -> float:
 
 @functools.lru_cache(maxsize=256)
 def _kernel_seconds(device, work: KernelWork) -> float:
-    import jax
-    import jax.numpy as jnp
-    from jax.experimental import pallas as pl
-
     def copy(x_ref, o_ref):
         o_ref[...] = x_ref[...]
 
@@ -154,8 +154,6 @@ def _kernel_seconds(device, work: KernelWork) -> float:
 
 
 def _a_device(compiled):
-    import jax
-
     shardings = jax.tree.leaves(compiled.input_shardings)
     return next(iter(shardings[0].device_set))
 
