@@ -61,9 +61,10 @@ def _lines(hlo_text: str) -> list[str]:
 def _parse(hlo_text: str):
     """computation -> (collectives [(kind, bytes)], callees [(name, times)], lines), entry."""
     comps: dict[str, tuple[list, list]] = {}
-    bounds = _loop_bounds(hlo_text)
+    lines = _lines(hlo_text)
+    bounds = _loop_bounds(lines)
     entry, current = None, None
-    for line in _lines(hlo_text):
+    for line in lines:
         if line and not line[0].isspace():
             m = _HEADER.match(line)
             current = m.group(1) if m else None
@@ -91,10 +92,10 @@ def _parse(hlo_text: str):
     return comps, entry
 
 
-def _loop_bounds(hlo_text: str) -> dict[str, int]:
+def _loop_bounds(lines: list[str]) -> dict[str, int]:
     """condition computation -> N, for conditions whose root is `counter < constant N`."""
     bounds, consts, current = {}, {}, None
-    for line in _lines(hlo_text):
+    for line in lines:
         if line and not line[0].isspace():
             m = _HEADER.match(line)
             current, consts = (m.group(1) if m else None), {}
