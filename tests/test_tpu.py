@@ -117,6 +117,20 @@ def test_auto_backend_on_tpu_is_splash_from_1024_tokens(tokens, splash):
     assert ("tpu_custom_call" in text) == splash  # the Mosaic (Pallas) kernel, or XLA attention
 
 
+@pytest.mark.parametrize("remat,splash", [("none", False), ("dots", True), ("full", True)])
+def test_auto_backend_in_fit_at_256_tokens_is_splash_when_the_blocks_are_recomputed(remat, splash):
+    # FiT resolves "auto" knowing the remat policy: recomputed blocks take splash from 256 tokens
+    config = load_config(os.path.join(ROOT, "configs", "tiny.py"))
+    config.model.attention_backend, config.model.remat_policy = "auto", remat
+    config.model.dtype, config.model.context_size = "bfloat16", 256
+    devices, _, _ = topology_devices("v5p:2x2x1")
+    setup = build_setup(config, 8, mesh=create_mesh(config.mesh.ici, devices=devices))
+    state, batch = setup.abstract_state_sharded(), setup.abstract_batch(256)
+    with setup.context(), jax.default_matmul_precision("default"):
+        text = setup.step.lower(state, batch).as_text()
+    assert ("tpu_custom_call" in text) == splash  # the Mosaic (Pallas) kernel, or XLA attention
+
+
 def test_splash_blocks_for_256_and_1024_tokens():
     assert (padded_length(256), block_size(256)) == (256, 256)
     assert (padded_length(1024), block_size(1024)) == (1024, 512)

@@ -11,13 +11,20 @@ Backends (`attention_backend`):
   "einsum" explicit einsum + float32 softmax (a reference, and the most portable)
   "splash" Pallas TPU splash attention with segment ids, per shard (`models.splash`); Pallas
            interpret mode off TPU
-  "auto"   splash when compiling for TPU at SPLASH_MIN_TOKENS tokens or more, xla otherwise (the
-           pod configs' default). By the TPU compiler's estimate on v5p-64 with the splash
-           kernels priced at their roofline (README TPU table): at 1024 tokens splash is faster
-           (HR FiTv2-XL/2, 4 unrolled blocks: 17.9 vs 20.9 ms); at 256 tokens the two are even
-           (FiTv2-XL/2, 36 unrolled blocks: 52.8 vs 53.2 ms), and a kernel priced at its roofline
-           is the best case, so XLA attention stays below 1024. Lengths in between were not
-           measured.
+  "auto"   splash when compiling for TPU at SPLASH_MIN_TOKENS tokens or more, or at
+           SPLASH_MIN_TOKENS_RECOMPUTED when the blocks are rematerialised (`remat_policy` other
+           than "none": FiT resolves it with that knowledge); xla otherwise (the pod configs'
+           default). By the TPU compiler's estimate on v5p-64 with the splash kernels priced at
+           their roofline (README TPU table, global batch 256): at 1024 tokens splash is faster
+           (HR FiTv2-XL/2, 4 unrolled blocks: 17.9 vs 20.9 ms). At 256 tokens, with nothing
+           recomputed, the two are even (FiTv2-XL/2 52.8 vs 53.2 ms, FiTv2-3B/2 152.0 vs 151.5,
+           FiTv2-B/2 24.3 vs 24.1), and a kernel priced at its roofline is its best case, so XLA
+           attention stays; when the backward recomputes the blocks, XLA attention recomputes or
+           stores its (B, H, N, N) scores and splash is ahead by more than its kernels' whole
+           price (FiTv2-B/2 with remat "dots" 16.1 vs 18.6 ms, its splash kernels 0.3 ms of it;
+           FiTv2-XL/2 full remat 61.5 vs 66.7, "dots" 54.7 vs 56.3). Lengths in between and
+           below 256 were not measured. (Sampling with such a config picks the same backend,
+           though a forward alone recomputes nothing; the pod configs sample without remat.)
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from fitv2_jax.parallel.platform import compiling_for_tpu
 
 BACKENDS = ("xla", "einsum", "splash", "auto")
 SPLASH_MIN_TOKENS = 1024  # "auto" picks splash on TPU from this sequence length (module doc)
+SPLASH_MIN_TOKENS_RECOMPUTED = 256  # ... and from this one when the blocks are rematerialised
 
 
 def _qk_norm_kind(kind: str | None, weight: bool) -> str:
@@ -45,10 +53,12 @@ def _qk_norm_kind(kind: str | None, weight: bool) -> str:
     return kind
 
 
-def resolve_backend(backend: str, tokens: int, on_tpu: bool) -> str:
-    """The backend `attend` runs: "auto" resolved for a sequence length and platform."""
+def resolve_backend(backend: str, tokens: int, on_tpu: bool, recomputed: bool = False) -> str:
+    """The backend `attend` runs: "auto" resolved for a sequence length and platform, and for
+    whether the backward recomputes the attention (rematerialised blocks)."""
     if backend == "auto":
-        return "splash" if on_tpu and tokens >= SPLASH_MIN_TOKENS else "xla"
+        least = SPLASH_MIN_TOKENS_RECOMPUTED if recomputed else SPLASH_MIN_TOKENS
+        return "splash" if on_tpu and tokens >= least else "xla"
     return backend
 
 

@@ -28,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fitv2_jax.models.attention import Attention
+from fitv2_jax.models.attention import Attention, resolve_backend
 from fitv2_jax.models.layers import (
     GeluMlp,
     LabelEmbedder,
@@ -41,6 +41,7 @@ from fitv2_jax.models.layers import (
     per_token,
 )
 from fitv2_jax.models.rope import RopeConfig, rope_cos_sin
+from fitv2_jax.parallel.platform import compiling_for_tpu
 
 # "projections": the backward recomputes only elementwise work (norms, modulation, q/k norm,
 # RoPE, gating) from the saved projection outputs and the attention's output and log-sum-exp
@@ -272,10 +273,13 @@ class FiT(nn.Module):
         return Linear(6 * self.hidden_size, ("embed", "adaln"), self.adaln_bias, zero_init=True,
                       dtype=self.dtype, name="global_adaLN_modulation")(nn.silu(c))  # fmt: skip
 
-    def _blocks(self):
-        """The `depth` blocks as one scanned (and, per remat_policy, rematerialised) module."""
+    def _blocks(self, tokens: int):
+        """The `depth` blocks as one scanned (and, per remat_policy, rematerialised) module;
+        attention "auto" is resolved here, where remat is known (`attention.resolve_backend`)."""
+        recomputed = self.remat_policy != "none"
+        backend = resolve_backend(self.attention_backend, tokens, compiling_for_tpu(), recomputed)
         block = FiTBlock
-        if self.remat_policy != "none":
+        if recomputed:
             block = nn.remat(block, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=False)
         scanned = nn.scan(
             block,
@@ -293,7 +297,7 @@ class FiT(nn.Module):
             qk_norm_weight=self.qk_norm_weight, qkv_bias=self.qkv_bias, ffn_bias=self.ffn_bias,
             adaln_bias=self.adaln_bias, adaln_type=self.adaln_type,
             adaln_lora_dim=self.adaln_lora_dim, use_rope=self.rel_pos_embed in ("rope", "xpos"),
-            add_rel_pe_to_v=self.add_rel_pe_to_v, attention_backend=self.attention_backend,
+            add_rel_pe_to_v=self.add_rel_pe_to_v, attention_backend=backend,
             dtype=self.dtype, name="blocks",
         )  # fmt: skip
 
@@ -317,7 +321,9 @@ class FiT(nn.Module):
         )
         c = self._conditioning(t, y, train, force_drop)
         cos, sin = self._rope(grid, size, seg_index)
-        h, _ = self._blocks()(h, c, segment_ids, cos, sin, self._global_adaln(c), seg_index)
+        h, _ = self._blocks(h.shape[1])(
+            h, c, segment_ids, cos, sin, self._global_adaln(c), seg_index
+        )
         out = FinalLayer(
             hidden_size=self.hidden_size, out_features=self.patch_size**2 * self.out_channels,
             norm_type=self.norm_type, adaln_type=self.adaln_type, adaln_bias=self.adaln_bias,

@@ -76,7 +76,9 @@ def dry_run(config, global_batch: int | None = None, topology: str | None = None
         report.update(chip=chip.name, chips=chips, hbm_bytes_per_device=hbm,
                       bf16_flops_per_device=peak, fits=report["peak_bytes"] <= hbm)  # fmt: skip
         if estimate:
-            splash = resolve_backend(config.model.attention_backend, n, on_tpu=True) == "splash"
+            recomputed = config.model.remat_policy != "none"
+            backend = resolve_backend(config.model.attention_backend, n, True, recomputed)
+            splash = backend == "splash"
             report["estimate_prices_splash"] = splash
             try:
                 report.update(_estimate(config, setup.global_batch, mesh, model_flops, peak))
