@@ -53,11 +53,11 @@ def _qk_norm_kind(kind: str | None, weight: bool) -> str:
     return kind
 
 
-def resolve_backend(backend: str, tokens: int, on_tpu: bool, recomputed: bool = False) -> str:
+def resolve_backend(backend: str, tokens: int, on_tpu: bool, remat_policy: str = "none") -> str:
     """The backend `attend` runs: "auto" resolved for a sequence length and platform, and for
-    whether the backward recomputes the attention (rematerialised blocks)."""
+    the blocks' remat policy (any but "none" recomputes the attention in the backward)."""
     if backend == "auto":
-        least = SPLASH_MIN_TOKENS_RECOMPUTED if recomputed else SPLASH_MIN_TOKENS
+        least = SPLASH_MIN_TOKENS if remat_policy == "none" else SPLASH_MIN_TOKENS_RECOMPUTED
         return "splash" if on_tpu and tokens >= least else "xla"
     return backend
 

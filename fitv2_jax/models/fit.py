@@ -276,10 +276,10 @@ class FiT(nn.Module):
     def _blocks(self, tokens: int):
         """The `depth` blocks as one scanned (and, per remat_policy, rematerialised) module;
         attention "auto" is resolved here, where remat is known (`attention.resolve_backend`)."""
-        recomputed = self.remat_policy != "none"
-        backend = resolve_backend(self.attention_backend, tokens, compiling_for_tpu(), recomputed)
+        on_tpu = compiling_for_tpu()
+        backend = resolve_backend(self.attention_backend, tokens, on_tpu, self.remat_policy)
         block = FiTBlock
-        if recomputed:
+        if self.remat_policy != "none":
             block = nn.remat(block, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=False)
         scanned = nn.scan(
             block,

@@ -76,8 +76,8 @@ def dry_run(config, global_batch: int | None = None, topology: str | None = None
         report.update(chip=chip.name, chips=chips, hbm_bytes_per_device=hbm,
                       bf16_flops_per_device=peak, fits=report["peak_bytes"] <= hbm)  # fmt: skip
         if estimate:
-            recomputed = config.model.remat_policy != "none"
-            backend = resolve_backend(config.model.attention_backend, n, True, recomputed)
+            model = config.model
+            backend = resolve_backend(model.attention_backend, n, True, model.remat_policy)
             splash = backend == "splash"
             report["estimate_prices_splash"] = splash
             try:
