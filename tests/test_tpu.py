@@ -281,18 +281,47 @@ def test_splash_kernels_are_priced_from_their_work():
     assert 0.5 * 459e12 < rate <= 459e12, rate
 
 
-def test_dry_run_of_a_config_with_every_block_unrolled_prices_the_program_itself():
-    """No block loop (scan_unroll >= depth): the cost analysis of the unrolled program is whole,
-    so its FLOPs match the model's own count without any trip-count correction."""
+def _tiny_unrolled(depth=3):
     config = load_config(os.path.join(ROOT, "configs", "tiny.py"))
     config.model.hidden_size, config.model.adaln_lora_dim = 256, 64
     config.model.dtype, config.model.remat_policy = "bfloat16", "none"
     config.model.attention_backend, config.model.context_size = "xla", 256
-    config.model.depth = config.model.scan_unroll = 3
+    config.model.depth = config.model.scan_unroll = depth
+    return config
+
+
+def test_dry_run_of_a_config_with_every_block_unrolled_prices_the_program_itself():
+    """No block loop (scan_unroll >= depth): the cost analysis of the unrolled program is whole,
+    so its FLOPs match the model's own count without any trip-count correction."""
     with jax.default_matmul_precision("default"):
-        report = dry_run(config, global_batch=8, topology="v5p:2x2x1", verbose=False)
+        report = dry_run(_tiny_unrolled(), global_batch=8, topology="v5p:2x2x1", verbose=False)
     assert 0.95 < report["estimate_flops_ratio"] < 1.1, report["estimate_flops_ratio"]
     assert 0 < report["estimate_mfu"] < 1 and report["cycle_kinds"]["matmul"] > 0.1
+
+
+def test_dry_run_of_two_slices_gives_an_estimate_and_counts_the_dcn_transfers(capsys):
+    """A multi-slice program carries "SliceId" and "ZeroCrop" custom calls that the cost model
+    prices at -1 s each (optimal_seconds came out as minus their count plus the step's time);
+    `program_cost` adds them back. Oracle: the same 8-chip step with the data axis on one
+    slice's ICI, whose estimate needs no correction."""
+    two_slices = _tiny_unrolled()
+    two_slices.mesh.ici, two_slices.mesh.dcn = (1, -1, 1), (2, 1, 1)
+    one_slice = _tiny_unrolled()
+    one_slice.mesh.ici = (2, -1, 1)
+    with jax.default_matmul_precision("default"):
+        multi = dry_run(two_slices, global_batch=16, topology="v5p:2x2x1")
+        single = dry_run(one_slice, global_batch=16, topology="v5p:2x2x2", verbose=False)
+    out = capsys.readouterr().out
+    assert multi["chips"] == single["chips"] == 8 and multi["mesh"] == single["mesh"]
+    assert multi["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert 0.95 < multi["estimate_flops_ratio"] < 1.1, multi["estimate_flops_ratio"]
+    # uncorrected the estimate is about -24 s; corrected, the step's time on the chips (the
+    # DCN all-reduce left out, so at most the one-slice step's, which prices its ICI one)
+    ratio = multi["estimate_step_seconds"] / single["estimate_step_seconds"]
+    assert 0.5 < ratio <= 1.0, ratio
+    dcn = multi["collectives"]["dcn all-reduce"]
+    assert dcn["count"] > 0 and dcn["bytes"] > 0 and "dcn all-reduce" not in single["collectives"]
+    assert "the transfers between slices over DCN" in out and "compiler estimate" in out
 
 
 def test_the_estimate_prices_every_op_of_a_stacked_block_program_on_v5e():

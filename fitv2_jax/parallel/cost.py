@@ -16,6 +16,13 @@ The estimate's programs also keep memory-space assignment from prefetching a buf
 on v5e and v6e it slices the stacked block kernels and joins them with a "ConcatBitcast" custom
 call, which the cost model prices at -1 s each (measured: FiTv2-B with 2 blocks on v5e-16 gave
 optimal_seconds -0.999 for its forward, -16.0 for its gradient), so no estimate came out at all.
+Multi-slice programs (config.mesh.dcn) carry two custom calls the cost model prices at exactly
+-1 s each, "SliceId" and "ZeroCrop" (the buffers handed to the DCN all-reduce); `program_cost`
+adds 1 s back per call (measured: a 3-block tiny FiT on 2 slices of v5p:2x2x1 has 1 + 23 of them
+and optimal_seconds -23.99978, i.e. 0.22 ms; 6 blocks 1 + 41 and -41.99960, 0.40 ms; the same
+step on one v5p:2x2x2 slice with the data axis on ICI 0.27 ms). The DCN transfers themselves are
+host transfers to the multi-slice runtime (send/recv with no cost annotation), so the estimate
+leaves them out; `parallel.hlo.collectives` counts their bytes.
 Check `flops` against the model's own count before trusting `seconds` (the dry run prints both).
 A config that unrolls all its blocks (scan_unroll >= depth) has no block loop, so its own
 program's cost analysis is whole (`program_cost`); extrapolating from programs of 2 and 4 blocks
@@ -44,6 +51,10 @@ ESTIMATE_OPTIONS = {
 }
 
 
+# custom calls the TPU cost model prices at -1 s each (module doc)
+MINUS_ONE_SECOND_CALLS = ("SliceId", "ZeroCrop")
+
+
 def unpriced_ops(hlo_text: str) -> dict[str, int]:
     """Custom-call targets in a compiled TPU program, by count (what the cost model may skip)."""
     return dict(
@@ -61,17 +72,20 @@ class CostEstimate:
 
 def program_cost(compiled) -> tuple[float, float]:
     """(FLOPs, optimal_seconds) of a compiled TPU program, as its cost analysis gives them (a
-    loop's body counted once), plus its splash attention kernels priced by the compiler from
-    their work (`splash_kernel_work`, `kernel_seconds`); an error naming its custom calls if the
-    compiler gave no estimate."""
+    loop's body counted once), with the 1 s the cost model subtracts per multi-slice custom call
+    added back (`MINUS_ONE_SECOND_CALLS`), plus its splash attention kernels priced by the
+    compiler from their work (`splash_kernel_work`, `kernel_seconds`); an error naming its custom
+    calls if the compiler gave no estimate."""
     ca = compiled.cost_analysis()
     ca = ca[0] if isinstance(ca, list | tuple) else ca
     flops, seconds = float(ca.get("flops", -1.0)), float(ca.get("optimal_seconds", -1.0))
     text = compiled.as_text()
+    calls = unpriced_ops(text)
+    seconds += sum(calls.get(name, 0) for name in MINUS_ONE_SECOND_CALLS)
     if flops < 0 or seconds <= 0:
         raise RuntimeError(f"the compiler gave no cost estimate (flops {flops}, optimal_seconds "
                            f"{seconds}): an op it cannot cost is in the program; its custom "
-                           f"calls: {unpriced_ops(text)}")  # fmt: skip
+                           f"calls: {calls}")  # fmt: skip
     kernels = splash_kernel_work(text)
     if kernels:
         device = _a_device(compiled)

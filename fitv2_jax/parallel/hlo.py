@@ -9,7 +9,10 @@ how often it runs (nested loops multiplied). A loop's trip count is the one XLA 
 while op (`known_trip_count`) or, in TPU programs that do not record it, the constant its
 condition compares the counter with (`i < N`; scans and windowed einsums count from 0). `bytes` is per device: the largest array the op touches (an all-gather's
 output, a reduce-scatter's input, an all-reduce's buffer), which is what the interconnect moves
-up to the factor (n - 1) / n (twice that for an all-reduce).
+up to the factor (n - 1) / n (twice that for an all-reduce). Across slices (config.mesh.dcn)
+the TPU program hands buffers to the multi-slice runtime as host transfers (`send` ops marked
+with a megascale transfer type); they count as "dcn all-reduce" etc., the bytes each device
+sends. The compiler's cost model does not price them (`parallel.cost`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16
                 "f8e4m3fn": 1, "f8e5m2": 1}  # fmt: skip
 _SHAPE = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
 _OP = re.compile(r"=\s.*?\b(" + "|".join(KINDS) + r")(-start)?\(")
+_DCN = re.compile(r'=\s.*?\bsend\(.*_xla_megascale_transfer_type="(\w+)"')
 _HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 _CALLEE = re.compile(r"\b(body|calls|to_apply|condition)=%?([\w.\-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
@@ -80,6 +84,9 @@ def _parse(hlo_text: str):
         m = _OP.search(line)
         if m:
             ops.append((m.group(1), _largest_array_bytes(line)))
+        m = _DCN.search(line)
+        if m:
+            ops.append(("dcn " + m.group(1).lower().replace("_", "-"), _largest_array_bytes(line)))
         trip = _TRIP.search(line)
         found = dict((role, name) for role, name in _CALLEE.findall(line))
         for role, name in found.items():
@@ -126,11 +133,13 @@ def _runs(comps, entry) -> collections.Counter:
 
 
 def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
-    """{kind: {"count": runs per step, "bytes": per-device bytes per step}} for every kind."""
+    """{kind: {"count": runs per step, "bytes": per-device bytes per step}} for every kind in
+    KINDS, and the DCN transfers ("dcn all-reduce", ...) a multi-slice program makes."""
     comps, entry = _parse(hlo_text)
     table = {k: {"count": 0, "bytes": 0} for k in KINDS}
     for name, times in _runs(comps, entry).items():
         for kind, nbytes in comps[name][0]:
+            table.setdefault(kind, {"count": 0, "bytes": 0})
             table[kind]["count"] += times
             table[kind]["bytes"] += times * nbytes
     return table

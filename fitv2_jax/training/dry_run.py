@@ -190,3 +190,7 @@ def print_report(r: dict) -> None:
               + ("; the splash kernels, which carry no cost estimate, are priced by the "
                  "compiler from their FLOPs and bytes (a roofline: at best; their backward "
                  "recomputes the scores)" if r.get("estimate_prices_splash") else ""))  # fmt: skip
+        dcn = sum(v["bytes"] for k, v in r["collectives"].items() if k.startswith("dcn "))
+        if dcn:
+            print(f"  not in it: the transfers between slices over DCN ({dcn / GIB:.2f} GiB per "
+                  "device per step), host transfers the compiler does not price")  # fmt: skip
