@@ -84,7 +84,7 @@ def _parse(hlo_text: str):
         m = _OP.search(line)
         if m:
             ops.append((m.group(1), _largest_array_bytes(line)))
-        m = _DCN.search(line)
+        m = _DCN.search(line) if "_xla_megascale_transfer_type" in line else None
         if m:
             ops.append(("dcn " + m.group(1).lower().replace("_", "-"), _largest_array_bytes(line)))
         trip = _TRIP.search(line)
