@@ -149,6 +149,13 @@ def test_pod_names_give_the_chip_grid(name, grid, chips):
     assert hbm == chip.hbm_gib * 2**30 and peak == chip.bf16_tflops * 1e12
 
 
+@pytest.mark.parametrize("name, slices", [("v4-32", 1), ("v5p-16", 1), ("v5e-8", 1), ("v4-16", 2)])
+def test_compile_only_devices_are_one_per_chip_as_on_a_real_slice(name, slices):
+    # JAX runs v4 and v5p chips as megacore devices; libtpu's default shows a v4 chip as two
+    devices, chip, chips = topology_devices(name, slices)
+    assert len(devices) == chips == slices * parse_topology(name)[2]
+
+
 @pytest.mark.parametrize("name", ["v5p-63", "v7-8", "v5e:4x4x4", "v5e-24"])
 def test_bad_topology_names_are_refused_with_the_flag(name):
     with pytest.raises(UserError, match="--topology"):

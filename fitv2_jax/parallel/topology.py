@@ -8,7 +8,10 @@ Mesh of these devices and compiled gives the TPU program, its memory plan and it
 Names: Cloud TPU pod names ("v5p-64": the number counts TensorCores for v4 and v5p, two per chip,
 and chips for v5e and v6e) or libtpu's "<kind>:<chip grid>" ("v5p:4x4x2", "v6e:8x8").
 Chip facts are per chip from the Cloud TPU documentation (HBM; dense bf16 peak); per device they
-are divided by the devices each chip shows (libtpu shows a v4 chip as two devices).
+are divided by the devices each chip shows. v4 and v5p chips are asked for as megacore (one device
+of two TensorCores per chip), as JAX runs them on a real slice; left to its default, libtpu shows
+a v4 chip as two one-core devices, and the dry run compiled a program for twice the devices that a
+v4 slice gives (v4-32: 32 instead of 16).
 """
 
 from __future__ import annotations
@@ -84,7 +87,10 @@ def topology_devices(name: str, num_slices: int = 1):
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         topo = topologies.get_topology_desc(
-            topology_name=libtpu_name, platform="tpu", num_slices=num_slices
+            topology_name=libtpu_name,
+            platform="tpu",
+            num_slices=num_slices,
+            **({"chip_config_name": "megacore"} if chip.cores_in_name == 2 else {}),
         )
     except Exception as e:  # noqa: BLE001 - libtpu missing or a topology it rejects
         text = str(e).splitlines()[0] if str(e) else type(e).__name__
