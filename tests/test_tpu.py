@@ -209,6 +209,29 @@ def test_ops_after_a_kernel_whose_metadata_spans_lines_are_counted():
     assert {r[2] for r in rows} == {"attn", "mlp"}
 
 
+def test_a_fusion_named_after_a_top_level_op_counts_where_its_fused_ops_come_from():
+    """XLA names a fusion after its root; a RoPE fusion ending in the step's convert said
+    "(top level)" though every op in it is the attention's."""
+    text = "\n".join([
+        "HloModule m",
+        "",
+        "%fused (p0: f32[8,128]) -> bf16[8,128] {",
+        "  %p0 = f32[8,128]{1,0} parameter(0)",
+        '  %m = f32[8,128]{1,0} multiply(%p0, %p0), metadata={op_name="jit(f)/jvp(F)/blocks/attn/mul"}',
+        '  %n = f32[8,128]{1,0} negate(%m), metadata={op_name="jit(f)/jvp(F)/blocks/attn/neg"}',
+        '  ROOT %c = bf16[8,128]{1,0} convert(%n), metadata={op_name="jit(f)/jvp(F)/convert.10"}',
+        "}",
+        "",
+        "ENTRY %main (p: f32[8,128]) -> bf16[8,128] {",
+        "  %p = f32[8,128]{1,0} parameter(0)",
+        "  ROOT %f = bf16[8,128]{1,0} fusion(%p), kind=kLoop, calls=%fused, "
+        'metadata={op_name="jit(f)/jvp(F)/convert.10"}, backend_config={"estimated_cycles":"70"}',
+        "}",
+    ])  # fmt: skip
+    assert [r[1:] for r in cycle_profile(text)] == [(70.0, "blocks/attn", "elementwise/reduce",
+                                                     "fwd")]  # fmt: skip
+
+
 def test_cycle_profile_counts_a_scanned_layer_per_iteration_under_its_module_path():
     devices, _, _ = topology_devices("v5e:2x2")
     mesh = jax.sharding.Mesh(np.array(devices), ("data",))

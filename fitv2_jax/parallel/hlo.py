@@ -198,6 +198,23 @@ def _where(op_name: str) -> tuple[str, str]:
     return "/".join(path) or "(top level)", "bwd" if "transpose(" in op_name else "fwd"
 
 
+def _op_where(line: str, comps) -> tuple[str, str]:
+    """(module path, fwd/bwd) of an op; a fusion whose own name says no more than the top level
+    (its root a convert or a reduce of the step's) takes the path most of its fused ops name."""
+    op_name = _OP_NAME.search(line)
+    where, direction = _where(op_name.group(1)) if op_name else ("(no source)", "")
+    callee = _CALLS.search(line) if where in ("(top level)", "(no source)") else None
+    if callee and callee.group(1) in comps:
+        inner = collections.Counter(
+            _where(m.group(1))
+            for m in map(_OP_NAME.search, comps[callee.group(1)][2])
+            if m and _where(m.group(1))[0] != "(top level)"
+        )
+        if inner:
+            return inner.most_common(1)[0][0]
+    return where, direction
+
+
 def cycle_profile(hlo_text: str) -> list[tuple[float, float, str, str, str]]:
     """Where a compiled TPU program's estimated cycles go: rows (share, cycles per step, module
     path, op kind, fwd/bwd), largest first. Each op's `estimated_cycles` (the TPU compiler's
@@ -211,8 +228,7 @@ def cycle_profile(hlo_text: str) -> list[tuple[float, float, str, str, str]]:
             opcode = _OPCODE.search(line.split(", metadata=")[0].split(", backend_config=")[0])
             if not cycles or not opcode:
                 continue
-            op_name = _OP_NAME.search(line)
-            where, direction = _where(op_name.group(1)) if op_name else ("(no source)", "")
+            where, direction = _op_where(line, comps)
             totals[(where, _op_kind(line, opcode.group(1), matmuls), direction)] += (
                 int(cycles.group(1)) * times
             )
