@@ -205,11 +205,8 @@ def _op_where(line: str, comps) -> tuple[str, str]:
     where, direction = _where(op_name.group(1)) if op_name else ("(no source)", "")
     callee = _CALLS.search(line) if where in ("(top level)", "(no source)") else None
     if callee and callee.group(1) in comps:
-        inner = collections.Counter(
-            _where(m.group(1))
-            for m in map(_OP_NAME.search, comps[callee.group(1)][2])
-            if m and _where(m.group(1))[0] != "(top level)"
-        )
+        names = (m.group(1) for m in map(_OP_NAME.search, comps[callee.group(1)][2]) if m)
+        inner = collections.Counter(w for w in map(_where, names) if w[0] != "(top level)")
         if inner:
             return inner.most_common(1)[0][0]
     return where, direction
