@@ -27,6 +27,7 @@ _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16
                 "f8e4m3fn": 1, "f8e5m2": 1}  # fmt: skip
 _SHAPE = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
 _OP = re.compile(r"=\s.*?\b(" + "|".join(KINDS) + r")(-start)?\(")
+_DCN_PREFIX = "dcn "  # the kinds of DCN transfers: "dcn all-reduce", ...
 _DCN = re.compile(r'=\s.*?\bsend\(.*_xla_megascale_transfer_type="(\w+)"')
 _HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 _CALLEE = re.compile(r"\b(body|calls|to_apply|condition)=%?([\w.\-]+)")
@@ -86,7 +87,8 @@ def _parse(hlo_text: str):
             ops.append((m.group(1), _largest_array_bytes(line)))
         m = _DCN.search(line) if "_xla_megascale_transfer_type" in line else None
         if m:
-            ops.append(("dcn " + m.group(1).lower().replace("_", "-"), _largest_array_bytes(line)))
+            kind = _DCN_PREFIX + m.group(1).lower().replace("_", "-")
+            ops.append((kind, _largest_array_bytes(line)))
         trip = _TRIP.search(line)
         found = dict((role, name) for role, name in _CALLEE.findall(line))
         for role, name in found.items():
@@ -143,6 +145,11 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
             table[kind]["count"] += times
             table[kind]["bytes"] += times * nbytes
     return table
+
+
+def dcn_bytes(table: dict[str, dict[str, int]]) -> int:
+    """Per-device bytes per step sent between slices, from a `collectives` table."""
+    return sum(v["bytes"] for k, v in table.items() if k.startswith(_DCN_PREFIX))
 
 
 def while_trip_counts(hlo_text: str) -> list[int]:

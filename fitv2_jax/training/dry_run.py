@@ -24,7 +24,7 @@ import jax
 from fitv2_jax.models.attention import resolve_backend
 from fitv2_jax.models.summary import train_step_flops
 from fitv2_jax.parallel.cost import ESTIMATE_OPTIONS, configured_cost
-from fitv2_jax.parallel.hlo import collectives, cycle_profile
+from fitv2_jax.parallel.hlo import collectives, cycle_profile, dcn_bytes
 from fitv2_jax.parallel.mesh import create_mesh
 from fitv2_jax.parallel.topology import per_device, topology_devices
 from fitv2_jax.training.setup import build_setup
@@ -190,7 +190,7 @@ def print_report(r: dict) -> None:
               + ("; the splash kernels, which carry no cost estimate, are priced by the "
                  "compiler from their FLOPs and bytes (a roofline: at best; their backward "
                  "recomputes the scores)" if r.get("estimate_prices_splash") else ""))  # fmt: skip
-        dcn = sum(v["bytes"] for k, v in r["collectives"].items() if k.startswith("dcn "))
+        dcn = dcn_bytes(r["collectives"])
         if dcn:
             print(f"  not in it: the transfers between slices over DCN ({dcn / GIB:.2f} GiB per "
                   "device per step), host transfers the compiler does not price")  # fmt: skip
