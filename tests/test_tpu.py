@@ -179,6 +179,29 @@ def test_collectives_in_a_loop_count_every_iteration():
     assert table["all-reduce"]["bytes"] == 5 * 4  # a float32 scalar each time
 
 
+def test_an_fsdp_gradient_counts_as_a_reduce_scatter_of_the_whole_gradient():
+    """libtpu writes a reduce-scatter as a fusion of an all-reduce and the slice each chip
+    keeps; the table must call it a reduce-scatter (it read "all-reduce" before)."""
+    devices, _, _ = topology_devices("v5p:2x2x1")
+    mesh = jax.sharding.Mesh(np.array(devices), ("fsdp",))
+    w_sharding = jax.NamedSharding(mesh, jax.P(None, "fsdp"))
+
+    def step(w, x):
+        grad = jax.grad(lambda w: jnp.sum(jnp.tanh(x @ w.astype(jnp.bfloat16))))(w)
+        return w - 0.1 * grad
+
+    w = jax.ShapeDtypeStruct((512, 1024), jnp.float32, sharding=w_sharding)
+    x = jax.ShapeDtypeStruct(
+        (4096, 512), jnp.bfloat16, sharding=jax.NamedSharding(mesh, jax.P("fsdp"))
+    )
+    text = jax.jit(step, out_shardings=w_sharding).lower(w, x).compile().as_text()
+    assert "calls=%all-reduce-scatter" in text  # what libtpu emits today
+    table = collectives(text)
+    assert table["reduce-scatter"]["count"] == 1 and table["all-reduce"]["count"] == 0
+    assert table["reduce-scatter"]["bytes"] == 512 * 1024 * 2  # its input: the bf16 gradient
+    assert table["all-gather"] == {"count": 1, "bytes": 512 * 1024 * 2}  # the bf16 weight
+
+
 def test_ops_after_a_kernel_whose_metadata_spans_lines_are_counted():
     """The splash kernel's attributes hold a newline (as libtpu prints them): its tail is an
     unindented line, which must not end the computation for the ops after it."""

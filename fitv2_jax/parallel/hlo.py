@@ -12,7 +12,9 @@ output, a reduce-scatter's input, an all-reduce's buffer), which is what the int
 up to the factor (n - 1) / n (twice that for an all-reduce). Across slices (config.mesh.dcn)
 the TPU program hands buffers to the multi-slice runtime as host transfers (`send` ops marked
 with a megascale transfer type); they count as "dcn all-reduce" etc., the bytes each device
-sends. The compiler's cost model does not price them (`parallel.cost`).
+sends. The compiler's cost model does not price them (`parallel.cost`). A TPU program writes a
+reduce-scatter as a fusion calling `%all-reduce-scatter...`: an all-reduce and the slice each
+device keeps, which runs as one reduce-scatter; its all-reduce counts as a reduce-scatter.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ _SHAPE = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
 _OP = re.compile(r"=\s.*?\b(" + "|".join(KINDS) + r")(-start)?\(")
 _DCN_PREFIX = "dcn "  # the kinds of DCN transfers: "dcn all-reduce", ...
 _DCN = re.compile(r'=\s.*?\bsend\(.*_xla_megascale_transfer_type="(\w+)"')
+_REDUCE_SCATTER_FUSION = re.compile(r"^all-reduce-scatter(\.\d+)?$")  # TPU's reduce-scatter
 _HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 _CALLEE = re.compile(r"\b(body|calls|to_apply|condition)=%?([\w.\-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
@@ -84,7 +87,10 @@ def _parse(hlo_text: str):
         lines.append(line)
         m = _OP.search(line)
         if m:
-            ops.append((m.group(1), _largest_array_bytes(line)))
+            kind = m.group(1)
+            if kind == "all-reduce" and _REDUCE_SCATTER_FUSION.match(current):
+                kind = "reduce-scatter"
+            ops.append((kind, _largest_array_bytes(line)))
         m = _DCN.search(line) if "_xla_megascale_transfer_type" in line else None
         if m:
             kind = _DCN_PREFIX + m.group(1).lower().replace("_", "-")
