@@ -6,6 +6,8 @@ and OUT.md (the README's table).
     python -m fitv2_jax.bench --suite tpu --out docs/tpu_table
     python -m fitv2_jax.bench --suite tpu --configs configs/fitv2_xl.py --topologies v5p-64 \
         --remat none,full --attention xla,splash --out /tmp/xl
+    python -m fitv2_jax.bench --suite tpu --configs configs/fitv2_hr_xl.py --topologies v6e-64 \
+        --remat full --attention splash --scan_unroll 1 --out /tmp/hr   # blocks scanned
 
 Each row is `train --dry_run --topology T` (`training.dry_run`) with the config's model at its
 context size (256 tokens; 1024 for the HR post-training) and the given global batch. Estimates
@@ -24,6 +26,7 @@ from absl import flags
 
 from fitv2_jax.config.files import load_config
 from fitv2_jax.training.dry_run import dry_run
+from fitv2_jax.utils.errors import UserError
 
 FLAGS = flags.FLAGS
 CONFIGS = ["configs/fitv2_b.py", "configs/fitv2_xl.py", "configs/fitv2_3b.py",
@@ -38,19 +41,35 @@ def define_flags(module_name: str) -> None:
                       "train --topology)", module_name=m)  # fmt: skip
     flags.DEFINE_list("remat", ["none", "dots", "full"], "remat policies", module_name=m)
     flags.DEFINE_list("attention", ["xla", "splash"], "attention backends", module_name=m)
+    flags.DEFINE_list("scan_unroll", ["config"], "blocks per scan iteration: 'config' keeps the "
+                      "config's (the pod configs unroll every block), 1 scans them (faster to "
+                      "compile; the estimate scales the loop body by its trip count)",
+                      module_name=m)  # fmt: skip
     flags.DEFINE_integer("global_batch", 256, "global batch (the paper's)", module_name=m)
     flags.DEFINE_string("out", "tpu_table", "writes OUT.json and OUT.md", module_name=m)
 
 
 def _key(row: dict) -> tuple:
-    return (row["config"], row["topology"], row["remat"], row["attention"])
+    return (row["config"], row["topology"], row["remat"], row["attention"], row["scan_unroll"])
 
 
-def _row(config_path: str, topology: str, remat: str, attention: str, batch: int) -> dict:
+def _unroll(config_path: str, value: str) -> int:
+    """The blocks per scan iteration a `--scan_unroll` value means for this config."""
+    if value == "config":
+        return int(load_config(config_path).model.scan_unroll)
+    if not value.isdigit() or int(value) < 1:
+        raise UserError(f"--scan_unroll={value!r}: expected 'config' or a positive integer.")
+    return int(value)
+
+
+def _row(config_path: str, topology: str, remat: str, attention: str, unroll: int,
+         batch: int) -> dict:  # fmt: skip
     config = load_config(config_path)
     config.model.remat_policy, config.model.attention_backend = remat, attention
+    config.model.scan_unroll = unroll
     row = dict(config=os.path.basename(config_path).removesuffix(".py"), topology=topology,
-               remat=remat, attention=attention, global_batch=batch,
+               remat=remat, attention=attention, scan_unroll=unroll,
+               depth=int(config.model.depth), global_batch=batch,
                tokens=int(config.model.context_size))  # fmt: skip
     start = time.perf_counter()
     try:
@@ -66,11 +85,19 @@ def _row(config_path: str, topology: str, remat: str, attention: str, batch: int
     return row
 
 
+def _label(row: dict) -> str:
+    """The config's name, and how its blocks ran when not as one scan over all of them."""
+    unroll, depth = row["scan_unroll"], row["depth"]
+    if unroll >= depth:
+        return f"{row['config']}, {depth} blocks unrolled"
+    return row["config"] if unroll == 1 else f"{row['config']}, scan unrolled x{unroll}"
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["| config | tokens | topology | remat | attention | peak HBM / chip | fits | "
              "est. step | est. MFU |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
-        head = (f"| {r['config']} | {r['tokens']} | {r['topology']} | {r['remat']} | "
+        head = (f"| {_label(r)} | {r['tokens']} | {r['topology']} | {r['remat']} | "
                 f"{r['attention']} |")  # fmt: skip
         if "error" in r:
             lines.append(f"{head} did not compile: {r['error']} | | | |")
@@ -87,14 +114,15 @@ def main() -> None:
     rows = json.load(open(path)) if os.path.exists(path) else []
     done = {_key(r) for r in rows if "error" not in r}
     rows = [r for r in rows if _key(r) in done]
-    plan = [(c, t, m, a) for c in FLAGS.configs for t in FLAGS.topologies for m in FLAGS.remat
-            for a in FLAGS.attention]  # fmt: skip
-    for i, (c, t, m, a) in enumerate(plan, 1):
+    plan = [(c, t, m, a, _unroll(c, u)) for c in FLAGS.configs for t in FLAGS.topologies
+            for m in FLAGS.remat for a in FLAGS.attention for u in FLAGS.scan_unroll]  # fmt: skip
+    for i, (c, t, m, a, u) in enumerate(plan, 1):
         name = os.path.basename(c).removesuffix(".py")
-        if (name, t, m, a) in done:
+        if (name, t, m, a, u) in done:
             continue
-        print(f"[{i}/{len(plan)}] {name} on {t}, remat {m}, attention {a}", flush=True)
-        row = _row(c, t, m, a, FLAGS.global_batch)
+        print(f"[{i}/{len(plan)}] {name} on {t}, remat {m}, attention {a}, scan_unroll {u}",
+              flush=True)  # fmt: skip
+        row = _row(c, t, m, a, u, FLAGS.global_batch)
         rows.append(row)
         print("  " + markdown([row]).splitlines()[-1], flush=True)
         with open(path + ".tmp", "w") as f:
