@@ -202,6 +202,34 @@ def test_an_fsdp_gradient_counts_as_a_reduce_scatter_of_the_whole_gradient():
     assert table["all-gather"] == {"count": 1, "bytes": 512 * 1024 * 2}  # the bf16 weight
 
 
+def test_a_combined_collective_counts_the_bytes_of_every_buffer_it_moves():
+    """The TPU compiler combines gradients' all-reduces (and, on v6e, weight gathers) into one op
+    with a tuple result; its bytes are all of them, not the largest one."""
+    text = "\n".join([
+        "HloModule m",
+        "",
+        "%add (a: bf16[], b: bf16[]) -> bf16[] {",
+        "  %a = bf16[] parameter(0)",
+        "  %b = bf16[] parameter(1)",
+        "  ROOT %s = bf16[] add(%a, %b)",
+        "}",
+        "",
+        "ENTRY %main (p: bf16[1152,3072], q: bf16[3072,1152], r: bf16[64]) -> bf16[64] {",
+        "  %p = bf16[1152,3072]{1,0} parameter(0)",
+        "  %q = bf16[3072,1152]{1,0} parameter(1)",
+        "  %r = bf16[64]{0} parameter(2)",
+        "  %ar = (bf16[1152,3072]{1,0:T(8,128)(2,1)}, bf16[3072,1152]{1,0:T(8,128)(2,1)}) "
+        "all-reduce(%p, %q), replica_groups={}, to_apply=%add",
+        "  %ags = ((bf16[64]{0}), bf16[4096]{0}) all-gather-start(%r), dimensions={0}",
+        "  %agd = bf16[4096]{0} all-gather-done(%ags)",
+        "  ROOT %g = bf16[64]{0} get-tuple-element(%ar), index=0",
+        "}",
+    ])  # fmt: skip
+    table = collectives(text)
+    assert table["all-reduce"] == {"count": 1, "bytes": 2 * 1152 * 3072 * 2}
+    assert table["all-gather"] == {"count": 1, "bytes": 4096 * 2}  # an async start: its output
+
+
 def test_ops_after_a_kernel_whose_metadata_spans_lines_are_counted():
     """The splash kernel's attributes hold a newline (as libtpu prints them): its tail is an
     unindented line, which must not end the computation for the ops after it."""

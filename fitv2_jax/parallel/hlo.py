@@ -7,9 +7,11 @@ and where a TPU program's estimated cycles go.
 An op inside a while loop runs once per iteration: every computation's count is multiplied by
 how often it runs (nested loops multiplied). A loop's trip count is the one XLA records on the
 while op (`known_trip_count`) or, in TPU programs that do not record it, the constant its
-condition compares the counter with (`i < N`; scans and windowed einsums count from 0). `bytes` is per device: the largest array the op touches (an all-gather's
-output, a reduce-scatter's input, an all-reduce's buffer), which is what the interconnect moves
-up to the factor (n - 1) / n (twice that for an all-reduce). Across slices (config.mesh.dcn)
+condition compares the counter with (`i < N`; scans and windowed einsums count from 0). `bytes` is per device: the arrays the op yields (an all-gather's
+output, an all-reduce's buffer; all of them for an op that combines several, which the TPU
+compiler does with gradients and gathers), which is what the interconnect moves up to the factor
+(n - 1) / n (twice that for an all-reduce); for an async `-start` op, whose result holds its
+operands too, the largest array. Across slices (config.mesh.dcn)
 the TPU program hands buffers to the multi-slice runtime as host transfers (`send` ops marked
 with a megascale transfer type); they count as "dcn all-reduce" etc., the bytes each device
 sends. The compiler's cost model does not price them (`parallel.cost`). A TPU program writes a
@@ -40,11 +42,21 @@ _CONST = re.compile(r"%?([\w.\-]+) = [su]\d+\[\]\S* constant\((\d+)\)")
 _LT = re.compile(r"ROOT .*compare\(%?[\w.\-]+, %?([\w.\-]+)\), direction=LT")
 
 
+def _array_bytes(text: str) -> list[int]:
+    return [math.prod(int(d) for d in dims.split(",") if d) * _DTYPE_BYTES[dt]
+            for dt, dims in _SHAPE.findall(text)]  # fmt: skip
+
+
+def _collective_bytes(line: str, match: re.Match) -> int:
+    """Bytes of a collective op's result: every array of a combined (tuple) result, or the
+    largest one of an async start (whose tuple repeats its operands)."""
+    result = line[line.index("=") + 1 : match.start(1)]
+    sizes = _array_bytes(result)
+    return max(sizes, default=0) if match.group(2) else sum(sizes)
+
+
 def _largest_array_bytes(line: str) -> int:
-    text = line.split("metadata=")[0]
-    sizes = [math.prod(int(d) for d in dims.split(",") if d) * _DTYPE_BYTES[dt]
-             for dt, dims in _SHAPE.findall(text)]  # fmt: skip
-    return max(sizes, default=0)
+    return max(_array_bytes(line.split("metadata=")[0]), default=0)
 
 
 def _lines(hlo_text: str) -> list[str]:
@@ -90,7 +102,7 @@ def _parse(hlo_text: str):
             kind = m.group(1)
             if kind == "all-reduce" and _REDUCE_SCATTER_FUSION.match(current):
                 kind = "reduce-scatter"
-            ops.append((kind, _largest_array_bytes(line)))
+            ops.append((kind, _collective_bytes(line, m)))
         m = _DCN.search(line) if "_xla_megascale_transfer_type" in line else None
         if m:
             kind = _DCN_PREFIX + m.group(1).lower().replace("_", "-")
