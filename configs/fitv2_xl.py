@@ -16,7 +16,9 @@ TPU defaults (remat none, all 36 blocks unrolled, attention auto = XLA attention
   recomputing them). The price of unrolling: `--dry_run` compiles for about
   5 minutes per program on a 2-core host (two programs: the step and the estimate's).
   Other slices (same command, `--topology`): v6e-64 unrolled 45 ms (3.8 of 32 GiB) vs scanned full
-  remat 51 ms; but v5e-256, one image per chip, unrolled 65 ms (5.3 of 16 GiB) vs scanned full remat
+  remat 51 ms, and 37.6 ms (2.8 GiB) with `--config.mesh.ici='(2,-1,1)'` (2026-12-04): FSDP over
+  32 chips, not 64, where libtpu gathers the weights by all-reduces of zero-padded buffers (README,
+  TPU table); but v5e-256, one image per chip, unrolled 65 ms (5.3 of 16 GiB) vs scanned full remat
   48 ms: there pass `--config.model.remat_policy=full --config.model.scan_unroll=1` (auto then
   picks splash, the blocks being recomputed: 46.8 ms, 4.4 GiB).
 """
