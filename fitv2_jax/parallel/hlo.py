@@ -7,16 +7,18 @@ and where a TPU program's estimated cycles go.
 An op inside a while loop runs once per iteration: every computation's count is multiplied by
 how often it runs (nested loops multiplied). A loop's trip count is the one XLA records on the
 while op (`known_trip_count`) or, in TPU programs that do not record it, the constant its
-condition compares the counter with (`i < N`; scans and windowed einsums count from 0). `bytes` is per device: the arrays the op yields (an all-gather's
-output, an all-reduce's buffer; all of them for an op that combines several, which the TPU
-compiler does with gradients and gathers), which is what the interconnect moves up to the factor
-(n - 1) / n (twice that for an all-reduce); for an async `-start` op, whose result holds its
-operands too, the largest array. Across slices (config.mesh.dcn)
-the TPU program hands buffers to the multi-slice runtime as host transfers (`send` ops marked
-with a megascale transfer type); they count as "dcn all-reduce" etc., the bytes each device
-sends. The compiler's cost model does not price them (`parallel.cost`). A TPU program writes a
-reduce-scatter as a fusion calling `%all-reduce-scatter...`: an all-reduce and the slice each
-device keeps, which runs as one reduce-scatter; its all-reduce counts as a reduce-scatter.
+condition compares the counter with (`i < N`; scans and windowed einsums count from 0).
+
+`bytes` is per device: the arrays the op yields (an all-gather's output, an all-reduce's buffer;
+all of them for an op that combines several, which the TPU compiler does with gradients and
+gathers), which is what the interconnect moves up to the factor (n - 1) / n (twice that for an
+all-reduce); for an async `-start` op, whose result holds its operands too, the largest array;
+for a plain `reduce-scatter` op its output, the shard, n times less than it reduces.
+A TPU program writes a reduce-scatter as a fusion calling `%all-reduce-scatter...`: an all-reduce
+and the slice each device keeps, which runs as one reduce-scatter; its all-reduce counts as a
+reduce-scatter of the whole buffer. Across slices (config.mesh.dcn) the TPU program hands
+buffers to the multi-slice runtime as host transfers (`send` ops marked with a megascale transfer
+type); they count as "dcn all-reduce" etc., the bytes each device sends. The compiler's cost model does not price them (`parallel.cost`).
 """
 
 from __future__ import annotations
