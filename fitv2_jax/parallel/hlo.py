@@ -18,7 +18,8 @@ A TPU program writes a reduce-scatter as a fusion calling `%all-reduce-scatter..
 and the slice each device keeps, which runs as one reduce-scatter; its all-reduce counts as a
 reduce-scatter of the whole buffer. Across slices (config.mesh.dcn) the TPU program hands
 buffers to the multi-slice runtime as host transfers (`send` ops marked with a megascale transfer
-type); they count as "dcn all-reduce" etc., the bytes each device sends. The compiler's cost model does not price them (`parallel.cost`).
+type); they count as "dcn all-reduce" etc., the bytes each device sends. The compiler's cost
+model does not price them (`parallel.cost`).
 """
 
 from __future__ import annotations
