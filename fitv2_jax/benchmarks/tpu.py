@@ -50,7 +50,8 @@ def define_flags(module_name: str) -> None:
 
 
 def _key(row: dict) -> tuple:
-    return (row["config"], row["topology"], row["remat"], row["attention"], row["scan_unroll"])
+    # rows written before --scan_unroll have none (None: compiled again, never matched)
+    return (row["config"], row["topology"], row["remat"], row["attention"], row.get("scan_unroll"))
 
 
 def _unroll(config_path: str, value: str) -> int:
@@ -87,7 +88,9 @@ def _row(config_path: str, topology: str, remat: str, attention: str, unroll: in
 
 def _label(row: dict) -> str:
     """The config's name, and how its blocks ran when not as one scan over all of them."""
-    unroll, depth = row["scan_unroll"], row["depth"]
+    unroll, depth = row.get("scan_unroll"), row.get("depth")
+    if unroll is None:  # a row written before --scan_unroll
+        return row["config"]
     if unroll >= depth:
         return f"{row['config']}, {depth} blocks unrolled"
     return row["config"] if unroll == 1 else f"{row['config']}, scan unrolled x{unroll}"
@@ -114,8 +117,9 @@ def main() -> None:
     rows = json.load(open(path)) if os.path.exists(path) else []
     done = {_key(r) for r in rows if "error" not in r}
     rows = [r for r in rows if _key(r) in done]
-    plan = [(c, t, m, a, _unroll(c, u)) for c in FLAGS.configs for t in FLAGS.topologies
-            for m in FLAGS.remat for a in FLAGS.attention for u in FLAGS.scan_unroll]  # fmt: skip
+    unrolls = {c: sorted({_unroll(c, u) for u in FLAGS.scan_unroll}) for c in FLAGS.configs}
+    plan = [(c, t, m, a, u) for c in FLAGS.configs for t in FLAGS.topologies for m in FLAGS.remat
+            for a in FLAGS.attention for u in unrolls[c]]  # fmt: skip
     for i, (c, t, m, a, u) in enumerate(plan, 1):
         name = os.path.basename(c).removesuffix(".py")
         if (name, t, m, a, u) in done:
@@ -125,9 +129,14 @@ def main() -> None:
         row = _row(c, t, m, a, u, FLAGS.global_batch)
         rows.append(row)
         print("  " + markdown([row]).splitlines()[-1], flush=True)
-        with open(path + ".tmp", "w") as f:
-            json.dump(rows, f, indent=1)
-        os.replace(path + ".tmp", path)
-        with open(FLAGS.out + ".md", "w") as f:
-            f.write(markdown(rows))
+        _write(rows, FLAGS.out)  # after every row: a stopped run keeps what it compiled
+    _write(rows, FLAGS.out)  # also when every row was there already
     print(f"wrote {path} and {FLAGS.out}.md ({len(rows)} rows)")
+
+
+def _write(rows: list[dict], out: str) -> None:
+    with open(out + ".json.tmp", "w") as f:
+        json.dump(rows, f, indent=1)
+    os.replace(out + ".json.tmp", out + ".json")
+    with open(out + ".md", "w") as f:
+        f.write(markdown(rows))
