@@ -53,7 +53,7 @@ def _array_bytes(text: str) -> list[int]:
 def _collective_bytes(line: str, match: re.Match) -> int:
     """Bytes of a collective op's result: every array of a combined (tuple) result, or the
     largest one of an async start (whose tuple repeats its operands)."""
-    result = line[line.index("=") + 1 : match.start(1)]
+    result = line[match.start() + 1 : match.start(1)]  # between "=" and the opcode
     sizes = _array_bytes(result)
     return max(sizes, default=0) if match.group(2) else sum(sizes)
 
