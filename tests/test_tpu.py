@@ -23,6 +23,7 @@ from fitv2_jax.parallel.cost import (
     unpriced_ops,
 )
 from fitv2_jax.parallel.hlo import collectives, cycle_profile, while_trip_counts
+from fitv2_jax.parallel.matmuls import price_dots, traced_dots
 from fitv2_jax.parallel.mesh import create_mesh
 from fitv2_jax.parallel.topology import parse_topology, per_device, topology_devices
 from fitv2_jax.training.dry_run import dry_run
@@ -431,3 +432,47 @@ def test_the_estimate_prices_every_op_of_a_stacked_block_program_on_v5e():
     assert 0.9 < est.flops / model_flops < 1.3, est.flops / model_flops
     _, peak = per_device(chip, len(devices), len(devices))
     assert model_flops / peak < est.seconds < 100 * model_flops / peak  # not beyond the peak
+
+
+@pytest.mark.parametrize("remat, calls", [(False, 9), (True, 12)])
+def test_traced_dots_count_a_scanned_layer_per_iteration_and_its_recomputation(remat, calls):
+    def layer(h, w):
+        return jnp.tanh(h @ w)
+
+    def loss(ws, x):
+        body = jax.checkpoint(layer) if remat else layer
+        return jnp.sum(jax.lax.scan(lambda h, w: (body(h, w), None), x, ws)[0])
+
+    ws, x = jnp.ones((3, 16, 16)), jnp.ones((4, 16))
+    dots = traced_dots(jax.make_jaxpr(jax.grad(loss))(ws, x))
+    # 3 layers: forward h @ w, backward dh and dw; recomputed, the forward once more
+    assert sum(dots.values()) == calls
+    assert sorted(dots.values()) == ([3, 3, 3] if not remat else [3, 3, 6])
+    assert all(d.flops == 2 * 4 * 16 * 16 and not d.batched for d in dots)
+
+
+def test_traced_dots_take_a_conds_costliest_branch():
+    def f(p, x):
+        return jax.lax.cond(p, lambda x: x @ x @ x, lambda x: x @ x, x)
+
+    dots = traced_dots(jax.make_jaxpr(f)(True, jnp.ones((8, 8))))
+    assert sum(dots.values()) == 2
+
+
+def test_matmuls_priced_alone_add_up_to_the_estimate_of_a_program_of_them():
+    """The MFU ceiling (`bench --suite tpu_matmuls`) sums dots compiled one by one; on a step of
+    nothing but matmuls it must agree with the compiler's estimate of the whole program."""
+    devices, chip, _ = topology_devices("v5p:2x2x1")
+    a, w1, w2 = (jnp.ones(s, jnp.bfloat16) for s in [(2048, 1152), (1152, 3072), (3072, 1152)])
+    f = lambda a, w1, w2: (a @ w1) @ w2
+    dots = traced_dots(jax.make_jaxpr(f)(a, w1, w2))
+    priced = price_dots(dots, devices[0])
+    assert len(priced) == 2 and all(p.calls == 1 for p in priced)
+    sharding = jax.sharding.SingleDeviceSharding(devices[0])
+    args = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding) for x in (a, w1, w2)]
+    flops, seconds = program_cost(jax.jit(f).lower(*args).compile(ESTIMATE_OPTIONS))
+    assert sum(p.calls * p.dot.flops for p in priced) == flops == 2 * 2 * 2048 * 1152 * 3072
+    total = sum(p.total_seconds for p in priced)
+    assert 0.9 < total / seconds < 1.1, (total, seconds)
+    # and at that size the compiler's matmuls run well below the chip's bf16 peak
+    assert 0.3 < flops / (total * chip.bf16_tflops * 1e12) < 0.9
