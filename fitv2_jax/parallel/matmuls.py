@@ -9,7 +9,8 @@ allows at a given per-chip batch (seconds to compute, where `train --dry_run` ta
 Each distinct `lax.dot_general` (shapes, dtypes, dimension numbers) is compiled on its own for one
 TPU device with the dry run's estimate options and priced by `optimal_seconds`; a dot inside a
 scan counts once per iteration, a rematerialised one once more per recomputation, a `cond` by
-its costliest branch. Pallas kernels are not looked into. Dots with batch dimensions (the
+its costliest branch, a while loop's body once (its trip count is not in the jaxpr; the train
+step has none). Pallas kernels are not looked into. Dots with batch dimensions (the
 attention maps, (B, H) batched) are priced as written, which in a whole program the compiler
 can beat by fusing them with the softmax around them; dots without (the linear layers) are the
 ceiling's solid part. `python -m fitv2_jax.bench --suite tpu_matmuls` prints it per config,
