@@ -451,6 +451,22 @@ def test_traced_dots_count_a_scanned_layer_per_iteration_and_its_recomputation(r
     assert all(d.flops == 2 * 4 * 16 * 16 and not d.batched for d in dots)
 
 
+def test_traced_dots_leave_out_a_gradient_nobody_uses():
+    @jax.custom_vjp
+    def matmul(x, w):
+        return x @ w
+
+    def backward(residuals, g):
+        x, w = residuals
+        return g @ w.T, x.T @ g  # d/dx is computed, but only d/dw is asked for
+
+    matmul.defvjp(lambda x, w: (x @ w, (x, w)), backward)
+    loss = lambda w, x: jnp.sum(jnp.tanh(matmul(x, w)))
+    for f in (jax.grad(loss), jax.jit(jax.grad(loss))):
+        dots = traced_dots(jax.make_jaxpr(f)(jnp.ones((8, 8)), jnp.ones((4, 8))))
+        assert sum(dots.values()) == 2  # forward and d/dw
+
+
 def test_traced_dots_take_a_conds_costliest_branch():
     def f(p, x):
         return jax.lax.cond(p, lambda x: x @ x @ x, lambda x: x @ x, x)

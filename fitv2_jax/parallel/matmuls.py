@@ -26,6 +26,7 @@ import math
 import jax
 from jax import lax
 from jax._src import core
+from jax._src.interpreters import partial_eval as pe
 from jax.sharding import SingleDeviceSharding
 
 from fitv2_jax.parallel.cost import ESTIMATE_OPTIONS, program_cost
@@ -80,9 +81,13 @@ def _dot_of(eqn) -> Dot:
 
 
 def traced_dots(closed_jaxpr) -> collections.Counter:
-    """{Dot: calls} in a traced program (`jax.make_jaxpr(f)(*args)`), nested jaxprs included."""
+    """{Dot: calls} in a traced program (`jax.make_jaxpr(f)(*args)`), nested jaxprs included;
+    dots whose results nothing uses (a gradient no one asked for) are dropped first, as XLA
+    drops them."""
+    jaxpr = closed_jaxpr.jaxpr
+    jaxpr, _ = pe.dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars))
     counts: collections.Counter = collections.Counter()
-    _walk(closed_jaxpr.jaxpr, 1, counts)
+    _walk(jaxpr, 1, counts)
     return counts
 
 
