@@ -18,6 +18,9 @@ TPU defaults (remat none, all 40 blocks unrolled; attention auto = XLA attention
   lost on v5e-256 for XL/2: 65 vs 48 ms; auto then picks splash, the blocks being recomputed).
   Unrolled on v5p-64 with splash instead of XLA attention: 152.0 ms, 11.7 GiB (even). Scanned without remat (before 2026-12-03): 18.8 GiB and
   269 ms on v5p-64.
+  2026-12-04 (`bench --suite tpu`, splash): v6e-64 unrolled without remat 91 ms (6.1 of 32 GiB) vs
+  scanned full remat 144 ms, so the defaults hold there; v5e-256 unrolled with remat "dots" 215 ms
+  (8.4 of 16 GiB), still slower than scanned full remat (185 ms).
 """
 
 from fitv2_jax.config.defaults import base_config, fitv2_model

@@ -11,8 +11,10 @@ TPU defaults (remat none, all 40 blocks unrolled; attention auto = splash at 102
   2026-12-03, the splash kernels priced by their work): `train --dry_run --topology v5p-64`
   unrolled without remat 473.6 ms (61.9% MFU, 44.7 of 95 GiB per chip) vs the scanned blocks with
   full remat about 620 ms (a 4-block program extrapolated to 40, as parallel/cost.py does, before
-  the kernels were priced). On chips with less HBM (v5e: 16 GiB) pass
-  `--config.model.remat_policy=full --config.model.scan_unroll=1` (not measured there).
+  the kernels were priced; compiled since, with them priced: 634 ms, 15.3 GiB). v6e-64
+  (2026-12-04): unrolled without remat 266 ms (24.1 of 32 GiB) vs scanned full remat 343 ms, so the
+  defaults hold. On v5e (16 GiB) pass `--config.model.remat_policy=full --config.model.scan_unroll=1`:
+  v5e-256 433 ms, 10.5 of 16 GiB per chip (README, TPU table).
 """
 
 from fitv2_jax.config.defaults import base_config, fitv2_model, post_training
