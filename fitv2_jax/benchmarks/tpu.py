@@ -96,6 +96,11 @@ def _label(row: dict) -> str:
     return row["config"] if unroll == 1 else f"{row['config']}, scan unrolled x{unroll}"
 
 
+def _size(nbytes: float) -> str:
+    """Peak bytes as GiB with one decimal, or MiB below 0.1 GiB (a small model on many chips)."""
+    return f"{nbytes / GIB:.1f}" if nbytes >= 0.1 * GIB else f"{nbytes / 2**20:.0f} MiB"
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["| config | tokens | topology | remat | attention | peak HBM / chip | fits | "
              "est. step | est. MFU |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -105,9 +110,9 @@ def markdown(rows: list[dict]) -> str:
         if "error" in r:
             lines.append(f"{head} did not compile: {r['error']} | | | |")
             continue
-        lines.append(f"{head} {r['peak_bytes'] / GIB:.1f} of {r['hbm_bytes_per_device'] / GIB:.0f}"
+        lines.append(f"{head} {_size(r['peak_bytes'])} of {r['hbm_bytes_per_device'] / GIB:.0f}"
                      f" GiB | {'yes' if r['fits'] else 'no'} | "
-                     + (f"{r['estimate_step_seconds'] * 1e3:.0f} ms | {100 * r['estimate_mfu']:.1f}% |"
+                     + (f"{1e3 * r['estimate_step_seconds']:.3g} ms | {100 * r['estimate_mfu']:.1f}% |"
                         if "estimate_mfu" in r else "no estimate (an op the compiler cannot cost) | |"))  # fmt: skip
     return "\n".join(lines) + "\n"
 
