@@ -14,7 +14,7 @@ TPU defaults (remat none, all 40 blocks unrolled; attention auto = splash at 102
   the kernels were priced; compiled since, with them priced: 634 ms, 15.3 GiB). v6e-64
   (2026-12-04): unrolled without remat 266 ms (24.1 of 32 GiB) vs scanned full remat 343 ms, so the
   defaults hold. On v5e (16 GiB) pass `--config.model.remat_policy=full --config.model.scan_unroll=1`:
-  v5e-256 433 ms, 10.5 of 16 GiB per chip (README, TPU table).
+  v5e-256 433 ms, 10.5 of 16 GiB per chip (with "dots" 447 ms, 14.0 GiB; README, TPU table).
 """
 
 from fitv2_jax.config.defaults import base_config, fitv2_model, post_training

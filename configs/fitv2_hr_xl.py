@@ -14,8 +14,9 @@ TPU defaults (remat none, all 36 blocks unrolled; attention auto = splash at 102
   4-block program of it 17.9 ms with splash vs 20.9 ms with XLA attention; scanned with full
   remat: see the README table. `--dry_run` compiles for about 5 minutes per program on a 2-core
   host. v6e-64 (2026-12-04): unrolled without remat 108 ms (9.1 of 32 GiB) vs scanned full remat
-  133 ms, so the defaults hold there too; v5e-256 was compiled scanned with full remat only (103 ms,
-  4.4 of 16 GiB).
+  133 ms, so the defaults hold there too. On v5e-256 (one image per chip) pass
+  `--config.model.remat_policy=full --config.model.scan_unroll=1`: scanned with full remat 103 ms
+  (4.4 of 16 GiB), with "dots" 107 ms, without remat 197 ms (README, TPU table).
 """
 
 from fitv2_jax.config.defaults import base_config, fitv2_model, post_training
