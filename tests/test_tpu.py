@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fitv2_jax.benchmarks.tpu import markdown
 from fitv2_jax.config.files import load_config
 from fitv2_jax.models.attention import attend
 from fitv2_jax.models.splash import block_size, padded_length
@@ -26,7 +27,7 @@ from fitv2_jax.parallel.hlo import collectives, cycle_profile, while_trip_counts
 from fitv2_jax.parallel.matmuls import price_dots, traced_dots
 from fitv2_jax.parallel.mesh import create_mesh
 from fitv2_jax.parallel.topology import parse_topology, per_device, topology_devices
-from fitv2_jax.training.dry_run import dry_run
+from fitv2_jax.training.dry_run import dry_run, out_of_hbm
 from fitv2_jax.training.setup import build_setup
 from fitv2_jax.utils.errors import UserError
 
@@ -379,6 +380,42 @@ def test_dry_run_of_a_config_with_every_block_unrolled_prices_the_program_itself
         report = dry_run(_tiny_unrolled(), global_batch=8, topology="v5p:2x2x1", verbose=False)
     assert 0.95 < report["estimate_flops_ratio"] < 1.1, report["estimate_flops_ratio"]
     assert 0 < report["estimate_mfu"] < 1 and report["cycle_kinds"]["matmul"] > 0.1
+
+
+def test_a_step_too_big_for_the_chip_is_a_dry_run_result_not_a_crash(capsys):
+    """FiT at 2048 images of 256 tokens per v5e chip, nothing recomputed: libtpu stops with
+    RESOURCE_EXHAUSTED. The dry run reports the step as not fitting, with the bytes the compiler
+    needed and had (it offers a little under the chip's 16 GiB), and the TPU table shows the row."""
+    with jax.default_matmul_precision("default"):
+        report = dry_run(_tiny_unrolled(), global_batch=8192, topology="v5e:2x2", estimate=False)
+    out = capsys.readouterr().out
+    oom = report["out_of_hbm"]
+    assert report["fits"] is False and "peak_bytes" not in report
+    assert 15 * 2**30 < oom["available_bytes"] <= report["hbm_bytes_per_device"] == 16 * 2**30
+    assert oom["needed_bytes"] > oom["available_bytes"] and oom["what"] == "HLO temporaries"
+    assert "DOES NOT FIT: the TPU compiler ran out of HBM" in out and "remat_policy" in out
+    assert report["params_bytes_per_device"] > 0 and report["mesh"]["fsdp"] == 4
+    row = dict(config="tiny", topology="v5e:2x2", remat="none", attention="xla", scan_unroll=3,
+               depth=3, tokens=256, **{k: report[k] for k in ("hbm_bytes_per_device", "fits",
+                                                               "out_of_hbm")})  # fmt: skip
+    need = f"{oom['needed_bytes'] / 2**30:.1f}"
+    assert f"| over {need} of 16 GiB | no | out of HBM | |" in markdown([row])
+
+
+def test_out_of_hbm_reads_both_forms_of_libtpus_error_and_nothing_else():
+    temporaries = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for "
+                   "HLO temporaries (34.92G) exceeds available HBM (31.25G).")  # fmt: skip
+    oom = out_of_hbm(temporaries)
+    assert oom["what"] == "HLO temporaries" and oom["message"] == temporaries
+    assert oom["needed_bytes"] == int(34.92 * 2**30) and oom["available_bytes"] == 31.25 * 2**30
+    used = ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory "
+            "space hbm. Used 20.58G of 15.75G hbm. Exceeded hbm capacity by 4.83G.")  # fmt: skip
+    oom = out_of_hbm(used)
+    assert oom["needed_bytes"] == int(20.58 * 2**30) and oom["available_bytes"] == 15.75 * 2**30
+    assert out_of_hbm("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm.")[
+        "needed_bytes"] is None  # fmt: skip
+    assert out_of_hbm("INVALID_ARGUMENT: Mosaic failed to compile the kernel") is None
+    assert out_of_hbm("RESOURCE_EXHAUSTED: too many open files") is None
 
 
 def test_dry_run_of_two_slices_gives_an_estimate_and_counts_the_dcn_transfers(capsys):

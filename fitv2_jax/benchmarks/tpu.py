@@ -1,7 +1,8 @@
 r"""The TPU table: every config x topology x remat x attention compiled by the real TPU compiler
 (libtpu, no TPU needed): per-chip peak HBM, whether it fits, the compiler's step-time estimate and
 the MFU it implies. Writes OUT.json (one row per compile, resumable: rows already there are kept)
-and OUT.md (the README's table).
+and OUT.md (the README's table). A step the compiler finds too big for the chip's HBM is a row
+too ("over N of M GiB", fits "no"; N: what the compiler needed when it stopped, a lower bound).
 
     python -m fitv2_jax.bench --suite tpu --out docs/tpu_table
     python -m fitv2_jax.bench --suite tpu --configs configs/fitv2_xl.py --topologies v5p-64 \
@@ -80,7 +81,7 @@ def _row(config_path: str, topology: str, remat: str, attention: str, unroll: in
         return dict(row, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
     keep = ("devices", "chips", "peak_bytes", "hbm_bytes_per_device", "fits", "params_total_bytes",
             "estimate_step_seconds", "estimate_mfu", "estimate_flops_ratio", "estimate_error",
-            "collectives", "cycle_kinds", "cycle_top")  # fmt: skip
+            "collectives", "cycle_kinds", "cycle_top", "out_of_hbm")  # fmt: skip
     row.update({k: r[k] for k in keep if k in r})
     row["seconds"] = round(time.perf_counter() - start, 1)
     return row
@@ -110,8 +111,13 @@ def markdown(rows: list[dict]) -> str:
         if "error" in r:
             lines.append(f"{head} did not compile: {r['error']} | | | |")
             continue
-        lines.append(f"{head} {_size(r['peak_bytes'])} of {r['hbm_bytes_per_device'] / GIB:.0f}"
-                     f" GiB | {'yes' if r['fits'] else 'no'} | "
+        hbm = f"{r['hbm_bytes_per_device'] / GIB:.0f} GiB"
+        if "out_of_hbm" in r:  # the compiler stopped: what it needed is a lower bound
+            need = r["out_of_hbm"]["needed_bytes"]
+            lines.append(f"{head} over {_size(need) + ' of ' if need else ''}{hbm} | no | "
+                         "out of HBM | |")  # fmt: skip
+            continue
+        lines.append(f"{head} {_size(r['peak_bytes'])} of {hbm} | {'yes' if r['fits'] else 'no'} | "
                      + (f"{1e3 * r['estimate_step_seconds']:.3g} ms | {100 * r['estimate_mfu']:.1f}% |"
                         if "estimate_mfu" in r else "no estimate (an op the compiler cannot cost) | |"))  # fmt: skip
     return "\n".join(lines) + "\n"

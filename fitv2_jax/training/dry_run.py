@@ -11,12 +11,15 @@ the devices and compiled. With --topology the devices are compile-only TPU devic
 TPU one, so the memory plan is the TPU's; without it they are fake CPU devices and the memory is
 the CPU compiler's approximation. State bytes are exact either way (from the shardings).
 The TPU estimate (`parallel.cost`) is the compiler's cost model, not a measurement.
+A step that does not fit is a result, not a crash: when the TPU compiler runs out of HBM the
+report says so (fits False) with the bytes it needed and had, read from its error (`out_of_hbm`).
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import re
 import time
 
 import jax
@@ -43,8 +46,42 @@ def _total_bytes(tree) -> int:
     return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def _compile(config, global_batch, mesh, options=None):
-    setup = build_setup(config, global_batch, mesh=mesh)
+# libtpu's errors when a program does not fit: compiling for a topology, "Ran out of memory on
+# HBM, the total memory required for HLO temporaries (34.92G) exceeds available HBM (31.25G)"
+# (FiTv2-HR-3B/2 on v6e-64, remat dots, XLA attention); on a real TPU, with the arguments in HBM,
+# "Ran out of memory in memory space hbm. Used 30.21G of 15.48G hbm" (as users report it, e.g.
+# EasyDeL issue 142). G is GiB: the compiler offers 31.25 of a v6e chip's 32 GiB, 15.75 of a v5e's.
+_OUT_OF_HBM = (
+    re.compile(r"required for (?P<what>[\w ]+?) \((?P<need>[\d.]+)(?P<nu>[KMGT])\) exceeds "
+               r"available HBM \((?P<have>[\d.]+)(?P<hu>[KMGT])\)"),
+    re.compile(r"Used (?P<need>[\d.]+)(?P<nu>[KMGT]) of (?P<have>[\d.]+)(?P<hu>[KMGT]) hbm"),
+)  # fmt: skip
+_UNIT = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def out_of_hbm(message: str) -> dict | None:
+    """From the TPU compiler's out-of-HBM error: {needed_bytes, available_bytes, what (what the
+    needed bytes count, e.g. "HLO temporaries", which leave out the arguments), message}; None for
+    any other error."""
+    if "RESOURCE_EXHAUSTED" not in message and "Ran out of memory" not in message:
+        return None
+    first = next((line for line in message.splitlines() if line.strip()), message)
+    for pattern in _OUT_OF_HBM:
+        m = pattern.search(message)
+        if m:
+            return dict(needed_bytes=int(float(m["need"]) * _UNIT[m["nu"]]),
+                        available_bytes=int(float(m["have"]) * _UNIT[m["hu"]]),
+                        what=m.groupdict().get("what") or "the program and its arguments",
+                        message=first[:300])  # fmt: skip
+    if re.search(r"\bhbm\b", message, re.IGNORECASE):
+        return dict(
+            needed_bytes=None, available_bytes=None, what="the program", message=first[:300]
+        )
+    return None
+
+
+def _compile(config, global_batch, mesh, options=None, setup=None):
+    setup = setup or build_setup(config, global_batch, mesh=mesh)
     n = int(config.model.context_size)
     with setup.context():
         lowered = setup.step.lower(setup.abstract_state_sharded(), setup.abstract_batch(n))
@@ -62,13 +99,26 @@ def dry_run(config, global_batch: int | None = None, topology: str | None = None
     else:
         mesh = create_mesh(config.mesh.ici, config.mesh.dcn)
     start = time.perf_counter()
-    setup, compiled = _compile(config, global_batch, mesh)
+    setup = build_setup(config, global_batch, mesh=mesh)
     n = int(config.model.context_size)
+    head = dict(mode=f"TPU {topology}" if chip else "CPU fake devices", mesh=dict(setup.mesh.shape),
+                global_batch=setup.global_batch, tokens=n, **_state_report(setup))  # fmt: skip
+    try:
+        setup, compiled = _compile(config, global_batch, mesh, setup=setup)
+    except jax.errors.JaxRuntimeError as e:
+        oom = out_of_hbm(str(e)) if chip else None
+        if oom is None:
+            raise
+        hbm, peak = per_device(chip, head["devices"], chips)
+        report = dict(head, chip=chip.name, chips=chips, hbm_bytes_per_device=hbm,
+                      bf16_flops_per_device=peak, fits=False, out_of_hbm=oom,
+                      compile_seconds=round(time.perf_counter() - start, 1))  # fmt: skip
+        if verbose:
+            print_report(report)
+        return report
     hlo_text = compiled.as_text()
-    report = _memory_report(setup, compiled, hlo_text)
-    report.update(mode=f"TPU {topology}" if chip else "CPU fake devices",
-                  mesh=dict(setup.mesh.shape), global_batch=setup.global_batch, tokens=n,
-                  compile_seconds=round(time.perf_counter() - start, 1))  # fmt: skip
+    report = dict(head, **_memory_report(compiled, hlo_text))
+    report["compile_seconds"] = round(time.perf_counter() - start, 1)
     model_flops = train_step_flops(config.model, setup.global_batch, n) / report["devices"]
     report["model_flops_per_device"] = model_flops
     if chip:
@@ -124,6 +174,18 @@ def _cycle_report(hlo_text: str, top: int = 10) -> dict:
                            for r in rows[:top]])  # fmt: skip
 
 
+def _print_out_of_hbm(r: dict) -> None:
+    oom = r["out_of_hbm"]
+    alone = " alone" if oom["what"] == "HLO temporaries" else ""  # the arguments come on top
+    need = (f"{oom['what']}{alone} need {oom['needed_bytes'] / GIB:.2f} GiB of the "
+            f"{oom['available_bytes'] / GIB:.2f} it can use" if oom["needed_bytes"] else "")  # fmt: skip
+    print(f"HBM: {r['hbm_bytes_per_device'] / GIB:.1f} GiB per device ({r['chip']}, as documented "
+          f"by Cloud TPU) -> DOES NOT FIT: the TPU compiler ran out of HBM{': ' if need else ''}"
+          f"{need}\n  ({oom['message']})\n  to fit: rematerialise more "
+          "(--config.model.remat_policy=dots or full), spread the state and batch over more chips "
+          "(a larger --topology), or take a smaller --dry_run_batch; no step time is estimated")  # fmt: skip
+
+
 def peak_bytes(memory_analysis) -> int:
     """Arguments + outputs + temporaries - aliased bytes of a compiled program, per device."""
     get = lambda name: int(getattr(memory_analysis, name, 0) or 0)
@@ -131,17 +193,23 @@ def peak_bytes(memory_analysis) -> int:
             + get("temp_size_in_bytes") - get("alias_size_in_bytes"))  # fmt: skip
 
 
-def _memory_report(setup, compiled, hlo_text: str) -> dict:
-    mem = compiled.memory_analysis()
+def _state_report(setup) -> dict:
+    """Bytes of the train state, total and per device (exact, from the shardings)."""
     state, sh = setup.abstract_state, setup.shardings
-    get = lambda name: int(getattr(mem, name, 0) or 0)
-    report = {
+    return {
         "devices": setup.mesh.devices.size,
         "params_total_bytes": _total_bytes(state.params),
         "params_bytes_per_device": _per_device_bytes(state.params, sh.params),
         "ema_bytes_per_device": _per_device_bytes(state.ema_params, sh.ema_params),
         "opt_bytes_per_device": _per_device_bytes(state.opt_state, sh.opt_state),
         "opt_total_bytes": _total_bytes(state.opt_state),
+    }
+
+
+def _memory_report(compiled, hlo_text: str) -> dict:
+    mem = compiled.memory_analysis()
+    get = lambda name: int(getattr(mem, name, 0) or 0)
+    report = {
         "argument_bytes": get("argument_size_in_bytes"),
         "output_bytes": get("output_size_in_bytes"),
         "temp_bytes": get("temp_size_in_bytes"),
@@ -153,12 +221,16 @@ def _memory_report(setup, compiled, hlo_text: str) -> dict:
 
 
 def print_report(r: dict) -> None:
+    done = "stopped, out of HBM," if "out_of_hbm" in r else "compiled"
     print(f"dry run ({r['mode']}): {r['devices']} devices, mesh {r['mesh']}, global batch "
-          f"{r['global_batch']} x {r['tokens']} tokens, compiled in {r['compile_seconds']} s")  # fmt: skip
+          f"{r['global_batch']} x {r['tokens']} tokens, {done} in {r['compile_seconds']} s")  # fmt: skip
     print(f"parameters: {r['params_total_bytes'] / GIB:.2f} GiB total, "
           f"{r['params_bytes_per_device'] / GIB:.3f} GiB per device; EMA "
           f"{r['ema_bytes_per_device'] / GIB:.3f} GiB; optimizer state "
           f"{r['opt_bytes_per_device'] / GIB:.3f} GiB per device (exact, from the shardings)")  # fmt: skip
+    if "out_of_hbm" in r:
+        _print_out_of_hbm(r)
+        return
     print(f"compiled step per device: arguments {r['argument_bytes'] / GIB:.3f} GiB, outputs "
           f"{r['output_bytes'] / GIB:.3f} GiB (aliased {r['alias_bytes'] / GIB:.3f}), temporaries "
           f"{r['temp_bytes'] / GIB:.3f} GiB -> peak {r['peak_bytes'] / GIB:.2f} GiB")  # fmt: skip
