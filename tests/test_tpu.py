@@ -398,8 +398,9 @@ def test_a_step_too_big_for_the_chip_is_a_dry_run_result_not_a_crash(capsys):
     row = dict(config="tiny", topology="v5e:2x2", remat="none", attention="xla", scan_unroll=3,
                depth=3, tokens=256, **{k: report[k] for k in ("hbm_bytes_per_device", "fits",
                                                                "out_of_hbm")})  # fmt: skip
-    need = f"{oom['needed_bytes'] / 2**30:.1f}"
-    assert f"| over {need} of 16 GiB | no | out of HBM | |" in markdown([row])
+    need, usable = (f"{oom[k] / 2**30:.2f}" for k in ("needed_bytes", "available_bytes"))
+    line = f"| temporaries {need} > {usable} usable of 16 GiB | no | out of HBM | |"
+    assert line in markdown([row])
 
 
 def test_out_of_hbm_reads_both_forms_of_libtpus_error_and_nothing_else():

@@ -2,7 +2,8 @@ r"""The TPU table: every config x topology x remat x attention compiled by the r
 (libtpu, no TPU needed): per-chip peak HBM, whether it fits, the compiler's step-time estimate and
 the MFU it implies. Writes OUT.json (one row per compile, resumable: rows already there are kept)
 and OUT.md (the README's table). A step the compiler finds too big for the chip's HBM is a row
-too ("over N of M GiB", fits "no"; N: what the compiler needed when it stopped, a lower bound).
+too ("temporaries N > U usable of M GiB", fits "no"; N: what the compiler needed when it
+stopped, a lower bound of the peak; U: what it can use of the chip's M).
 
     python -m fitv2_jax.bench --suite tpu --out docs/tpu_table
     python -m fitv2_jax.bench --suite tpu --configs configs/fitv2_xl.py --topologies v5p-64 \
@@ -102,6 +103,16 @@ def _size(nbytes: float) -> str:
     return f"{nbytes / GIB:.1f}" if nbytes >= 0.1 * GIB else f"{nbytes / 2**20:.0f} MiB"
 
 
+def _out_of_hbm(oom: dict, hbm: str) -> str:
+    """What the compiler needed when it stopped, against what it can use of the chip's HBM (a
+    little less: 15.75 of a v5e chip's 16 GiB)."""
+    if not oom["needed_bytes"]:
+        return f"over {hbm}"
+    what = "temporaries" if oom["what"] == "HLO temporaries" else "needs"
+    return (f"{what} {oom['needed_bytes'] / GIB:.2f} > {oom['available_bytes'] / GIB:.2f} "
+            f"usable of {hbm}")  # fmt: skip
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["| config | tokens | topology | remat | attention | peak HBM / chip | fits | "
              "est. step | est. MFU |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -113,9 +124,7 @@ def markdown(rows: list[dict]) -> str:
             continue
         hbm = f"{r['hbm_bytes_per_device'] / GIB:.0f} GiB"
         if "out_of_hbm" in r:  # the compiler stopped: what it needed is a lower bound
-            need = r["out_of_hbm"]["needed_bytes"]
-            lines.append(f"{head} over {_size(need) + ' of ' if need else ''}{hbm} | no | "
-                         "out of HBM | |")  # fmt: skip
+            lines.append(f"{head} {_out_of_hbm(r['out_of_hbm'], hbm)} | no | out of HBM | |")
             continue
         lines.append(f"{head} {_size(r['peak_bytes'])} of {hbm} | {'yes' if r['fits'] else 'no'} | "
                      + (f"{1e3 * r['estimate_step_seconds']:.3g} ms | {100 * r['estimate_mfu']:.1f}% |"
