@@ -20,8 +20,8 @@ TPU defaults (remat none, all 36 blocks unrolled, attention auto = XLA attention
   32 chips, not 64, where libtpu gathers the weights by all-reduces of zero-padded buffers (README,
   TPU table); but v5e-256, one image per chip, unrolled 65 ms (5.3 of 16 GiB) vs scanned full remat
   48 ms: there pass `--config.model.remat_policy=full --config.model.scan_unroll=1` (auto then
-  picks splash, the blocks being recomputed: 46.8 ms, 4.4 GiB; unrolled with remat "dots" and
-  splash 63 ms, 2026-12-04).
+  picks splash, the blocks being recomputed: 46.8 ms, 4.4 GiB; with remat "dots" and splash 60 ms
+  scanned, 63 unrolled, 2026-12-04; unlike 3B/2, for which "dots" wins there).
 MFU ceiling (`python -m fitv2_jax.bench --suite tpu_matmuls`, 2026-12-04): at 8 images per v5p chip
   the compiler prices the linear layers alone at 55% of the bf16 peak, so no step passes 57%.
 """
