@@ -109,10 +109,8 @@ def dry_run(config, global_batch: int | None = None, topology: str | None = None
         oom = out_of_hbm(str(e)) if chip else None
         if oom is None:
             raise
-        hbm, peak = per_device(chip, head["devices"], chips)
-        report = dict(head, chip=chip.name, chips=chips, hbm_bytes_per_device=hbm,
-                      bf16_flops_per_device=peak, fits=False, out_of_hbm=oom,
-                      compile_seconds=round(time.perf_counter() - start, 1))  # fmt: skip
+        report = dict(head, **_chip_report(chip, chips, head["devices"]), fits=False,
+                      out_of_hbm=oom, compile_seconds=round(time.perf_counter() - start, 1))  # fmt: skip
         if verbose:
             print_report(report)
         return report
@@ -122,15 +120,15 @@ def dry_run(config, global_batch: int | None = None, topology: str | None = None
     model_flops = train_step_flops(config.model, setup.global_batch, n) / report["devices"]
     report["model_flops_per_device"] = model_flops
     if chip:
-        hbm, peak = per_device(chip, report["devices"], chips)
-        report.update(chip=chip.name, chips=chips, hbm_bytes_per_device=hbm,
-                      bf16_flops_per_device=peak, fits=report["peak_bytes"] <= hbm)  # fmt: skip
+        report.update(_chip_report(chip, chips, report["devices"]))
+        report["fits"] = report["peak_bytes"] <= report["hbm_bytes_per_device"]
         if estimate:
             model = config.model
             backend = resolve_backend(model.attention_backend, n, True, model.remat_policy)
             splash = backend == "splash"
             report["estimate_prices_splash"] = splash
             try:
+                peak = report["bf16_flops_per_device"]
                 report.update(_estimate(config, setup.global_batch, mesh, model_flops, peak))
                 report["estimate_flops_ratio"] = report["estimate_flops_per_device"] / model_flops
             except RuntimeError as e:  # memory and collectives stand without the estimate
@@ -140,6 +138,12 @@ def dry_run(config, global_batch: int | None = None, topology: str | None = None
     if verbose:
         print_report(report)
     return report
+
+
+def _chip_report(chip, chips: int, devices: int) -> dict:
+    """The chip kind and what each device of it offers (HBM bytes, bf16 FLOP/s)."""
+    hbm, peak = per_device(chip, devices, chips)
+    return dict(chip=chip.name, chips=chips, hbm_bytes_per_device=hbm, bf16_flops_per_device=peak)
 
 
 def _estimate(config, global_batch, mesh, model_flops, peak_flops) -> dict:
