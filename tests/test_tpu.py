@@ -393,7 +393,11 @@ def test_a_step_too_big_for_the_chip_is_a_dry_run_result_not_a_crash(capsys):
     assert report["fits"] is False and "peak_bytes" not in report
     assert 15 * 2**30 < oom["available_bytes"] <= report["hbm_bytes_per_device"] == 16 * 2**30
     assert oom["needed_bytes"] > oom["available_bytes"] and oom["what"] == "HLO temporaries"
-    assert "DOES NOT FIT: the TPU compiler ran out of HBM" in out and "remat_policy" in out
+    assert "DOES NOT FIT: the TPU compiler ran out of HBM" in out
+    # what to try, from the config's own settings (remat none, XLA attention)
+    assert "--config.model.remat_policy=dots or full" in report["to_fit"][0]
+    assert "--config.model.attention_backend=splash" in report["to_fit"][1]
+    assert all(way in out for way in report["to_fit"])
     assert report["params_bytes_per_device"] > 0 and report["mesh"]["fsdp"] == 4
     row = dict(config="tiny", topology="v5e:2x2", remat="none", attention="xla", scan_unroll=3,
                depth=3, tokens=256, **{k: report[k] for k in ("hbm_bytes_per_device", "fits",

@@ -110,7 +110,8 @@ def dry_run(config, global_batch: int | None = None, topology: str | None = None
         if oom is None:
             raise
         report = dict(head, **_chip_report(chip, chips, head["devices"]), fits=False,
-                      out_of_hbm=oom, compile_seconds=round(time.perf_counter() - start, 1))  # fmt: skip
+                      out_of_hbm=oom, to_fit=_ways_to_fit(config.model, n),
+                      compile_seconds=round(time.perf_counter() - start, 1))  # fmt: skip
         if verbose:
             print_report(report)
         return report
@@ -138,6 +139,19 @@ def dry_run(config, global_batch: int | None = None, topology: str | None = None
     if verbose:
         print_report(report)
     return report
+
+
+def _ways_to_fit(model, tokens: int) -> list[str]:
+    """What may make a step that ran out of HBM fit, starting from the config's own settings."""
+    ways = []
+    if model.remat_policy != "full":
+        more = "dots or full" if model.remat_policy == "none" else "full"
+        ways.append(f"rematerialise more (--config.model.remat_policy={more})")
+    if resolve_backend(model.attention_backend, tokens, True, model.remat_policy) != "splash":
+        ways.append("splash attention, which keeps tiles, not (B, H, N, N) scores "
+                    "(--config.model.attention_backend=splash)")  # fmt: skip
+    return ways + ["spread the state and batch over more chips (a larger --topology)",
+                   "a smaller global batch (--dry_run_batch)"]  # fmt: skip
 
 
 def _chip_report(chip, chips: int, devices: int) -> dict:
@@ -185,9 +199,9 @@ def _print_out_of_hbm(r: dict) -> None:
             f"{oom['available_bytes'] / GIB:.2f} it can use" if oom["needed_bytes"] else "")  # fmt: skip
     print(f"HBM: {r['hbm_bytes_per_device'] / GIB:.1f} GiB per device ({r['chip']}, as documented "
           f"by Cloud TPU) -> DOES NOT FIT: the TPU compiler ran out of HBM{': ' if need else ''}"
-          f"{need}\n  ({oom['message']})\n  to fit: rematerialise more "
-          "(--config.model.remat_policy=dots or full), spread the state and batch over more chips "
-          "(a larger --topology), or take a smaller --dry_run_batch; no step time is estimated")  # fmt: skip
+          f"{need}\n  ({oom['message']})\nno step time is estimated; to fit, try:")  # fmt: skip
+    for way in r["to_fit"]:
+        print(f"  - {way}")
 
 
 def peak_bytes(memory_analysis) -> int:
