@@ -285,6 +285,31 @@ def test_a_fusion_named_after_a_top_level_op_counts_where_its_fused_ops_come_fro
                                                      "fwd")]  # fmt: skip
 
 
+def test_a_fusion_of_top_level_ops_with_one_module_op_stays_top_level():
+    """An optimizer update fused with one op of a layer's gradient is not that layer's work."""
+    top = [f'  %t{i} = f32[8,128]{{1,0}} add(%p0, %p0), metadata={{op_name="jit(f)/add.{i}"}}'
+           for i in range(4)]  # fmt: skip
+    text = "\n".join([
+        "HloModule m",
+        "",
+        "%fused (p0: f32[8,128]) -> f32[8,128] {",
+        "  %p0 = f32[8,128]{1,0} parameter(0)",
+        *top,
+        '  %g = f32[8,128]{1,0} multiply(%t3, %t2), '
+        'metadata={op_name="jit(f)/transpose(jvp(F))/F.cond/y_embedder/mul"}',
+        '  ROOT %r = f32[8,128]{1,0} subtract(%g, %t1), metadata={op_name="jit(f)/sub"}',
+        "}",
+        "",
+        "ENTRY %main (p: f32[8,128]) -> f32[8,128] {",
+        "  %p = f32[8,128]{1,0} parameter(0)",
+        "  ROOT %f = f32[8,128]{1,0} fusion(%p), kind=kLoop, calls=%fused, "
+        'metadata={op_name="jit(f)/sub"}, backend_config={"estimated_cycles":"90"}',
+        "}",
+    ])  # fmt: skip
+    assert [r[1:] for r in cycle_profile(text)] == [(90.0, "(top level)", "elementwise/reduce",
+                                                     "fwd")]  # fmt: skip
+
+
 def test_cycle_profile_counts_a_scanned_layer_per_iteration_under_its_module_path():
     devices, _, _ = topology_devices("v5e:2x2")
     mesh = jax.sharding.Mesh(np.array(devices), ("data",))
