@@ -237,8 +237,9 @@ def _op_where(line: str, comps) -> tuple[str, str]:
     if callee and callee.group(1) in comps:
         names = [m.group(1) for m in map(_OP_NAME.search, comps[callee.group(1)][2]) if m]
         inner = collections.Counter(w for w in map(_where, names) if w[0] != "(top level)")
-        if inner and 2 * inner.most_common(1)[0][1] >= len(names):
-            return inner.most_common(1)[0][0]
+        for path, count in inner.most_common(1):
+            if 2 * count >= len(names):
+                return path
     return where, direction
 
 
