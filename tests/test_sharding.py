@@ -10,7 +10,7 @@ from test_model import TINY, make_inputs
 
 from fitv2_jax.models.fit import from_official_params
 from fitv2_jax.parallel.mesh import create_mesh, resolve_shape
-from fitv2_jax.parallel.rules import LOGICAL_RULES, batch_sharding, tree_shardings
+from fitv2_jax.parallel.rules import LOGICAL_RULES, batch_sharding, gathered, tree_shardings
 
 
 def test_mesh_shapes_and_errors():
@@ -72,3 +72,43 @@ def test_hybrid_mesh_keeps_ici_axes_inside_a_slice():
     assert sorted(ids[0]) == [0, 1, 2, 3] and sorted(ids[1]) == [4, 5, 6, 7]
     with pytest.raises(ValueError, match="mesh.ici"):
         create_mesh((1, 3, 1), dcn=(2, 1, 1))
+
+
+def test_attention_kernels_gathered_once_keep_their_tensor_axis_and_the_numbers():
+    """gather_attention_once: each block's q/k/v and output kernels are constrained to their own
+    sharding without FSDP (heads stay split over "tensor"); loss and gradients are unchanged."""
+    cfg = dict(TINY, depth=2)
+    x, t, y, grid, mask, size = (
+        jnp.asarray(a) for a in make_inputs([(2, 18), (5, 8), (4, 10), (3, 3)])
+    )
+    mesh = create_mesh((1, 4, 2))
+    kernel = jax.device_put(
+        jnp.ones((32, 3, 4, 16), jnp.bfloat16),
+        jax.NamedSharding(mesh, PartitionSpec("fsdp", None, "tensor", None)),
+    )
+    with jax.set_mesh(mesh):
+        out = jax.jit(lambda k: gathered(k, ("embed", "qkv", "heads", "kv")))(kernel)
+    assert out.sharding.spec == PartitionSpec(None, None, "tensor")
+    assert gathered(kernel, ("embed", "qkv", "heads", "kv")) is kernel  # no mesh in context
+
+    def loss_and_grads(once: bool, mesh):
+        model = from_official_params(dict(cfg, gather_attention_once=once))
+        init = lambda key: model.init(key, x, t, y, grid, mask, size)["params"]
+        abstract = jax.eval_shape(init, jax.random.key(0))
+        shardings = tree_shardings(abstract, mesh)
+        params = jax.jit(lambda k: nn.unbox(init(k)), out_shardings=shardings)(jax.random.key(0))
+        params = jax.tree.map(
+            lambda p: p + 0.1 * jax.random.normal(jax.random.key(1), p.shape), params
+        )
+        loss = lambda p: jnp.mean(jnp.square(model.apply({"params": p}, x, t, y, grid, mask, size)))
+        with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+            value, grads = jax.jit(jax.value_and_grad(loss))(params)
+            text = jax.jit(jax.value_and_grad(loss)).lower(params).as_text()
+        return value, jax.device_get(grads), text
+
+    ref, ref_grads, ref_text = loss_and_grads(False, mesh)
+    value, grads, text = loss_and_grads(True, mesh)
+    assert text.count("sharding_constraint") == ref_text.count("sharding_constraint") + 4
+    np.testing.assert_allclose(value, ref, rtol=1e-6)
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)

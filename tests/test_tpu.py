@@ -3,6 +3,7 @@ topology names, the HLO collective counter, and a real TPU-compiler dry run (lib
 the test extras)."""
 
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -559,3 +560,25 @@ def test_matmuls_priced_alone_add_up_to_the_estimate_of_a_program_of_them():
     assert 0.9 < total / seconds < 1.1, (total, seconds)
     # and at that size the compiler's matmuls run well below the chip's bf16 peak
     assert 0.3 < flops / (total * chip.bf16_tflops * 1e12) < 0.9
+
+
+def _attention_kernel_gathers(config) -> int:
+    """All-gathers of the whole bf16 q/k/v kernel in the train step compiled for v5p:2x2x1."""
+    devices, _, _ = topology_devices("v5p:2x2x1")
+    mesh = create_mesh(config.mesh.ici, config.mesh.dcn, devices=devices)
+    setup = build_setup(config, 8, mesh=mesh)
+    with setup.context(), jax.default_matmul_precision("default"):
+        lowered = setup.step.lower(setup.abstract_state_sharded(), setup.abstract_batch())
+        text = lowered.compile().as_text()
+    d, h = config.model.hidden_size, config.model.num_heads
+    shape = re.compile(rf"= bf16\[(1,)?{d},3,{h},{d // h}\]\S* all-gather\(")
+    return len(shape.findall(text))
+
+
+def test_attention_kernels_gathered_once_are_not_gathered_again_by_the_backward():
+    """gather_attention_once with nothing recomputed: one all-gather of each block's q/k/v
+    kernel per step, in the forward, where FSDP alone gathers it again for the backward."""
+    config = _tiny_unrolled()
+    assert _attention_kernel_gathers(config) == 2 * config.model.depth
+    config.model.gather_attention_once = True
+    assert _attention_kernel_gathers(config) == config.model.depth

@@ -34,7 +34,7 @@ import types
 from absl import app, flags
 
 COMPUTE_OPTIONS = ("dtype", "param_dtype", "remat_policy", "attention_backend", "scan_unroll",
-                   "clamp_time")  # fmt: skip
+                   "gather_attention_once", "clamp_time")  # fmt: skip
 
 
 class _Inert:

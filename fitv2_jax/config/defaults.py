@@ -49,6 +49,7 @@ def fitv2_model(
         remat_policy="none",
         attention_backend="xla",
         scan_unroll=1,  # blocks per iteration of the scan over depth (depth: no loop)
+        gather_attention_once=False,  # FSDP: attention kernels gathered once, kept for backward
         clamp_time=True,
     )
     for key, value in overrides.items():

@@ -24,7 +24,7 @@ from fitv2_jax.utils.errors import MissingFileError, UserError
 # The official FiT constructor's defaults for its network_config names (our FiT mirrors them).
 OFFICIAL_DEFAULTS = {name: getattr(FiT, name) for name in FIELD_NAMES
                      if name not in ("dtype", "param_dtype", "remat_policy", "attention_backend",
-                                     "scan_unroll", "clamp_time")}  # fmt: skip
+                                     "scan_unroll", "gather_attention_once", "clamp_time")}  # fmt: skip
 
 
 def _read(path: str) -> dict:

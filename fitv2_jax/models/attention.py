@@ -95,6 +95,7 @@ class Attention(nn.Module):
     use_rope: bool = True
     rope_on_v: bool = False
     backend: str = "xla"
+    gather_once: bool = False  # q/k/v and output kernels gathered once (FiT.gather_attention_once)
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -102,7 +103,8 @@ class Attention(nn.Module):
         dim = x.shape[-1]
         heads, head_dim = self.num_heads, dim // self.num_heads
         qkv = DenseND(features=(3, heads, head_dim), axes=("embed", "qkv", "heads", "kv"), n_in=1,
-                      use_bias=self.qkv_bias, dtype=self.dtype, name="qkv")(x)  # fmt: skip
+                      use_bias=self.qkv_bias, gather_once=self.gather_once, dtype=self.dtype,
+                      name="qkv")(x)  # fmt: skip
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, H, Dh)
         q = Norm(_qk_norm_kind(self.q_norm, self.qk_norm_weight), "kv", name="q_norm")(q)
         k = Norm(_qk_norm_kind(self.k_norm, self.qk_norm_weight), "kv", name="k_norm")(k)
@@ -119,7 +121,7 @@ class Attention(nn.Module):
         out = attend(q, k, v, segment_ids, self.backend)
         out = out * (segment_ids != 0)[:, :, None, None].astype(out.dtype)
         return DenseND(features=(dim,), axes=("heads", "kv", "embed_out"), n_in=2, use_bias=True,
-                       dtype=self.dtype, name="proj")(out)  # fmt: skip
+                       gather_once=self.gather_once, dtype=self.dtype, name="proj")(out)  # fmt: skip
 
 
 __all__ = ["Attention", "attend", "BACKENDS"]

@@ -13,7 +13,10 @@ passed straight in (`from_official_params`). Fields marked "accepted for compati
 change the network here: `use_sit` (our token layout is always (B, N, C), the SiT layout),
 `use_checkpoint` (use `remat_policy`), `pretrain_ckpt`/`ignore_keys`/`finetune` (training-time
 loading and freezing live in fitv2_jax.training), `abs_pos_embed` (FiT has none).
-Compute options of our own: dtype, param_dtype, remat_policy, attention_backend, scan_unroll;
+Compute options of our own: dtype, param_dtype, remat_policy, attention_backend, scan_unroll,
+gather_attention_once (under an FSDP mesh, each block's q/k/v and output-projection kernels are
+all-gathered once in the forward and the backward reuses them: depth x 4 D^2 compute-dtype values
+more per device when the blocks are not recomputed, fewer gathers and kernel relayouts; README);
 and clamp_time: the official code clamps t at 1 after time shifting, which is right for the
 rectified-flow models (t in [0, 1]; dopri5 overshoots past 1) but would pin FiT v1's DDPM steps
 (0..999) at 1, so FiT v1 configs turn it off.
@@ -90,6 +93,7 @@ class FiTBlock(nn.Module):
     use_rope: bool
     add_rel_pe_to_v: bool
     attention_backend: str
+    gather_attention_once: bool
     dtype: Any
 
     @nn.compact
@@ -107,8 +111,8 @@ class FiTBlock(nn.Module):
         h = Attention(
             num_heads=self.num_heads, qkv_bias=self.qkv_bias, q_norm=self.q_norm,
             k_norm=self.k_norm, qk_norm_weight=self.qk_norm_weight, use_rope=self.use_rope,
-            rope_on_v=self.add_rel_pe_to_v, backend=self.attention_backend, dtype=self.dtype,
-            name="attn",
+            rope_on_v=self.add_rel_pe_to_v, backend=self.attention_backend,
+            gather_once=self.gather_attention_once, dtype=self.dtype, name="attn",
         )(h, segment_ids, cos, sin)  # fmt: skip
         x = x + per_token(gate_msa) * h
 
@@ -207,6 +211,8 @@ class FiT(nn.Module):
     remat_policy: str = "none"
     attention_backend: str = "xla"
     scan_unroll: int = 1
+    # all-gather each block's q/k/v and output kernels once (FSDP) and keep them for the backward
+    gather_attention_once: bool = False
     clamp_time: bool = True  # t <= 1 after time shifting (flow models); FiT v1 gets DDPM steps
 
     @property
@@ -298,7 +304,7 @@ class FiT(nn.Module):
             adaln_bias=self.adaln_bias, adaln_type=self.adaln_type,
             adaln_lora_dim=self.adaln_lora_dim, use_rope=self.rel_pos_embed in ("rope", "xpos"),
             add_rel_pe_to_v=self.add_rel_pe_to_v, attention_backend=backend,
-            dtype=self.dtype, name="blocks",
+            gather_attention_once=self.gather_attention_once, dtype=self.dtype, name="blocks",
         )  # fmt: skip
 
     @nn.compact

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from fitv2_jax.parallel.platform import compiling_for_tpu
+from fitv2_jax.parallel.rules import gathered
 
 Dtype = Any
 
@@ -78,13 +79,15 @@ class DenseND(nn.Module):
     """Contracts the last `n_in` axes of x with a kernel (in..., out...); xavier init over the groups.
 
     Used where heads are their own kernel axis (q/k/v and output projections), so tensor
-    parallelism can shard whole heads.
+    parallelism can shard whole heads. `gather_once`: the compute-dtype kernel is all-gathered
+    over FSDP here and the backward reuses that copy (`parallel.rules.gathered`).
     """
 
     features: tuple[int, ...]
     axes: tuple[str | None, ...]
     n_in: int = 1
     use_bias: bool = True
+    gather_once: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -105,7 +108,10 @@ class DenseND(nn.Module):
             tuple(in_shape) + tuple(self.features),
             self.param_dtype,
         )
-        y = dense_dot(x.astype(self.dtype), kernel.astype(self.dtype), self.n_in)
+        kernel = kernel.astype(self.dtype)
+        if self.gather_once:
+            kernel = gathered(kernel, self.axes)
+        y = dense_dot(x.astype(self.dtype), kernel, self.n_in)
         if self.use_bias:
             bias = self.param(
                 "bias", logical(zeros, self.axes[self.n_in :]), self.features, self.param_dtype

@@ -102,3 +102,23 @@ def tree_shardings(boxed_tree, mesh: Mesh, rules=LOGICAL_RULES):
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     """Leading (batch) axis over data x fsdp, the rest replicated."""
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def gathered(kernel: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+    """`kernel` (a parameter with logical `names`, already cast to the compute dtype) constrained
+    to its own sharding without the FSDP and data axes: gathered here, once, under the current
+    mesh. Unless remat recomputes the block, the backward then reuses this gathered copy (a
+    residual) instead of gathering the kernel again. Outside a mesh (or on one device): `kernel`."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return kernel
+    spec = nn.logical_to_mesh_axes(names, LOGICAL_RULES)
+    spec = PartitionSpec(*[_without(axes, ("fsdp", "data")) for axes in spec])
+    return jax.lax.with_sharding_constraint(kernel, _fit_spec(spec, kernel.shape, mesh, "kernel"))
+
+
+def _without(axes, dropped: tuple[str, ...]):
+    kept = [
+        a for a in ((axes,) if isinstance(axes, str) else tuple(axes or ())) if a not in dropped
+    ]
+    return None if not kept else kept[0] if len(kept) == 1 else tuple(kept)

@@ -163,7 +163,14 @@ def _warm_start(setup: TrainSetup, state: TrainState) -> TrainState:
 
 
 # Model fields that may change when a run resumes: how it computes, not what it computes.
-COMPUTE_FIELDS = ("dtype", "param_dtype", "remat_policy", "attention_backend", "scan_unroll")
+COMPUTE_FIELDS = (
+    "dtype",
+    "param_dtype",
+    "remat_policy",
+    "attention_backend",
+    "scan_unroll",
+    "gather_attention_once",
+)
 
 
 def check_resume_config(config, saved, directory: str) -> None:
