@@ -13,7 +13,8 @@ TPU defaults (remat none, all 40 blocks unrolled; attention auto = splash at 102
   full remat about 620 ms (a 4-block program extrapolated to 40, as parallel/cost.py does, before
   the kernels were priced; compiled since, with them priced: 634 ms, 15.3 GiB). v6e-64
   (2026-12-04): unrolled without remat 266 ms (24.1 of 32 GiB) vs scanned full remat 343 ms, so the
-  defaults hold. On v5e (16 GiB) pass `--config.model.remat_policy=full --config.model.scan_unroll=1`:
+  defaults hold; with `--config.mesh.ici='(2,-1,1)'` (FSDP over 32 chips) 259.4 ms, 24.6 GiB.
+  On v5e (16 GiB) pass `--config.model.remat_policy=full --config.model.scan_unroll=1`:
   v5e-256 433 ms, 10.5 of 16 GiB per chip (with "dots" 447 ms, 14.0 GiB; README, TPU table).
   Keep splash (auto) on v5e and v6e: with XLA attention and "dots" the step does not fit either
   chip (temporaries 15.77 of the 15.75 GiB libtpu can use on v5e, 34.92 of 31.25 on v6e), nor

@@ -14,7 +14,10 @@ TPU defaults (remat none, all 36 blocks unrolled; attention auto = splash at 102
   4-block program of it 17.9 ms with splash vs 20.9 ms with XLA attention; scanned with full
   remat: see the README table. `--dry_run` compiles for about 5 minutes per program on a 2-core
   host. v6e-64 (2026-12-04): unrolled without remat 108 ms (9.1 of 32 GiB) vs scanned full remat
-  133 ms, so the defaults hold there too. On v5e-256 (one image per chip) pass
+  133 ms, so the defaults hold there too, and with `--config.mesh.ici='(2,-1,1)'` (FSDP over 32
+  chips, 2026-12-04) 104.9 ms, 10.9 GiB. `--config.model.gather_attention_once=True` (each
+  block's attention kernels gathered once, kept for the backward) on v5p-64: 147.9 ms, 18.6 GiB
+  (2026-12-04; the table's rows are without it). On v5e-256 (one image per chip) pass
   `--config.model.remat_policy=full --config.model.scan_unroll=1`: scanned with full remat 103 ms
   (4.4 of 16 GiB), with "dots" 107 ms, without remat 197 ms (README, TPU table).
 """

@@ -22,6 +22,10 @@ TPU defaults (remat none, all 36 blocks unrolled, attention auto = XLA attention
   48 ms: there pass `--config.model.remat_policy=full --config.model.scan_unroll=1` (auto then
   picks splash, the blocks being recomputed: 46.8 ms, 4.4 GiB; with remat "dots" and splash 60 ms
   scanned, 63 unrolled, 2026-12-04; unlike 3B/2, for which "dots" wins there).
+  `--config.model.gather_attention_once=True` (FSDP gathers each block's attention kernels once
+  and keeps them for the backward, 0.36 GiB per chip): v5p-64 52.1 ms (30.6% MFU, 5.65 GiB) vs
+  53.2, with splash 52.2 vs 52.8 (2026-12-04; the table's rows are without it); not on v6e-64
+  with data 2 x FSDP 32: 38.6 vs 37.6 ms.
 MFU ceiling (`python -m fitv2_jax.bench --suite tpu_matmuls`, 2026-12-04): at 8 images per v5p chip
   the compiler prices the linear layers alone at 55% of the bf16 peak, so no step passes 57%.
 """

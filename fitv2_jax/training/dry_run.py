@@ -262,10 +262,11 @@ def print_report(r: dict) -> None:
     print(f"collectives per step (per-device bytes): {coll or 'none'}")
     if "cycle_kinds" in r:
         kinds = ", ".join(f"{k} {100 * v:.0f}%" for k, v in r["cycle_kinds"].items() if v >= 0.01)
-        left_out = (
-            " (the splash kernels are not annotated)" if r.get("estimate_prices_splash") else ""
+        left_out = "collectives" + (
+            " and the splash kernels" if r.get("estimate_prices_splash") else ""
         )
-        print(f"where the compiler's estimated cycles go{left_out}: {kinds}; largest:")
+        print(f"where the compiler's estimated cycles go ({left_out} carry no cycles): {kinds}; "
+              "largest:")  # fmt: skip
         for row in r["cycle_top"]:
             print(
                 f"  {100 * row['share']:5.1f}%  {row['where']} ({row['kind']}, {row['direction']})"
