@@ -14,6 +14,8 @@ TPU defaults (remat none, all 40 blocks unrolled; attention auto = splash at 102
   the kernels were priced; compiled since, with them priced: 634 ms, 15.3 GiB). v6e-64
   (2026-12-04): unrolled without remat 266 ms (24.1 of 32 GiB) vs scanned full remat 343 ms, so the
   defaults hold; with `--config.mesh.ici='(2,-1,1)'` (FSDP over 32 chips) 259.4 ms, 24.6 GiB.
+  `--config.model.gather_attention_once=True` on v5p-64: 472.1 ms, 43.0 GiB (2026-12-04; the
+  table's rows are without it).
   On v5e (16 GiB) pass `--config.model.remat_policy=full --config.model.scan_unroll=1`:
   v5e-256 433 ms, 10.5 of 16 GiB per chip (with "dots" 447 ms, 14.0 GiB; README, TPU table).
   Keep splash (auto) on v5e and v6e: with XLA attention and "dots" the step does not fit either
