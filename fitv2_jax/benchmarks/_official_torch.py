@@ -33,9 +33,6 @@ import types
 
 from absl import app, flags
 
-COMPUTE_OPTIONS = ("dtype", "param_dtype", "remat_policy", "attention_backend", "scan_unroll",
-                   "gather_attention_once", "clamp_time")  # fmt: skip
-
 
 class _Inert:
     """Any attribute or call: a stand-in for triton's decorators and type annotations."""
@@ -137,7 +134,8 @@ def median_seconds(fn, repeats: int, warmup: int = 2) -> float:
 
 
 flags.DEFINE_string("src", None, "checkout of the public whlzy/FiT repository (holds fit/)")
-flags.DEFINE_string("params", None, "JSON of the model fields (official network_config names)")
+flags.DEFINE_string("params", None, "JSON of the official network_config params (without "
+                    "models.fit.OWN_FIELDS)")  # fmt: skip
 flags.DEFINE_integer("batch_size", 8, "images per call")
 flags.DEFINE_integer("tokens", 256, "tokens per image (a near-square grid)")
 flags.DEFINE_integer("repeats", 5, "timed calls, median reported")
@@ -155,7 +153,7 @@ def main(argv) -> None:
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
-    params = {k: v for k, v in json.loads(args.params).items() if k not in COMPUTE_OPTIONS}
+    params = json.loads(args.params)
     FiT = import_official_fit(args.src)
     torch.manual_seed(0)
     model = FiT(**params)

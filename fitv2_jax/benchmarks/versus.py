@@ -39,6 +39,7 @@ from fitv2_jax.benchmarks.model import square_inputs
 from fitv2_jax.cli import flags as cli
 from fitv2_jax.config.files import load_config
 from fitv2_jax.flow.guidance import cfg_velocity
+from fitv2_jax.models.fit import OWN_FIELDS
 from fitv2_jax.parallel.mesh import create_mesh
 from fitv2_jax.training.setup import build_setup
 from fitv2_jax.utils.errors import UserError
@@ -127,7 +128,7 @@ class Ours:
 
 def official(config, measures: list[str]) -> dict:
     """The official model timed in a subprocess (`_official_torch`); {} and a message if it fails."""
-    params = {k: v for k, v in config.model.to_dict().items()}
+    params = {k: v for k, v in config.model.to_dict().items() if k not in OWN_FIELDS}
     cmd = [sys.executable, "-m", "fitv2_jax.benchmarks._official_torch",
            "--src", FLAGS.official_src, "--params", json.dumps(params, default=str),
            "--batch_size", str(FLAGS.batch_size), "--tokens", str(FLAGS.tokens),

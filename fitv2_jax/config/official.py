@@ -18,13 +18,11 @@ import yaml
 
 from fitv2_jax.config.defaults import base_config, fitv2_model
 from fitv2_jax.models.convert import OFFICIAL_POST_TRAINING_KEYS
-from fitv2_jax.models.fit import FIELD_NAMES, FiT
+from fitv2_jax.models.fit import FIELD_NAMES, OWN_FIELDS, FiT
 from fitv2_jax.utils.errors import MissingFileError, UserError
 
 # The official FiT constructor's defaults for its network_config names (our FiT mirrors them).
-OFFICIAL_DEFAULTS = {name: getattr(FiT, name) for name in FIELD_NAMES
-                     if name not in ("dtype", "param_dtype", "remat_policy", "attention_backend",
-                                     "scan_unroll", "gather_attention_once", "clamp_time")}  # fmt: skip
+OFFICIAL_DEFAULTS = {name: getattr(FiT, name) for name in FIELD_NAMES if name not in OWN_FIELDS}
 
 
 def _read(path: str) -> dict:

@@ -339,6 +339,11 @@ class FiT(nn.Module):
 
 
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(FiT) if f.name not in ("parent", "name"))
+# How the network computes, not what it computes (module doc): a run may resume with them changed.
+COMPUTE_OPTIONS = ("dtype", "param_dtype", "remat_policy", "attention_backend", "scan_unroll",
+                   "gather_attention_once")  # fmt: skip
+# Our fields that the official FiT constructor does not take.
+OWN_FIELDS = COMPUTE_OPTIONS + ("clamp_time",)
 IGNORED_OFFICIAL_KEYS = ("target",)
 
 

@@ -56,13 +56,15 @@ def _axis_size(mesh: Mesh, axes) -> int:
     return size
 
 
-def _fit_spec(spec: PartitionSpec, shape, mesh: Mesh, name: str) -> PartitionSpec:
+def _fit_spec(spec: PartitionSpec, shape, mesh: Mesh, name: str, drop=()) -> PartitionSpec:
     """Makes a spec valid for `shape`: a mesh axis that does not divide its dimension moves to the
     largest other dimension it divides (e.g. FiTv2-XL's LoRA rank 288 on fsdp=64 moves to the 6D
-    output dimension), or is dropped (replicated) when none fits."""
+    output dimension), or is dropped (replicated) when none fits; the mesh axes in `drop` are
+    left out first."""
     dims: list[list[str]] = []
     for axes in tuple(spec) + (None,) * (len(shape) - len(spec)):
-        dims.append([] if axes is None else ([axes] if isinstance(axes, str) else list(axes)))
+        axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+        dims.append([a for a in axes if a not in drop])
     spilled = []
     for i, group in enumerate(dims):
         while group and shape[i] % _axis_size(mesh, group):
@@ -113,12 +115,5 @@ def gathered(kernel: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
     if mesh.empty or mesh.size == 1:
         return kernel
     spec = nn.logical_to_mesh_axes(names, LOGICAL_RULES)
-    spec = PartitionSpec(*[_without(axes, ("fsdp", "data")) for axes in spec])
-    return jax.lax.with_sharding_constraint(kernel, _fit_spec(spec, kernel.shape, mesh, "kernel"))
-
-
-def _without(axes, dropped: tuple[str, ...]):
-    kept = [
-        a for a in ((axes,) if isinstance(axes, str) else tuple(axes or ())) if a not in dropped
-    ]
-    return None if not kept else kept[0] if len(kept) == 1 else tuple(kept)
+    spec = _fit_spec(spec, kernel.shape, mesh, "kernel", drop=("fsdp", "data"))
+    return jax.lax.with_sharding_constraint(kernel, spec)

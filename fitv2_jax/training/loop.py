@@ -27,6 +27,7 @@ from jax.experimental import multihost_utils
 
 from fitv2_jax.data.pipeline import make_train_iterator, to_global_batch
 from fitv2_jax.models.convert import is_post_training_param
+from fitv2_jax.models.fit import COMPUTE_OPTIONS
 from fitv2_jax.models.summary import train_step_flops
 from fitv2_jax.sampling.generate import generate
 from fitv2_jax.sampling.images import display_scale, image_grid, to_uint8, tokens_to_images
@@ -162,17 +163,6 @@ def _warm_start(setup: TrainSetup, state: TrainState) -> TrainState:
     return state.replace(params=params, ema_params=ema)
 
 
-# Model fields that may change when a run resumes: how it computes, not what it computes.
-COMPUTE_FIELDS = (
-    "dtype",
-    "param_dtype",
-    "remat_policy",
-    "attention_backend",
-    "scan_unroll",
-    "gather_attention_once",
-)
-
-
 def check_resume_config(config, saved, directory: str) -> None:
     """A run resumes only with the model it was saved with (compute options may change)."""
     if saved is None or "model" not in saved:
@@ -180,7 +170,7 @@ def check_resume_config(config, saved, directory: str) -> None:
     new = json.loads(config.model.to_json_best_effort())  # the form it was saved in
     old = json.loads(saved.model.to_json_best_effort())
     diff = {k: (old.get(k), new.get(k)) for k in set(new) | set(old)
-            if k not in COMPUTE_FIELDS and old.get(k) != new.get(k)}  # fmt: skip
+            if k not in COMPUTE_OPTIONS and old.get(k) != new.get(k)}  # fmt: skip
     if (
         "data" in saved
         and saved.data.get("patch_size", config.data.patch_size) != config.data.patch_size
