@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from fitv2_jax.benchmarks.tpu import markdown
+from fitv2_jax.benchmarks.tpu_blocks import blocks_config
 from fitv2_jax.config.files import load_config
 from fitv2_jax.models.attention import attend
 from fitv2_jax.models.splash import block_size, padded_length
@@ -431,6 +432,19 @@ def test_a_step_too_big_for_the_chip_is_a_dry_run_result_not_a_crash(capsys):
     need, usable = (f"{oom[k] / 2**30:.2f}" for k in ("needed_bytes", "available_bytes"))
     line = f"| temporaries {need} > {usable} usable of 16 GiB | no | out of HBM | |"
     assert line in markdown([row])
+
+
+def test_a_blocks_probe_variant_unrolls_its_blocks_then_applies_its_overrides():
+    """`bench --suite tpu_blocks`: N blocks, all unrolled, no remat, then the variant's own
+    space-separated overrides, quoted values with commas included, typed as --config.a.b=v."""
+    config = blocks_config("configs/fitv2_xl.py", 4, "model.gather_attention_once=True "
+                           "mesh.ici='(2,-1,1)' model.remat_policy=dots")  # fmt: skip
+    assert (config.model.depth, config.model.scan_unroll) == (4, 4)
+    assert config.model.gather_attention_once is True and config.model.remat_policy == "dots"
+    assert tuple(config.mesh.ici) == (2, -1, 1) and config.model.hidden_size == 1152
+    assert blocks_config("configs/fitv2_xl.py", 2, "").model.remat_policy == "none"
+    with pytest.raises(UserError, match="unknown config field .no_such_field"):
+        blocks_config("configs/fitv2_xl.py", 2, "model.no_such_field=1")
 
 
 def test_out_of_hbm_reads_both_forms_of_libtpus_error_and_nothing_else():

@@ -80,7 +80,9 @@ def out_of_hbm(message: str) -> dict | None:
     return None
 
 
-def _compile(config, global_batch, mesh, options=None, setup=None):
+def compile_step(config, global_batch, mesh, options=None, setup=None):
+    """(setup, compiled): the train step of `config` lowered on abstract state and batch and
+    compiled for `mesh` with these compiler options."""
     setup = setup or build_setup(config, global_batch, mesh=mesh)
     n = int(config.model.context_size)
     with setup.context():
@@ -104,7 +106,7 @@ def dry_run(config, global_batch: int | None = None, topology: str | None = None
     head = dict(mode=f"TPU {topology}" if chip else "CPU fake devices", mesh=dict(setup.mesh.shape),
                 global_batch=setup.global_batch, tokens=n, **_state_report(setup))  # fmt: skip
     try:
-        setup, compiled = _compile(config, global_batch, mesh, setup=setup)
+        setup, compiled = compile_step(config, global_batch, mesh, setup=setup)
     except jax.errors.JaxRuntimeError as e:
         oom = out_of_hbm(str(e)) if chip else None
         if oom is None:
@@ -168,7 +170,7 @@ def _estimate(config, global_batch, mesh, model_flops, peak_flops) -> dict:
     def compile_with(u):
         c = copy.deepcopy(config)
         c.model.scan_unroll = u
-        compiled = _compile(c, global_batch, mesh, ESTIMATE_OPTIONS)[1]
+        compiled = compile_step(c, global_batch, mesh, ESTIMATE_OPTIONS)[1]
         if u == shown:
             priced["text"] = compiled.as_text()
         return compiled
