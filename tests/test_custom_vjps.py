@@ -63,6 +63,31 @@ def test_bfloat16_stays_within_its_rounding_of_the_float32_oracle():
         assert _max_relative(a, b) < 2e-2, (name, _max_relative(a, b))  # bf16: 8 mantissa bits
 
 
+def _unit_norm(x):
+    """Each head vector normalised as unweighted LayerNorm does: norm below sqrt(Dh)."""
+    return normalize(x.astype(jnp.float32), True, 1e-6).astype(x.dtype)
+
+
+@pytest.mark.parametrize("magnitude", [1.0, 2.0])
+def test_a_static_shift_for_bounded_logits_gives_the_row_max_attention(magnitude):
+    """q and k out of LayerNorm (times a RoPE-like magnitude factor) have logits below
+    magnitude^2 sqrt(Dh): subtracting the static sqrt(Dh) (models.attention.logit_bound) instead
+    of each row's max gives the same outputs and gradients in float32, and the forward and
+    backward then hold no max reduction."""
+    q, k, v, d_out, seg = _inputs(jnp.float32)
+    q, k = magnitude * _unit_norm(q), magnitude * _unit_norm(k)
+    bound = q.shape[-1] ** 0.5
+    shifted = lambda q, k, v, seg: softmax_attention(q, k, v, seg, bound)
+    ours = jax.jit(lambda *a: _out_and_grads(shifted, *a))(q, k, v, d_out, seg)
+    row_max = jax.jit(lambda *a: _out_and_grads(softmax_attention, *a))(q, k, v, d_out, seg)
+    ref = jax.jit(lambda *a: _out_and_grads(_reference, *a))(q, k, v, d_out, seg)
+    for name, a, b, c in zip(("out", "dq", "dk", "dv"), ours, row_max, ref, strict=True):
+        assert _max_relative(a, b) < 1e-6, (name, _max_relative(a, b))
+        assert _max_relative(a, c) < 1e-5, (name, _max_relative(a, c))
+    jaxpr = lambda fn: str(jax.make_jaxpr(lambda *a: _out_and_grads(fn, *a))(q, k, v, d_out, seg))
+    assert "reduce_max" in jaxpr(softmax_attention) and "reduce_max" not in jaxpr(shifted)
+
+
 @pytest.mark.parametrize("fn, keeps_probabilities", [(_reference, True),
                                                      (softmax_attention, False)])  # fmt: skip
 def test_the_backward_keeps_no_n_by_n_array(fn, keeps_probabilities):

@@ -14,6 +14,7 @@ from numpy_fit import official_shapes, random_state_dict
 from safetensors.numpy import load_file, save_file
 
 from fitv2_jax.config.files import load_config
+from fitv2_jax.models.attention import logit_bound
 from fitv2_jax.models.convert import from_torch_state_dict, to_torch_state_dict
 from fitv2_jax.models.fit import FiT, from_official_params
 from fitv2_jax.models.summary import summarize, trainable_subset_params
@@ -270,6 +271,16 @@ def test_xla_attention_gives_the_model_the_loss_and_gradients_of_autodiff_attent
     assert abs(float(loss) - float(ref_loss)) <= 1e-5 * abs(float(ref_loss))
     assert all(float(np.max(np.abs(g))) > 0 for g in jax.tree.leaves(ref_grads))  # all get one
     jax.tree.map(_close_at_scale, grads, ref_grads)
+
+
+def test_only_unweighted_qk_norms_bound_the_logits():
+    """The static softmax shift (models.attention.logit_bound) applies only where q and k come
+    out of unweighted LayerNorm or RMSNorm; a norm weight or no norm leaves the row max."""
+    assert logit_bound("layernorm", "layernorm", 72) == pytest.approx(72**0.5)
+    assert logit_bound("rmsnorm", "layernorm", 64) == 8.0
+    for q_kind, k_kind in [("w_layernorm", "w_layernorm"), ("none", "layernorm"),
+                           ("layernorm", "w_rmsnorm")]:  # fmt: skip
+        assert logit_bound(q_kind, k_kind, 72) is None
 
 
 def test_bf16_compute_stays_close():

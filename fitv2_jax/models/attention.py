@@ -62,13 +62,29 @@ def resolve_backend(backend: str, tokens: int, on_tpu: bool, remat_policy: str =
     return backend
 
 
-def attend(q, k, v, segment_ids, backend: str = "xla"):
-    """q, k, v: (B, N, H, Dh); segment_ids: (B, N) int. Returns (B, N, H, Dh)."""
+def logit_bound(q_norm: str, k_norm: str, head_dim: int) -> float | None:
+    """The largest attention logit q.k / sqrt(Dh) when q and k come out of these norms (kinds as
+    `_qk_norm_kind` gives them), before RoPE's magnitude factor; None if unbounded.
+
+    Unweighted LayerNorm and RMSNorm give vectors of norm below sqrt(Dh), so |q.k| / sqrt(Dh) <
+    sqrt(Dh). RoPE rotates (norm kept), times the rule's magnitude factor f (yarn, ntk-aware-pro1/2;
+    1 otherwise) on both q and k, so logits stay below f^2 sqrt(Dh). Used as the softmax's static
+    shift (`softmax_attention`), float32 exp overflows only when (f^2 - 1) sqrt(Dh) + ln N > 88:
+    for Dh = 72 that is f^2 > 10 (yarn's f = 0.1 ln s + 1 at s > 10^9, pro1's at sides of 10^12
+    patches), never for any image."""
+    if q_norm in ("layernorm", "rmsnorm") and k_norm in ("layernorm", "rmsnorm"):
+        return float(head_dim) ** 0.5
+    return None
+
+
+def attend(q, k, v, segment_ids, backend: str = "xla", bound: float | None = None):
+    """q, k, v: (B, N, H, Dh); segment_ids: (B, N) int; bound: the logits' bound (`logit_bound`)
+    if known, which spares the "xla" backend its row maxima. Returns (B, N, H, Dh)."""
     backend = resolve_backend(backend, q.shape[1], compiling_for_tpu())
     if backend == "splash":
         return splash_attend(q, k, v, segment_ids)
     if backend == "xla":
-        return softmax_attention(q, k, v, segment_ids)
+        return softmax_attention(q, k, v, segment_ids, bound)
     mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]  # (B, 1, N, N)
     if backend == "einsum":
         scale = q.shape[-1] ** -0.5
@@ -106,8 +122,10 @@ class Attention(nn.Module):
                       use_bias=self.qkv_bias, gather_once=self.gather_once, dtype=self.dtype,
                       name="qkv")(x)  # fmt: skip
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, H, Dh)
-        q = Norm(_qk_norm_kind(self.q_norm, self.qk_norm_weight), "kv", name="q_norm")(q)
-        k = Norm(_qk_norm_kind(self.k_norm, self.qk_norm_weight), "kv", name="k_norm")(k)
+        q_kind = _qk_norm_kind(self.q_norm, self.qk_norm_weight)
+        k_kind = _qk_norm_kind(self.k_norm, self.qk_norm_weight)
+        q = Norm(q_kind, "kv", name="q_norm")(q)
+        k = Norm(k_kind, "kv", name="k_norm")(k)
         if self.use_rope:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             if self.rope_on_v:
@@ -118,10 +136,10 @@ class Attention(nn.Module):
         k = nn.with_logical_constraint(
             k, ("activation_batch", "activation_length", "activation_heads", None)
         )
-        out = attend(q, k, v, segment_ids, self.backend)
+        out = attend(q, k, v, segment_ids, self.backend, logit_bound(q_kind, k_kind, head_dim))
         out = out * (segment_ids != 0)[:, :, None, None].astype(out.dtype)
         return DenseND(features=(dim,), axes=("heads", "kv", "embed_out"), n_in=2, use_bias=True,
                        gather_once=self.gather_once, dtype=self.dtype, name="proj")(out)  # fmt: skip
 
 
-__all__ = ["Attention", "attend", "BACKENDS"]
+__all__ = ["Attention", "attend", "logit_bound", "BACKENDS"]
