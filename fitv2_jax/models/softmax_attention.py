@@ -23,8 +23,10 @@ The gradients equal autodiff's to float32 rounding (tests/test_custom_vjps.py).
 instead: softmax is unchanged by any shift, and float32 exp only needs the shifted logits below
 about 88 - ln N. FiT's q and k come out of unweighted LayerNorm or RMSNorm, so their norms are at
 most sqrt(Dh) and every logit at most sqrt(Dh) (times the RoPE magnitude factor squared,
-`models.attention`). By the TPU compiler's estimate, 4 unrolled FiTv2-XL/2 blocks on v5p-64 go
-from 6.03 to 5.76 ms with the shift (`python -m fitv2_jax.bench --suite tpu_blocks`).
+`models.attention`). By the TPU compiler's estimate on v5p-64 (2026-12-04, commit 6ffdeba against
+its parent): FiTv2-XL/2's whole step 52.7 vs 53.2 ms (`train --config configs/fitv2_xl.py
+--dry_run --topology v5p-64`), 8 unrolled blocks 11.90 vs 12.06 ms (`bench --suite
+tpu_blocks --blocks 8`); the forward's softmax fusions lose half their cycles.
 """
 
 from __future__ import annotations
