@@ -19,11 +19,12 @@ Backends (`attention_backend`):
            (HR FiTv2-XL/2, 4 unrolled blocks: 17.9 vs 20.9 ms). At 256 tokens, with nothing
            recomputed, the two are even (FiTv2-XL/2 52.8 vs 53.2 ms, FiTv2-3B/2 152.0 vs 151.5,
            FiTv2-B/2 24.3 vs 24.1; XL 52.7 for XLA since its softmax's static shift), and a
-           kernel priced at its roofline is its best case, so XLA attention stays; when the backward recomputes the blocks, XLA attention recomputes or
-           stores its (B, H, N, N) scores and splash is ahead by more than its kernels' whole
-           price (FiTv2-B/2 with remat "dots" 16.1 vs 18.6 ms, its splash kernels 0.3 ms of it;
-           FiTv2-XL/2 full remat 61.5 vs 66.7, "dots" 54.7 vs 56.3). Lengths in between and
-           below 256 were not measured. (Sampling with such a config picks the same backend,
+           kernel priced at its roofline is its best case, so XLA attention stays; when the
+           backward recomputes the blocks, XLA attention recomputes or stores its (B, H, N, N)
+           scores and splash is ahead by more than its kernels' whole price (FiTv2-B/2 with
+           remat "dots" 16.1 vs 18.6 ms, its splash kernels 0.3 ms of it; FiTv2-XL/2 full remat
+           61.5 vs 66.7, "dots" 54.7 vs 56.3). Lengths in between and below 256 were not
+           measured. (Sampling with such a config picks the same backend,
            though a forward alone recomputes nothing; the pod configs sample without remat.)
 """
 
