@@ -1,6 +1,6 @@
 """Our hand-written backward passes against autodiff (the oracle): the log-sum-exp attention
-against jax.nn.dot_product_attention on ragged and packed rows, SwiGLU's gated_silu and the
-LayerNorm / RMSNorm normalize; outputs and gradients, and what each backward keeps."""
+against jax.nn.dot_product_attention on ragged and packed rows, SwiGLU's gated_silu, the
+LayerNorm / RMSNorm normalize and RoPE; outputs and gradients, and what each backward keeps."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from jax._src.ad_checkpoint import saved_residuals
 
+from fitv2_jax.models import rope as rope_lib
 from fitv2_jax.models.layers import gated_silu, normalize
+from fitv2_jax.models.rope import apply_rope
 from fitv2_jax.models.softmax_attention import softmax_attention
 
 
@@ -161,3 +163,23 @@ def test_rope_backward_is_the_inverse_rotation_and_keeps_no_activation(dtype, to
     assert d_x.dtype == dtype and _max_relative(d_x, ref_d_x) < tolerance
     kept = [aval.shape for aval, _ in saved_residuals(lambda x: apply_rope(x, cos, sin), x)]
     assert x.shape not in kept, kept
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)])
+def test_rope_backward_is_autodiffs_rotation_with_minus_sin(dtype, tolerance):
+    """apply_rope's backward (the same rotation with -sin, one pass; every platform since
+    2026-12-04) against autodiff of the plain rotation: equal gradients for x in both dtypes."""
+    rng = np.random.default_rng(3)
+    x, d_out = (jnp.asarray(rng.standard_normal((2, 12, 3, 8)), dtype) for _ in range(2))
+    angles = jnp.asarray(rng.uniform(0, 6.3, (2, 12, 4)), jnp.float32)
+    cos, sin = 1.3 * jnp.cos(angles), 1.3 * jnp.sin(angles)  # a magnitude factor as in yarn
+    ours = jax.vjp(lambda x: apply_rope(x, cos, sin), x)
+    plain = jax.vjp(lambda x: rope_lib._rotate(x, cos, sin), x)
+    assert _max_relative(ours[0], plain[0]) == 0.0
+    d_ours, d_plain = ours[1](d_out)[0], plain[1](d_out)[0]
+    assert d_ours.dtype == dtype and _max_relative(d_ours, d_plain) < tolerance
+    # the inverse map for a pure rotation: rotating back undoes the rotation
+    unit_cos, unit_sin = jnp.cos(angles), jnp.sin(angles)
+    back = rope_lib._rotate(apply_rope(x.astype(jnp.float32), unit_cos, unit_sin), unit_cos,
+                            -unit_sin)  # fmt: skip
+    assert _max_relative(back, x.astype(jnp.float32)) < 1e-5

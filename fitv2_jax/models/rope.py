@@ -40,8 +40,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fitv2_jax.parallel.platform import compiling_for_tpu
-
 RULES = (
     "normal",
     "linear",
@@ -264,18 +262,21 @@ def apply_rope(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarra
     the module doc), and partners found by rolling the channel axis (commit d541ff7: faster for
     XLA attention on v6e-64, 39 vs 46 ms, slower for splash at 1024 tokens, 252 vs 215 ms).
 
-    Off TPU the backward is the transposed map, the same rotation with -sin, as one fused pass
+    The backward is the transposed map, the same rotation with -sin, as one fused pass
     (`rotate_back_in_backward`; autodiff of the pair slicing and stacking made zero-padded copies
-    and sums of them: CPU train step 4% faster). On TPU autodiff stays, which the compiler
-    estimates faster (FiTv2-XL/2 v5p-64: 74.9 vs 75.5 ms).
+    and sums of them: CPU train step 4% faster). On TPU autodiff was kept while the compiler
+    estimated it faster (FiTv2-XL/2 v5p-64 with full remat and the pairs interleaved: 74.9 vs
+    75.5 ms); since the halves layout and the unrolled blocks without remat it is the other way
+    round (2026-12-04: FiTv2-XL/2's whole step on v5p-64 51.9 vs 52.7 ms, `train --dry_run
+    --topology v5p-64`; `bench --suite tpu_blocks`: 8 XL blocks 11.76 vs 11.90 ms, on v6e-64
+    with data 2 x FSDP 32 8.20 vs 8.27; 4 HR XL blocks at 1024 tokens with splash 17.57 vs
+    17.88), so every platform takes the same path.
 
     Args:
       x: (B, N, H, head_dim).
       cos, sin: (B, N, head_dim / 2).
     Returns: (B, N, H, head_dim) in x.dtype; the rotation itself runs in float32.
     """
-    if compiling_for_tpu():
-        return _rotate(x, cos, sin)
     return rotate_back_in_backward(x, cos, sin)
 
 
