@@ -29,10 +29,9 @@ from absl import flags
 from fitv2_jax.config.files import load_config
 from fitv2_jax.models.summary import train_step_flops
 from fitv2_jax.parallel.cost import ESTIMATE_OPTIONS, program_cost
-from fitv2_jax.parallel.hlo import cycle_profile
 from fitv2_jax.parallel.mesh import create_mesh
 from fitv2_jax.parallel.topology import per_device, topology_devices
-from fitv2_jax.training.dry_run import compile_step
+from fitv2_jax.training.dry_run import compile_step, cycle_report
 
 FLAGS = flags.FLAGS
 
@@ -68,15 +67,11 @@ def _variant(variant: str, devices, peak: float, baseline: float | None) -> floa
           f"{100 * model_flops / (seconds * peak):.1f}%; the compiler's FLOPs "
           f"{flops / model_flops:.3f}x the model's; compiled in "
           f"{time.perf_counter() - start:.0f} s)")  # fmt: skip
-    rows = cycle_profile(compiled.as_text())
-    kinds: dict[str, float] = {}
-    for share, _, _, kind, _ in rows:
-        kinds[kind] = kinds.get(kind, 0.0) + share
+    profile = cycle_report(compiled.as_text(), FLAGS.top)
     print("  cycles (collectives carry none): " + ", ".join(
-        f"{k} {100 * v:.1f}%" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])
-        if v >= 0.005))  # fmt: skip
-    for share, _, where, kind, direction in rows[: FLAGS.top]:
-        print(f"  {100 * share:5.1f}%  {where} ({kind}, {direction})")
+        f"{k} {100 * v:.1f}%" for k, v in profile["cycle_kinds"].items() if v >= 0.005))  # fmt: skip
+    for row in profile["cycle_top"]:
+        print(f"  {100 * row['share']:5.1f}%  {row['where']} ({row['kind']}, {row['direction']})")
     return seconds
 
 

@@ -48,10 +48,7 @@ def _masked_logits(q, k, segment_ids):
 
 def _forward(q, k, v, segment_ids, shift):
     logits = _masked_logits(q, k, segment_ids)
-    if shift is None:
-        peak = jnp.max(logits, axis=-1, keepdims=True)
-    else:
-        peak = jnp.full(logits.shape[:-1] + (1,), shift, jnp.float32)
+    peak = jnp.max(logits, axis=-1, keepdims=True) if shift is None else jnp.float32(shift)
     weights = jnp.exp(logits - peak)
     total = jnp.sum(weights, axis=-1, keepdims=True)
     out = jnp.einsum("bhqk,bkhd->bqhd", (weights / total).astype(v.dtype), v)

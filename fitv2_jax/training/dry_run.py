@@ -137,7 +137,7 @@ def dry_run(config, global_batch: int | None = None, topology: str | None = None
             except RuntimeError as e:  # memory and collectives stand without the estimate
                 report["estimate_error"] = str(e)
         if "cycle_kinds" not in report:  # no estimate: the main program's profile
-            report.update(_cycle_report(hlo_text))
+            report.update(cycle_report(hlo_text))
     if verbose:
         print_report(report)
     return report
@@ -178,10 +178,10 @@ def _estimate(config, global_batch, mesh, model_flops, peak_flops) -> dict:
     flops, seconds = configured_cost(compile_with, depth, unroll)
     return dict(estimate_flops_per_device=flops, estimate_step_seconds=seconds,
                 estimate_mfu=model_flops / (seconds * peak_flops),
-                **_cycle_report(priced["text"]))  # fmt: skip
+                **cycle_report(priced["text"]))  # fmt: skip
 
 
-def _cycle_report(hlo_text: str, top: int = 10) -> dict:
+def cycle_report(hlo_text: str, top: int = 10) -> dict:
     """Where the compiled step's estimated cycles go: by op kind and the largest (module, kind,
     fwd/bwd) groups, as shares of the whole step (`parallel.hlo.cycle_profile`). With an
     estimate, of the program it prices (windowed einsums off); else of the main program."""
