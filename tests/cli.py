@@ -7,16 +7,21 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_cli(name: str, *args, check: bool = True, env: dict | None = None, timeout: int = 600):
-    """CompletedProcess of `python -m fitv2_jax.<name> args` run from the repository root on
-    8 fake CPU devices; check=True fails the test (with stderr) on a non-zero exit."""
+def cli_env(env: dict | None = None) -> dict:
+    """The environment of the commands the tests run: CPU, 8 fake devices, plus env."""
     full_env = dict(os.environ, JAX_PLATFORMS="cpu", **(env or {}))
     flag = "--xla_force_host_platform_device_count=8"
     if flag not in full_env.get("XLA_FLAGS", ""):
         full_env["XLA_FLAGS"] = (full_env.get("XLA_FLAGS", "") + " " + flag).strip()
+    return full_env
+
+
+def run_cli(name: str, *args, check: bool = True, env: dict | None = None, timeout: int = 600):
+    """CompletedProcess of `python -m fitv2_jax.<name> args` run from the repository root on
+    8 fake CPU devices; check=True fails the test (with stderr) on a non-zero exit."""
     proc = subprocess.run(
         [sys.executable, "-m", f"fitv2_jax.{name}", *map(str, args)],
-        capture_output=True, text=True, cwd=ROOT, env=full_env, timeout=timeout,
+        capture_output=True, text=True, cwd=ROOT, env=cli_env(env), timeout=timeout,
     )  # fmt: skip
     if check and proc.returncode != 0:
         raise AssertionError(f"fitv2_jax.{name} exited {proc.returncode}:\n{proc.stderr[-3000:]}")

@@ -1,7 +1,8 @@
 """Bad input, table-driven: every command answers a user's mistake with one line on stderr that
 names the flag or file (exit status 2, no traceback), and leaves every input file byte-identical.
 
-Each case runs the real command (`python -m fitv2_jax.NAME`) on its own copy of a small set of
+Each case runs the real command (`fitv2_jax.NAME` as `__main__`, in a process forked from one that
+has already imported the libraries: tests/cli_forkserver.py) on its own copy of a small set of
 inputs (a prepared dataset, a finished two-step run, official-layout checkpoints, .npz archives,
 broken files); the copies are hashed before and after. The cases run two at a time.
 """
@@ -13,7 +14,8 @@ import shutil
 
 import numpy as np
 import pytest
-from cli import error_line, run_cli
+from cli import cli_env, error_line
+from cli_forkserver import Forkservers
 from PIL import Image
 from safetensors.numpy import save_file
 
@@ -204,13 +206,13 @@ def _hashes(root) -> dict[str, str]:
     return out
 
 
-def _run_case(i, case, inputs, tmp):
+def _run_case(servers, i, case, inputs, tmp):
     command, args, _ = case
     d, o = os.path.join(tmp, f"case{i}", "in"), os.path.join(tmp, f"case{i}", "out")
     shutil.copytree(inputs, d)
     before = _hashes(d)
     args = [a.replace("{d}", d).replace("{o}", o) for a in args]
-    proc = run_cli(command, *args, check=False, timeout=300)
+    proc = servers.run(command, *args, timeout=300)
     return proc, before == _hashes(d), os.path.exists(o) and bool(os.listdir(o))
 
 
@@ -219,8 +221,8 @@ def results(tmp_path_factory):
     tmp = str(tmp_path_factory.mktemp("bad_input"))
     inputs = os.path.join(tmp, "inputs")
     _write_inputs(inputs)
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        futures = [pool.submit(_run_case, i, c, inputs, tmp) for i, c in enumerate(CASES)]
+    with Forkservers(2, cli_env()) as servers, concurrent.futures.ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(_run_case, servers, i, c, inputs, tmp) for i, c in enumerate(CASES)]
         return [f.result() for f in futures]
 
 
