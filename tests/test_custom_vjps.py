@@ -183,3 +183,25 @@ def test_rope_backward_is_autodiffs_rotation_with_minus_sin(dtype, tolerance):
     back = rope_lib._rotate(apply_rope(x.astype(jnp.float32), unit_cos, unit_sin), unit_cos,
                             -unit_sin)  # fmt: skip
     assert _max_relative(back, x.astype(jnp.float32)) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_ropes_tpu_form_finds_partners_by_a_permutation_matmul_and_equals_the_halves(
+    dtype, monkeypatch
+):
+    """On TPU `apply_rope` rotates with a (head_dim, head_dim) permutation matmul instead of
+    slicing the halves: the same values bit for bit, forward and backward, in both dtypes."""
+    rng = np.random.default_rng(5)
+    x, d_out = (jnp.asarray(rng.standard_normal((2, 9, 3, 72)), dtype) for _ in range(2))
+    angles = jnp.asarray(rng.uniform(0, 6.3, (2, 9, 36)), jnp.float32)
+    cos, sin = 1.3 * jnp.cos(angles), 1.3 * jnp.sin(angles)
+    halves = jax.vjp(lambda x: apply_rope(x, cos, sin), x)
+    halves_ops = str(jax.make_jaxpr(lambda x: apply_rope(x, cos, sin))(x))
+    monkeypatch.setattr(rope_lib, "compiling_for_tpu", lambda: True)
+    tpu = jax.vjp(lambda x: apply_rope(x, cos, sin), x)
+    tpu_ops = str(jax.make_jaxpr(jax.grad(lambda x: apply_rope(x, cos, sin).sum()))(x))
+    assert "dot_general" in tpu_ops and "dot_general" not in halves_ops
+    np.testing.assert_array_equal(np.asarray(tpu[0], np.float32), np.asarray(halves[0], np.float32))
+    d_tpu, d_halves = tpu[1](d_out)[0], halves[1](d_out)[0]
+    assert d_tpu.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(d_tpu, np.float32), np.asarray(d_halves, np.float32))

@@ -2,9 +2,9 @@
 
     compiling_for_tpu()   # True under a TPU mesh (a TPU VM, or `--dry_run --topology` on any host)
 
-Traced code reads it to pick a TPU-tuned form (splash attention; autodiff for norms and RoPE,
-whose hand-written backward passes serve CPU and GPU); a topology
-compile on a CPU host sees the TPU mesh, not the host's CPU backend.
+Traced code reads it to pick a TPU-tuned form (splash attention; autodiff for the norms, whose
+hand-written backward serves CPU and GPU; RoPE's partner channels by a permutation matmul); a
+topology compile on a CPU host sees the TPU mesh, not the host's CPU backend.
 """
 
 from __future__ import annotations
