@@ -113,7 +113,10 @@ class Forkservers:
                        "timeout": timeout}  # fmt: skip
             server.stdin.write(json.dumps(request) + "\n")
             server.stdin.flush()
-            returncode = int(server.stdout.readline())
+            answer = server.stdout.readline()
+            if not answer:
+                raise RuntimeError(f"the forkserver died running {name} {args} (stderr above)")
+            returncode = int(answer)
             with open(out) as fo, open(err) as fe:
                 stdout, stderr = fo.read(), fe.read()
         finally:
