@@ -290,6 +290,29 @@ def apply_rope(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarra
     return rotate_back_in_backward(x, cos, sin)
 
 
+def _rotate_by_permutation(x, cos, sin):
+    """_rotate_halves as x c' + (x P) s', where P (head_dim, head_dim) swaps the halves, c' = [c, c]
+    and s' = [-s, s]: every op spans the whole head (head_dim lanes), none a half of it. Exact: P
+    moves values (HIGHEST precision for float32), and the products and sums are _rotate_halves'.
+
+    Why on TPU: the halves are 36 of a vector register's 128 lanes at head_dim 72, and their slices
+    and concatenation are lane shuffles; the (72, 72) matmul is nearly free on the MXU (0.6% more
+    FLOPs for FiTv2-XL/2). Compiler estimates on v5p-64 (`bench --suite tpu_blocks`, 2026-12-04):
+    8 XL blocks 11.55 vs 11.76 ms, 8 HR XL blocks at 1024 tokens with splash 33.85 vs 34.65; but
+    the whole XL step (`train --dry_run --topology v5p-64`) only 51.8 vs 51.9 ms, its elementwise
+    cycles coming back as matmul ones. Off TPU the matmul is real work (head_dim multiply-adds per
+    channel), so the halves stay."""
+    dtype, dim = x.dtype, x.shape[-1]
+    # (x @ swap)[j] = x[(j + dim/2) % dim]
+    swap = np.roll(np.eye(dim, dtype=np.float32), dim // 2, axis=1)
+    partner = jnp.einsum("bnhd,de->bnhe", x, jnp.asarray(swap, dtype),
+                         precision=jax.lax.Precision.HIGHEST,
+                         preferred_element_type=jnp.float32)  # fmt: skip
+    c = jnp.concatenate([cos, cos], axis=-1)[:, :, None, :]
+    s = jnp.concatenate([-sin, sin], axis=-1)[:, :, None, :]
+    return (x.astype(jnp.float32) * c + partner * s).astype(dtype)
+
+
 @jax.custom_vjp
 def rotate_back_in_backward(x, cos, sin):
     """_rotate whose backward is _rotate with -sin. cos and sin are positions, not parameters:
@@ -307,25 +330,3 @@ def _rotate_back_bwd(residuals, d_out):
 
 
 rotate_back_in_backward.defvjp(_rotate_back_fwd, _rotate_back_bwd)
-
-
-def _rotate_by_permutation(x, cos, sin):
-    """_rotate_halves as x c' + (x P) s', where P (head_dim, head_dim) swaps the halves, c' = [c, c]
-    and s' = [-s, s]: every op spans the whole head (head_dim lanes), none a half of it. Exact: P
-    moves values (HIGHEST precision for float32), and the products and sums are _rotate_halves'.
-
-    Why on TPU: the halves are 36 of a vector register's 128 lanes at head_dim 72, and their slices
-    and concatenation are lane shuffles; the (72, 72) matmul is nearly free on the MXU (0.6% more
-    FLOPs for FiTv2-XL/2). Compiler estimates on v5p-64 (`bench --suite tpu_blocks`, 2026-12-04):
-    8 XL blocks 11.55 vs 11.76 ms, 8 HR XL blocks at 1024 tokens with splash 33.85 vs 34.65; but
-    the whole XL step (`train --dry_run --topology v5p-64`) only 51.8 vs 51.9 ms, its elementwise
-    cycles coming back as matmul ones. Off TPU the matmul is real work (head_dim multiply-adds per channel), so the halves stay."""
-    dtype, dim = x.dtype, x.shape[-1]
-    # (x @ swap)[j] = x[(j + dim/2) % dim]
-    swap = np.roll(np.eye(dim, dtype=np.float32), dim // 2, axis=1)
-    partner = jnp.einsum("bnhd,de->bnhe", x, jnp.asarray(swap, dtype),
-                         precision=jax.lax.Precision.HIGHEST,
-                         preferred_element_type=jnp.float32)  # fmt: skip
-    c = jnp.concatenate([cos, cos], axis=-1)[:, :, None, :]
-    s = jnp.concatenate([-sin, sin], axis=-1)[:, :, None, :]
-    return (x.astype(jnp.float32) * c + partner * s).astype(dtype)
