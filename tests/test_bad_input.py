@@ -25,6 +25,7 @@ from fitv2_jax.data.shard_writer import PrepareSettings, prepare_split
 from fitv2_jax.data.sources import open_source
 from fitv2_jax.models.convert import to_torch_state_dict
 from fitv2_jax.training.loop import train
+from fitv2_jax.utils.errors import UserError
 from fitv2_jax.weights.fit import random_params
 
 # A pixel-space tiny FiTv2 over 16x16 patches (sample/evaluate), and one over 2x2 patches that
@@ -60,7 +61,10 @@ CASES = [
      "not prepared under"),
     # train
     ("train", ["--workdir", "{o}"], "--config"),
-    ("train", ["--config", "{d}/nope.py", "--workdir", "{o}"], "nope.py"),
+    ("train", ["--config", "{d}/nope.py", "--workdir", "{o}"], "nope.py: no such file"),
+    ("train", ["--config", "{d}", "--workdir", "{o}"], "Is a directory, expected a Python file"),
+    ("train", ["--config", "configs/tiny.py:x", "--workdir", "{o}"],
+     "--config=configs/tiny.py:x: TypeError: get_config() takes 0 positional arguments"),
     ("train", [*TRAIN, "--config.laten=1", "--workdir", "{o}"], "unknown config field laten"),
     ("train", TRAIN, "--workdir is required"),
     ("train", [*TRAIN, "--workdir", "foo://bucket/run"], "unknown URL scheme foo://"),
@@ -241,3 +245,19 @@ def test_one_line_naming_the_culprit_and_inputs_untouched(results, i):
     assert message in error_line(proc), (command, args)
     assert unchanged, f"{command} {args} changed an input file"
     assert not wrote, f"{command} {args} wrote outputs before failing"
+
+
+def test_load_config_names_the_file_and_the_cause_once(tmp_path):
+    """The library's `load_config` reports a config as the commands do (config_flags nests
+    the cause in its own words or in a traceback)."""
+    missing = str(tmp_path / "nope.py")
+    with pytest.raises(UserError) as e:
+        load_config(missing)
+    assert str(e.value) == f"--config {missing}: no such file"
+    with pytest.raises(UserError) as e:
+        load_config("configs/tiny.py:x")
+    assert str(e.value).count("configs/tiny.py:x") == 1, e.value
+    assert str(e.value).endswith("TypeError: get_config() takes 0 positional arguments but 1 "
+                                 "was given"), e.value  # fmt: skip
+    with pytest.raises(UserError, match="unknown config field laten"):
+        load_config("configs/tiny.py", ["laten=1"])

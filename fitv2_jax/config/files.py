@@ -8,6 +8,8 @@ missing file is the same error. A `:arg` suffix is passed to `get_config(arg)`.
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Sequence
 
 import ml_collections
@@ -33,7 +35,10 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
         registry(argv)
         config = check_loaded(registry.config)
     except CONFIG_ERRORS as e:
-        raise UserError(f"--config {path}: {config_error_message(e)}") from e
+        message = config_error_message(e)
+        if not message.startswith(("--config", "flag --config")):
+            message = f"--config {path}: {message}"
+        raise UserError(message) from e
     return config
 
 
@@ -42,12 +47,29 @@ CONFIG_ERRORS = (flags.Error, OSError, AttributeError, KeyError, TypeError, Valu
 
 
 def config_error_message(error: BaseException) -> str:
-    """One readable line for a config loading error (config_flags nests and repr-quotes them)."""
-    text = str(error.args[0] if error.args else error).replace("\\n", " ").replace("\\'", "'")
+    """One readable line for a config loading error. config_flags nests the cause in its own
+    words ("Configuration is not available because of an earlier failure to load: ...") or in a
+    traceback; the line keeps the file and the cause."""
+    raw = str(error.args[0] if error.args else error)
+    if isinstance(error, OSError) and (cause := _OS_CAUSE.search(raw)):
+        errno, path = int(cause.group(1)), cause.group(3)
+        if errno == 2:
+            where = "" if os.path.isabs(path) else f" (relative to {os.getcwd()})"
+            return f"--config {path}: no such file{where}"
+        return f"--config {path}: {cause.group(2)}, expected a Python file defining get_config()"
+    if "Traceback (most recent call last)" in raw:
+        head = raw.split("Traceback (most recent call last)")[0].split("Error whilst parsing")[0]
+        last = [line.strip() for line in raw.splitlines() if line.strip()][-1]
+        raw = f"{head.strip().rstrip(':')}: {last}"
+    text = raw.replace("\\n", " ").replace("\\'", "'")
     text = " ".join(text.split())
     if isinstance(error, AttributeError | KeyError):
         return f"unknown config field {text.replace(chr(39), '')}"
     return text
+
+
+# "[Errno 2] No such file or directory: 'configs/x.py'" inside config_flags' message
+_OS_CAUSE = re.compile(r"\[Errno (\d+)\] ([^:]+): '([^']*)'")
 
 
 def check_loaded(config) -> ml_collections.ConfigDict:
