@@ -31,7 +31,9 @@ TPU defaults (remat none, all 36 blocks unrolled, attention auto = XLA attention
   `gather_attention_once`; since RoPE's one-pass backward on TPU too (`models.rope`), 51.9 ms
   (30.7%) as it is and 50.3 ms (31.7%, 5.64 GiB) with `gather_attention_once` (2026-12-04;
   the other figures here are from before them); since RoPE's permutation matmul on TPU
-  (`models.rope`), 51.8 ms (30.7%, 5.55 GiB) as it is.
+  (`models.rope`), 51.8 ms (30.7%, 5.55 GiB) as it is; since XLA attention keeps its
+  probabilities for the backward on TPU (`models.attention.saves_probs`), 49.9 ms (31.9%,
+  5.00 GiB) as it is, 49.1 ms (32.5%) with `gather_attention_once` (2026-12-05).
 MFU ceiling (`python -m fitv2_jax.bench --suite tpu_matmuls`, 2026-12-04): at 8 images per v5p chip
   the compiler prices the linear layers alone at 55% of the bf16 peak, so no step passes 57%.
 """

@@ -41,23 +41,33 @@ def _max_relative(a, b):
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
-def test_outputs_and_gradients_equal_autodiff_of_xla_attention_in_float32():
+def _keeping_probs(q, k, v, seg):
+    return softmax_attention(q, k, v, seg, None, True)
+
+
+@pytest.mark.parametrize("fn", [softmax_attention, _keeping_probs], ids=["lse", "probs"])
+def test_outputs_and_gradients_equal_autodiff_of_xla_attention_in_float32(fn):
+    """Both backwards, the one recomputing the probabilities from the log-sum-exp and the one
+    keeping them (TPU without remat, `attention.saves_probs`)."""
     q, k, v, d_out, seg = _inputs(jnp.float32)
-    ours = jax.jit(lambda *a: _out_and_grads(softmax_attention, *a))(q, k, v, d_out, seg)
+    ours = jax.jit(lambda *a: _out_and_grads(fn, *a))(q, k, v, d_out, seg)
     ref = jax.jit(lambda *a: _out_and_grads(_reference, *a))(q, k, v, d_out, seg)
     for name, a, b in zip(("out", "dq", "dk", "dv"), ours, ref, strict=True):
         assert a.dtype == b.dtype and a.shape == b.shape, name
         assert _max_relative(a, b) < 1e-5, (name, _max_relative(a, b))
     # the packed rows' images do not see each other: a key of image 2 does not move image 1
     k2 = k.at[2, 12].add(5.0)
-    moved = softmax_attention(q, k2, v, seg) - softmax_attention(q, k, v, seg)
+    moved = fn(q, k2, v, seg) - fn(q, k, v, seg)
     assert float(jnp.max(jnp.abs(moved[2, :10]))) == 0.0
     assert float(jnp.max(jnp.abs(moved[2, 10:25]))) > 1e-3
 
 
-def test_bfloat16_stays_within_its_rounding_of_the_float32_oracle():
+@pytest.mark.parametrize("fn", [softmax_attention, _keeping_probs], ids=["lse", "probs"])
+def test_bfloat16_stays_within_its_rounding_of_the_float32_oracle(fn):
+    """Kept probabilities are bfloat16 (those the forward's value product used): the gradients
+    stay within the same tolerance as the float32 recomputation's."""
     q, k, v, d_out, seg = _inputs(jnp.bfloat16)
-    ours = _out_and_grads(softmax_attention, q, k, v, d_out, seg)
+    ours = _out_and_grads(fn, q, k, v, d_out, seg)
     f32 = [a.astype(jnp.float32) for a in (q, k, v, d_out)]
     exact = _out_and_grads(_reference, *f32, seg)
     for name, a, b in zip(("out", "dq", "dk", "dv"), ours, exact, strict=True):
@@ -91,7 +101,8 @@ def test_a_static_shift_for_bounded_logits_gives_the_row_max_attention(magnitude
 
 
 @pytest.mark.parametrize("fn, keeps_probabilities", [(_reference, True),
-                                                     (softmax_attention, False)])  # fmt: skip
+                                                     (softmax_attention, False),
+                                                     (_keeping_probs, True)])  # fmt: skip
 def test_the_backward_keeps_no_n_by_n_array(fn, keeps_probabilities):
     q, k, v, _, seg = _inputs(jnp.float32)
     n = q.shape[1]

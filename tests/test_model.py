@@ -253,6 +253,33 @@ def test_projections_policy_keeps_attention_output_and_lse_not_norms():
     assert nbytes(proj) < 0.75 * nbytes(none), (nbytes(proj), nbytes(none))
 
 
+def test_on_tpu_without_remat_the_blocks_keep_the_attention_probabilities(monkeypatch):
+    """`attention.saves_probs`: compiled for TPU with nothing recomputed, each block's backward
+    keeps its (B, H, N, N) probabilities instead of the log-sum-exp (no q k^T and exp again);
+    on CPU, or with remat, it keeps the log-sum-exp. The gradients agree to float32 rounding."""
+    from jax._src.ad_checkpoint import saved_residuals
+
+    import fitv2_jax.models.fit as fit_lib
+
+    base, params, _ = _tiny_model_and_params()
+    inputs = tuple(jnp.asarray(a) for a in make_inputs(seed=6))
+
+    def kept_and_grads(model):
+        loss = lambda p: jnp.sum(model.apply({"params": p}, *inputs) ** 2)
+        return [aval.shape for aval, _ in saved_residuals(loss, params)], jax.grad(loss)(params)
+
+    b, n = inputs[0].shape[:2]
+    probs, lse = (base.depth, b, base.num_heads, n, n), (base.depth, b, base.num_heads, n, 1)
+    cpu, cpu_grads = kept_and_grads(base)
+    monkeypatch.setattr(fit_lib, "compiling_for_tpu", lambda: True)
+    tpu, tpu_grads = kept_and_grads(base)
+    tpu_remat, _ = kept_and_grads(base.clone(remat_policy="projections"))
+    assert probs in tpu and lse not in tpu, tpu
+    assert lse in cpu and probs not in cpu, cpu
+    assert lse in tpu_remat and probs not in tpu_remat, tpu_remat
+    jax.tree.map(_close_at_scale, tpu_grads, cpu_grads)
+
+
 def test_xla_attention_gives_the_model_the_loss_and_gradients_of_autodiff_attention():
     """The "xla" backend's log-sum-exp backward (models.softmax_attention) against plain
     autodiff through the "einsum" backend: the whole model's loss and every gradient agree to

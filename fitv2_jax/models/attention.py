@@ -7,7 +7,8 @@ multiplied by (segment != 0) before the output projection, so padded tokens carr
 
 Backends (`attention_backend`):
   "xla"    `models.softmax_attention`: XLA everywhere, a backward that keeps the log-sum-exp
-           instead of the (B, H, N, N) probabilities (5-6% faster CPU train steps, measured)
+           instead of the (B, H, N, N) probabilities (5-6% faster CPU train steps, measured);
+           on TPU with nothing recomputed it keeps the probabilities (`saves_probs`)
   "einsum" explicit einsum + float32 softmax (a reference, and the most portable)
   "splash" Pallas TPU splash attention with segment ids, per shard (`models.splash`); Pallas
            interpret mode off TPU
@@ -45,6 +46,7 @@ from fitv2_jax.parallel.platform import compiling_for_tpu
 BACKENDS = ("xla", "einsum", "splash", "auto")
 SPLASH_MIN_TOKENS = 1024  # "auto" picks splash on TPU from this sequence length (module doc)
 SPLASH_MIN_TOKENS_RECOMPUTED = 256  # ... and from this one when the blocks are rematerialised
+SAVE_PROBS_MAX_TOKENS = 256  # the "xla" backend keeps its probabilities up to here (saves_probs)
 
 
 def _qk_norm_kind(kind: str | None, weight: bool) -> str:
@@ -63,6 +65,20 @@ def resolve_backend(backend: str, tokens: int, on_tpu: bool, remat_policy: str =
     return backend
 
 
+def saves_probs(backend: str, tokens: int, on_tpu: bool, remat_policy: str = "none") -> bool:
+    """Whether the "xla" backend keeps its (B, H, N, N) probabilities (in the compute dtype) for
+    the backward instead of the log-sum-exp (`softmax_attention`'s `save_probs`): on TPU, when
+    nothing is recomputed and N <= SAVE_PROBS_MAX_TOKENS. The backward then skips q k^T and the
+    exp, for 16 MiB per block per chip at 8 images x 256 tokens x 16 heads. By the TPU compiler's
+    estimate on v5p-64 (global batch 256, 2026-12-05): FiTv2-XL/2's whole step 49.9 vs 51.8 ms
+    (`softmax_attention`'s module doc). Off TPU it stays off: on XLA:CPU the log-sum-exp backward
+    was measured faster than autodiff's, which keeps the probabilities, and this form was not
+    measured there; above 256 tokens ("auto" picks splash from 1024) it was not measured."""
+    if not on_tpu or remat_policy != "none" or tokens > SAVE_PROBS_MAX_TOKENS:
+        return False
+    return resolve_backend(backend, tokens, on_tpu, remat_policy) == "xla"
+
+
 def logit_bound(q_norm: str, k_norm: str, head_dim: int) -> float | None:
     """The largest attention logit q.k / sqrt(Dh) when q and k come out of these norms (kinds as
     `_qk_norm_kind` gives them), before RoPE's magnitude factor; None if unbounded.
@@ -78,14 +94,16 @@ def logit_bound(q_norm: str, k_norm: str, head_dim: int) -> float | None:
     return None
 
 
-def attend(q, k, v, segment_ids, backend: str = "xla", bound: float | None = None):
+def attend(q, k, v, segment_ids, backend: str = "xla", bound: float | None = None,
+           save_probs: bool = False):  # fmt: skip
     """q, k, v: (B, N, H, Dh); segment_ids: (B, N) int; bound: the logits' bound (`logit_bound`)
-    if known, which spares the "xla" backend its row maxima. Returns (B, N, H, Dh)."""
+    if known, which spares the "xla" backend its row maxima; save_probs: the "xla" backend's
+    backward reuses the probabilities (`saves_probs`). Returns (B, N, H, Dh)."""
     backend = resolve_backend(backend, q.shape[1], compiling_for_tpu())
     if backend == "splash":
         return splash_attend(q, k, v, segment_ids)
     if backend == "xla":
-        return softmax_attention(q, k, v, segment_ids, bound)
+        return softmax_attention(q, k, v, segment_ids, bound, save_probs)
     mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]  # (B, 1, N, N)
     if backend == "einsum":
         scale = q.shape[-1] ** -0.5
@@ -113,6 +131,7 @@ class Attention(nn.Module):
     rope_on_v: bool = False
     backend: str = "xla"
     gather_once: bool = False  # q/k/v and output kernels gathered once (FiT.gather_attention_once)
+    save_probs: bool = False  # the "xla" backend keeps its probabilities (`saves_probs`)
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -137,10 +156,11 @@ class Attention(nn.Module):
         k = nn.with_logical_constraint(
             k, ("activation_batch", "activation_length", "activation_heads", None)
         )
-        out = attend(q, k, v, segment_ids, self.backend, logit_bound(q_kind, k_kind, head_dim))
+        bound = logit_bound(q_kind, k_kind, head_dim)
+        out = attend(q, k, v, segment_ids, self.backend, bound, self.save_probs)
         out = out * (segment_ids != 0)[:, :, None, None].astype(out.dtype)
         return DenseND(features=(dim,), axes=("heads", "kv", "embed_out"), n_in=2, use_bias=True,
                        gather_once=self.gather_once, dtype=self.dtype, name="proj")(out)  # fmt: skip
 
 
-__all__ = ["Attention", "attend", "logit_bound", "BACKENDS"]
+__all__ = ["Attention", "attend", "logit_bound", "saves_probs", "BACKENDS"]

@@ -31,7 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fitv2_jax.models.attention import Attention, resolve_backend
+from fitv2_jax.models.attention import Attention, resolve_backend, saves_probs
 from fitv2_jax.models.layers import (
     GeluMlp,
     LabelEmbedder,
@@ -94,6 +94,7 @@ class FiTBlock(nn.Module):
     add_rel_pe_to_v: bool
     attention_backend: str
     gather_attention_once: bool
+    attention_saves_probs: bool
     dtype: Any
 
     @nn.compact
@@ -112,7 +113,8 @@ class FiTBlock(nn.Module):
             num_heads=self.num_heads, qkv_bias=self.qkv_bias, q_norm=self.q_norm,
             k_norm=self.k_norm, qk_norm_weight=self.qk_norm_weight, use_rope=self.use_rope,
             rope_on_v=self.add_rel_pe_to_v, backend=self.attention_backend,
-            gather_once=self.gather_attention_once, dtype=self.dtype, name="attn",
+            gather_once=self.gather_attention_once, save_probs=self.attention_saves_probs,
+            dtype=self.dtype, name="attn",
         )(h, segment_ids, cos, sin)  # fmt: skip
         x = x + per_token(gate_msa) * h
 
@@ -284,6 +286,7 @@ class FiT(nn.Module):
         attention "auto" is resolved here, where remat is known (`attention.resolve_backend`)."""
         on_tpu = compiling_for_tpu()
         backend = resolve_backend(self.attention_backend, tokens, on_tpu, self.remat_policy)
+        save_probs = saves_probs(backend, tokens, on_tpu, self.remat_policy)
         block = FiTBlock
         if self.remat_policy != "none":
             block = nn.remat(block, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=False)
@@ -304,7 +307,8 @@ class FiT(nn.Module):
             adaln_bias=self.adaln_bias, adaln_type=self.adaln_type,
             adaln_lora_dim=self.adaln_lora_dim, use_rope=self.rel_pos_embed in ("rope", "xpos"),
             add_rel_pe_to_v=self.add_rel_pe_to_v, attention_backend=backend,
-            gather_attention_once=self.gather_attention_once, dtype=self.dtype, name="blocks",
+            gather_attention_once=self.gather_attention_once, attention_saves_probs=save_probs,
+            dtype=self.dtype, name="blocks",
         )  # fmt: skip
 
     @nn.compact
