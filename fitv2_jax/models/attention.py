@@ -19,7 +19,9 @@ Backends (`attention_backend`):
            their roofline (README TPU table, global batch 256): at 1024 tokens splash is faster
            (HR FiTv2-XL/2, 4 unrolled blocks: 17.9 vs 20.9 ms). At 256 tokens, with nothing
            recomputed, the two are even (FiTv2-XL/2 52.8 vs 53.2 ms, FiTv2-3B/2 152.0 vs 151.5,
-           FiTv2-B/2 24.3 vs 24.1; XL 52.7 for XLA since its softmax's static shift), and a
+           FiTv2-B/2 24.3 vs 24.1; XL 52.7 for XLA since its softmax's static shift; since
+           it keeps its probabilities for the backward, `saves_probs`, XLA is ahead: XL 49.9
+           vs 50.7 ms, all blocks unrolled, 2026-12-05), and a
            kernel priced at its roofline is its best case, so XLA attention stays; when the
            backward recomputes the blocks, XLA attention recomputes or stores its (B, H, N, N)
            scores and splash is ahead by more than its kernels' whole price (FiTv2-B/2 with
