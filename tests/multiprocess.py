@@ -33,10 +33,15 @@ def process_env(devices: int, extra: dict | None = None) -> dict:
 
 
 class Pod:
-    """`python -m fitv2_jax.<command> args` on num_processes processes of `devices` devices."""
+    """`python -m fitv2_jax.<command> args` on num_processes processes of `devices` devices.
+
+    heartbeat_timeout: 60 s by default. With 10 s, two processes compiling at once on a 2-core
+    host once missed their heartbeats and the coordination service aborted both (sample on two
+    hosts, 2026-12-05); the test that kills a process passes 10 so that the survivor exits soon.
+    """
 
     def __init__(self, command: str, args: list, *, num_processes: int, log_dir, devices: int = 2,
-                 heartbeat_timeout: int = 10, env: dict | None = None, tag: str = ""):  # fmt: skip
+                 heartbeat_timeout: int = 60, env: dict | None = None, tag: str = ""):  # fmt: skip
         self.logs = [os.path.join(str(log_dir), f"{command}{tag}_p{i}.log")
                      for i in range(num_processes)]  # fmt: skip
         port = free_port()

@@ -87,7 +87,7 @@ def test_two_hosts_train_resume_after_sigkill_agree_on_sigterm_and_restore_on_on
 
     long = _config(tmp_path, demo_px, 10_000)
     pod = Pod("train", [f"--config={long}", f"--workdir={run}"], num_processes=2,
-              log_dir=tmp_path, tag="kill")  # fmt: skip
+              heartbeat_timeout=10, log_dir=tmp_path, tag="kill")  # fmt: skip
     _wait_for_step(pod, run, 6)
     pod.signal(1, signal.SIGKILL)
     start = time.time()
