@@ -68,17 +68,18 @@ def resolve_backend(backend: str, tokens: int, on_tpu: bool, remat_policy: str =
 
 
 def saves_probs(backend: str, tokens: int, on_tpu: bool, remat_policy: str = "none") -> bool:
-    """Whether the "xla" backend keeps its (B, H, N, N) probabilities (in the compute dtype) for
-    the backward instead of the log-sum-exp (`softmax_attention`'s `save_probs`): on TPU, when
-    nothing is recomputed and N <= SAVE_PROBS_MAX_TOKENS. The backward then skips q k^T and the
-    exp, for 16 MiB per block per chip at 8 images x 256 tokens x 16 heads. By the TPU compiler's
-    estimate on v5p-64 (global batch 256, 2026-12-05): FiTv2-XL/2's whole step 49.9 vs 51.8 ms
-    (`softmax_attention`'s module doc). Off TPU it stays off: on XLA:CPU the log-sum-exp backward
-    was measured faster than autodiff's, which keeps the probabilities, and this form was not
-    measured there; above 256 tokens ("auto" picks splash from 1024) it was not measured."""
-    if not on_tpu or remat_policy != "none" or tokens > SAVE_PROBS_MAX_TOKENS:
-        return False
-    return resolve_backend(backend, tokens, on_tpu, remat_policy) == "xla"
+    """Whether the "xla" backend (`backend` as `resolve_backend` gave it) keeps its (B, H, N, N)
+    probabilities (in the compute dtype) for the backward instead of the log-sum-exp
+    (`softmax_attention`'s `save_probs`): on TPU, when nothing is recomputed and
+    N <= SAVE_PROBS_MAX_TOKENS. The backward then skips q k^T and the exp, for 16 MiB per block
+    per chip at 8 images x 256 tokens x 16 heads. By the TPU compiler's estimate on v5p-64
+    (global batch 256, 2026-12-05): FiTv2-XL/2's whole step 49.9 vs 51.8 ms (`softmax_attention`'s
+    module doc). Off TPU it stays off: on XLA:CPU the log-sum-exp backward was measured faster
+    than autodiff's, which keeps the probabilities, and this form was not measured there; above
+    256 tokens ("auto" picks splash from 1024) it was not measured."""
+    return (
+        backend == "xla" and on_tpu and remat_policy == "none" and tokens <= SAVE_PROBS_MAX_TOKENS
+    )
 
 
 def logit_bound(q_norm: str, k_norm: str, head_dim: int) -> float | None:
