@@ -35,7 +35,10 @@ TPU defaults (remat none, all 36 blocks unrolled, attention auto = XLA attention
   probabilities for the backward on TPU (`models.attention.saves_probs`), 49.9 ms (31.9%,
   5.00 GiB) as it is, 49.1 ms (32.5%) with `gather_attention_once` (2026-12-05).
 MFU ceiling (`python -m fitv2_jax.bench --suite tpu_matmuls`, 2026-12-04): at 8 images per v5p chip
-  the compiler prices the linear layers alone at 55% of the bf16 peak, so no step passes 57%.
+  the compiler prices the linear layers alone at 55% of the bf16 peak, so no step passes 57%;
+  the whole step's matmuls, attention's included, give 49.1% (`--dry_run`'s "only the matmuls'
+  cycles" line, 2026-12-05). Larger batches per chip (`--global_batch` of the TPU bench suite,
+  v5p-64, 2026-12-05): 512 84.2 ms (37.9%), 1024 131 ms (48.6%, 17.9 GiB).
 """
 
 from fitv2_jax.config.defaults import base_config, fitv2_model

@@ -363,6 +363,7 @@ def test_dry_run_compiles_a_splash_train_step_for_a_tpu_topology(capsys):
     assert "compiler estimate (not a measurement)" in out and "fits" in out
     assert "where the compiler's estimated cycles go" in out
     assert report["cycle_kinds"]["matmul"] > 0.1 and report["cycle_top"]
+    assert "estimate_mfu_matmuls_only" not in report  # the kernels' cycles are not in the shares
 
 
 def test_splash_kernels_are_priced_from_their_work():
@@ -407,6 +408,10 @@ def test_dry_run_of_a_config_with_every_block_unrolled_prices_the_program_itself
         report = dry_run(_tiny_unrolled(), global_batch=8, topology="v5p:2x2x1", verbose=False)
     assert 0.95 < report["estimate_flops_ratio"] < 1.1, report["estimate_flops_ratio"]
     assert 0 < report["estimate_mfu"] < 1 and report["cycle_kinds"]["matmul"] > 0.1
+    # the most that removing the non-matmul cycles can give: above the MFU, within the chip's peak
+    bound = report["estimate_mfu_matmuls_only"]
+    assert bound == pytest.approx(report["estimate_mfu"] / report["cycle_kinds"]["matmul"])
+    assert report["estimate_mfu"] < bound < 1, bound
 
 
 def test_a_step_too_big_for_the_chip_is_a_dry_run_result_not_a_crash(capsys):

@@ -134,6 +134,9 @@ def dry_run(config, global_batch: int | None = None, topology: str | None = None
                 peak = report["bf16_flops_per_device"]
                 report.update(_estimate(config, setup.global_batch, mesh, model_flops, peak))
                 report["estimate_flops_ratio"] = report["estimate_flops_per_device"] / model_flops
+                bound = matmul_bound(report["estimate_mfu"], report["cycle_kinds"])
+                if bound is not None and not splash:  # splash kernels carry no cycles
+                    report["estimate_mfu_matmuls_only"] = bound
             except RuntimeError as e:  # memory and collectives stand without the estimate
                 report["estimate_error"] = str(e)
         if "cycle_kinds" not in report:  # no estimate: the main program's profile
@@ -179,6 +182,15 @@ def _estimate(config, global_batch, mesh, model_flops, peak_flops) -> dict:
     return dict(estimate_flops_per_device=flops, estimate_step_seconds=seconds,
                 estimate_mfu=model_flops / (seconds * peak_flops),
                 **cycle_report(priced["text"]))  # fmt: skip
+
+
+def matmul_bound(mfu: float, cycle_kinds: dict[str, float]) -> float | None:
+    """The MFU the same estimate would give if every cycle but the matmuls' were gone (norms,
+    softmax, copies, optimizer): mfu / (the matmuls' share of the cycles). An upper bound of what
+    removing overhead alone can reach; the rest is the matmuls' own efficiency at these shapes.
+    None without matmul cycles."""
+    share = cycle_kinds.get("matmul", 0.0)
+    return mfu / share if share > 0 else None
 
 
 def cycle_report(hlo_text: str, top: int = 10) -> dict:
@@ -283,6 +295,11 @@ def print_report(r: dict) -> None:
               + ("; the splash kernels, which carry no cost estimate, are priced by the "
                  "compiler from their FLOPs and bytes (a roofline: at best; their backward "
                  "recomputes the scores)" if r.get("estimate_prices_splash") else ""))  # fmt: skip
+        if "estimate_mfu_matmuls_only" in r:
+            print(f"  with only the matmuls' cycles ({100 * r['cycle_kinds']['matmul']:.0f}% of "
+                  f"them) the same estimate would give MFU "
+                  f"{100 * r['estimate_mfu_matmuls_only']:.1f}%: the most that removing the "
+                  "other work (norms, softmax, copies, optimizer) can reach at these shapes")  # fmt: skip
         dcn = dcn_bytes(r["collectives"])
         if dcn:
             print(f"  not in it: the transfers between slices over DCN ({dcn / GIB:.2f} GiB per "
