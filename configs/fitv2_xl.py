@@ -33,7 +33,10 @@ TPU defaults (remat none, all 36 blocks unrolled, attention auto = XLA attention
   the other figures here are from before them); since RoPE's permutation matmul on TPU
   (`models.rope`), 51.8 ms (30.7%, 5.55 GiB) as it is; since XLA attention keeps its
   probabilities for the backward on TPU (`models.attention.saves_probs`), 49.9 ms (31.9%,
-  5.00 GiB) as it is, 49.1 ms (32.5%) with `gather_attention_once` (2026-12-05).
+  5.00 GiB) as it is, 49.1 ms (32.5%) with `gather_attention_once` (2026-12-05); as it is on
+  v6e-64 42.6 ms (3.5 GiB; the data 2 x FSDP 32 figure above predates it) and on v5e-256 62.4 ms
+  (4.9 GiB), still behind the scanned blocks with full remat there (46.8 ms, which predates it
+  but is not affected: it recomputes its blocks).
 MFU ceiling (`python -m fitv2_jax.bench --suite tpu_matmuls`, 2026-12-04): at 8 images per v5p chip
   the compiler prices the linear layers alone at 55% of the bf16 peak, so no step passes 57%;
   the whole step's matmuls, attention's included, give 49.1% (`--dry_run`'s "only the matmuls'
