@@ -36,11 +36,13 @@ TPU defaults (remat none, all 36 blocks unrolled, attention auto = XLA attention
   5.00 GiB) as it is, 49.1 ms (32.5%) with `gather_attention_once` (2026-12-05); as it is on
   v6e-64 42.6 ms (3.5 GiB; the data 2 x FSDP 32 figure above predates it) and on v5e-256 62.4 ms
   (4.9 GiB), still behind the scanned blocks with full remat there (46.8 ms, which predates it
-  but is not affected: it recomputes its blocks).
+  but is not affected: it recomputes its blocks); since the attention kernels are stored flat
+  (`models.layers.DenseND`), 48.1 ms on v5p-64 as it is (33.1% MFU, 5.46 GiB; 2026-12-05),
+  where `gather_attention_once` no longer helps (4 blocks 5.54 vs 5.46 ms).
 MFU ceiling (`python -m fitv2_jax.bench --suite tpu_matmuls`, 2026-12-04): at 8 images per v5p chip
   the compiler prices the linear layers alone at 55% of the bf16 peak, so no step passes 57%;
   the whole step's matmuls, attention's included, give 49.1% (`--dry_run`'s "only the matmuls'
-  cycles" line, 2026-12-05). Larger batches per chip (`--global_batch` of the TPU bench suite,
+  cycles" line, 2026-12-05; 47.7% with the flat attention kernels). Larger batches per chip (`--global_batch` of the TPU bench suite,
   v5p-64, 2026-12-05): 512 84.2 ms (37.9%), 1024 131 ms (48.6%, 17.9 GiB).
 """
 

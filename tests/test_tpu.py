@@ -589,15 +589,17 @@ def _attention_kernel_gathers(config) -> int:
     with setup.context(), jax.default_matmul_precision("default"):
         lowered = setup.step.lower(setup.abstract_state_sharded(), setup.abstract_batch())
         text = lowered.compile().as_text()
-    d, h = config.model.hidden_size, config.model.num_heads
-    shape = re.compile(rf"= bf16\[(1,)?{d},3,{h},{d // h}\]\S* all-gather\(")
+    d = config.model.hidden_size
+    shape = re.compile(rf"= bf16\[(1,)?{d},{3 * d}\]\S* all-gather\(")  # stored flat
     return len(shape.findall(text))
 
 
 def test_attention_kernels_gathered_once_are_not_gathered_again_by_the_backward():
-    """gather_attention_once with nothing recomputed: one all-gather of each block's q/k/v
-    kernel per step, in the forward, where FSDP alone gathers it again for the backward."""
+    """With nothing recomputed, one all-gather of each block's q/k/v kernel per step, in the
+    forward, whether or not gather_attention_once asks for it: stored flat (layers.DenseND), the
+    gathered kernel is already in the matmul's layout and the compiler keeps it for the backward
+    (with the (D, 3, H, Dh) kernel FSDP alone gathered it again there, 2 x depth)."""
     config = _tiny_unrolled()
-    assert _attention_kernel_gathers(config) == 2 * config.model.depth
+    assert _attention_kernel_gathers(config) == config.model.depth
     config.model.gather_attention_once = True
     assert _attention_kernel_gathers(config) == config.model.depth

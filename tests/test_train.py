@@ -29,6 +29,7 @@ from fitv2_jax.flow.transport import masked_loss
 from fitv2_jax.models.convert import (
     from_torch_state_dict,
     head_channel_axis,
+    head_view,
     is_post_training_param,
 )
 from fitv2_jax.models.fit import FiT
@@ -110,12 +111,12 @@ def test_sharded_step_equals_single_device(demo_px):
         single.params,
     )
     qkv = sharded.params["blocks"]["attn"]["qkv"]["kernel"]
-    assert qkv.sharding.spec == PartitionSpec(None, "fsdp", None, "tensor", None)
+    assert qkv.sharding.spec == PartitionSpec(None, None, ("tensor", "fsdp"))  # (layers, D, 3 D)
     mu = sharded.opt_state[1][0].mu["blocks"]["attn"]["qkv"][
         "kernel"
     ]  # chain(clip, adamw): adam mu
     assert mu.sharding.spec == qkv.sharding.spec
-    assert mu.addressable_shards[0].data.shape[1] == 32 // 4
+    assert mu.addressable_shards[0].data.shape[2] == 3 * 32 // 4
 
 
 def test_gradient_accumulation_reproduces_full_batch(demo_px):
@@ -158,7 +159,9 @@ def test_restore_onto_fewer_devices(demo_px, tmp_path):
     model = FiT(**config.model)
     tx_factory = lambda p: make_optimizer(config.train, 8, p)
     abstract, shardings4 = state_shardings(model, tx_factory, mesh4)
-    restored = Checkpoints(str(tmp_path), config.train).restore(1, abstract, shardings4)
+    restored = Checkpoints(str(tmp_path), config.train).restore(
+        1, abstract, shardings4, head_dim=config.model.hidden_size // config.model.num_heads
+    )
     kernel = restored.params["blocks"]["mlp"]["fc2"]["kernel"]
     assert len(kernel.sharding.device_set) == 4
     jax.tree.map(
@@ -317,7 +320,9 @@ def test_kill_during_async_save_leaves_no_restorable_checkpoint(tmp_path):
     )
     assert ckpt.latest_step() == 1
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    restored = ckpt.restore(1, {"w": jax.ShapeDtypeStruct((4,), jnp.float32)}, {"w": sharding})
+    restored = ckpt.restore(
+        1, {"w": jax.ShapeDtypeStruct((4,), jnp.float32)}, {"w": sharding}, head_dim=1
+    )
     np.testing.assert_array_equal(np.asarray(restored["w"]), np.ones(4))
 
 
@@ -386,8 +391,10 @@ def test_damaged_checkpoints_are_moved_aside_and_the_run_resumes_from_an_intact_
     assert Checkpoints(str(tmp_path), config.train).all_steps() == [1, 2, 3, 4]
 
 
-def _as_format_1(tree):
-    """`tree` with every head's channels back in the official interleaved order (format 1)."""
+def _as_format(tree, version: int, head_dim: int):
+    """`tree` as a step of `version` held it: the attention kernels in their (D, 3, H, Dh) and
+    (H, Dh, D) views (before 3), every head's channels in the official interleaved order
+    (before 2)."""
 
     def back(path, leaf):
         names = tuple(
@@ -396,41 +403,51 @@ def _as_format_1(tree):
         axis = head_channel_axis(names)
         if axis is None:
             return leaf
+        leaf = leaf.reshape(head_view(names, leaf.shape, head_dim))
+        if version >= 2:
+            return leaf
         return np.take(leaf, np.argsort(head_channel_order(leaf.shape[axis])), axis=axis)
 
     return jax.tree_util.tree_map_with_path(back, tree)
 
 
-def test_a_step_saved_before_the_head_channel_reorder_is_upgraded_on_load(
-    demo_px, tmp_path, capsys, monkeypatch
-):
-    """A format-1 step (interleaved head channels, no format item) resumes with params, EMA and
-    Adam moments reordered, and sampling reads its EMA reordered; a newer format is refused."""
+def test_steps_saved_in_older_formats_are_upgraded_on_load(demo_px, tmp_path, capsys, monkeypatch):
+    """A format-1 step (interleaved head channels, no format item) and a format-2 step (attention
+    kernels in their head views) resume with params, EMA and Adam moments reordered and
+    flattened, and sampling reads their EMA so; a newer format is refused."""
     config = tiny_config(demo_px, async_checkpoint=False)
+    head_dim = config.model.hidden_size // config.model.num_heads
     mesh = create_mesh((2, 4, 1))
     _, state, _, shardings = _run_step(config, mesh, _first_batch(config), randomize=True)
     state = jax.device_get(state)
-    old = _as_format_1(state)
     qkv = lambda s: s.opt_state[1][0].mu["blocks"]["attn"]["qkv"]["kernel"]  # noqa: E731
-    assert not np.array_equal(qkv(old), qkv(state)) and np.abs(qkv(state)).max() > 0
-    ckpt = Checkpoints(str(tmp_path), config.train)
-    ckpt.save(1, old, None, config, force=True)
-    ckpt.close()
-    shutil.rmtree(tmp_path / "checkpoints" / "1" / "format")
-
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
-    capsys.readouterr()
-    restored = Checkpoints(str(tmp_path), config.train).restore(1, abstract, shardings)
-    assert "Checkpoint step 1 is format 1; upgrading it to 2" in capsys.readouterr().out
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), restored, state)
-    ema = restore_run_params(str(tmp_path), config.model)
-    jax.tree.map(np.testing.assert_array_equal, ema, state.ema_params)
+    for version in (1, 2):
+        old = _as_format(state, version, head_dim)
+        assert qkv(old).ndim == qkv(state).ndim + 2 and np.abs(qkv(state)).max() > 0
+        monkeypatch.setattr(checkpoint_format, "FORMAT", {"version": version})
+        ckpt = Checkpoints(str(tmp_path / str(version)), config.train)
+        ckpt.save(1, old, None, config, force=True)
+        ckpt.close()
+        if version == 1:
+            shutil.rmtree(tmp_path / "1" / "checkpoints" / "1" / "format")
+        monkeypatch.undo()
 
-    monkeypatch.setattr(checkpoint_format, "FORMAT", {"version": 3})
+        capsys.readouterr()
+        restored = Checkpoints(str(tmp_path / str(version)), config.train).restore(
+            1, abstract, shardings, head_dim=head_dim
+        )
+        out = capsys.readouterr().out
+        assert f"Checkpoint step 1 is format {version}; upgrading it to 3" in out
+        jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), restored, state)
+        ema = restore_run_params(str(tmp_path / str(version)), config.model)
+        jax.tree.map(np.testing.assert_array_equal, ema, state.ema_params)
+
+    monkeypatch.setattr(checkpoint_format, "FORMAT", {"version": 4})
     ckpt = Checkpoints(str(tmp_path), config.train)
     ckpt.save(2, state, None, config, force=True)
     ckpt.close()
-    with pytest.raises(UserError, match="checkpoint format 3 was written by a newer fitv2-jax"):
-        Checkpoints(str(tmp_path), config.train).restore(2, abstract, shardings)
-    with pytest.raises(UserError, match="checkpoint format 3"):
+    with pytest.raises(UserError, match="checkpoint format 4 was written by a newer fitv2-jax"):
+        Checkpoints(str(tmp_path), config.train).restore(2, abstract, shardings, head_dim=head_dim)
+    with pytest.raises(UserError, match="checkpoint format 4"):
         restore_run_params(str(tmp_path), config.model)

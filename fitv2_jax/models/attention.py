@@ -120,8 +120,10 @@ def attend(q, k, v, segment_ids, backend: str = "xla", bound: float | None = Non
 class Attention(nn.Module):
     """x (B, N, D) -> (B, N, D).
 
-    Parameters: qkv kernel (D, 3, H, Dh) + bias (3, H, Dh) (official `attn.qkv`, output split as
-    [q | k | v] then heads), optional q/k norm weights (Dh,), proj kernel (H, Dh, D) + bias (D,).
+    Parameters: qkv kernel (D, 3 H Dh), viewed as (D, 3, H, Dh), + bias (3, H, Dh) (official
+    `attn.qkv`, output split as [q | k | v] then heads), optional q/k norm weights (Dh,), proj
+    kernel (H Dh, D), viewed as (H, Dh, D), + bias (D,). The kernels are stored flat (why:
+    `layers.DenseND`).
     Each head's Dh channels are in `rope.head_channel_order` (official evens, then odds).
     """
 
@@ -141,9 +143,9 @@ class Attention(nn.Module):
     def __call__(self, x, segment_ids, cos=None, sin=None):
         dim = x.shape[-1]
         heads, head_dim = self.num_heads, dim // self.num_heads
-        qkv = DenseND(features=(3, heads, head_dim), axes=("embed", "qkv", "heads", "kv"), n_in=1,
-                      use_bias=self.qkv_bias, gather_once=self.gather_once, dtype=self.dtype,
-                      name="qkv")(x)  # fmt: skip
+        qkv = DenseND(features=(3, heads, head_dim), axes=("embed", "qkv", "heads", "kv"),
+                      stored_axes=("embed", "qkv_heads"), n_in=1, use_bias=self.qkv_bias,
+                      gather_once=self.gather_once, dtype=self.dtype, name="qkv")(x)  # fmt: skip
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, H, Dh)
         q_kind = _qk_norm_kind(self.q_norm, self.qk_norm_weight)
         k_kind = _qk_norm_kind(self.k_norm, self.qk_norm_weight)
@@ -162,7 +164,8 @@ class Attention(nn.Module):
         bound = logit_bound(q_kind, k_kind, head_dim)
         out = attend(q, k, v, segment_ids, self.backend, bound, self.save_probs)
         out = out * (segment_ids != 0)[:, :, None, None].astype(out.dtype)
-        return DenseND(features=(dim,), axes=("heads", "kv", "embed_out"), n_in=2, use_bias=True,
+        return DenseND(features=(dim,), axes=("heads", "kv", "embed_out"),
+                       stored_axes=("qkv_heads", "embed_out"), n_in=2, use_bias=True,
                        gather_once=self.gather_once, dtype=self.dtype, name="proj")(out)  # fmt: skip
 
 

@@ -12,8 +12,8 @@ Key mapping (official key -> our path; blocks are stacked on a leading depth axi
   t_embedder.mlp.{0,2}.*                   t_embedder/mlp_{0,2}/*
   y_embedder.embedding_table.weight        y_embedder/embedding_table
   global_adaLN_modulation.1.*              global_adaLN_modulation/*
-  blocks.{i}.attn.qkv.*                    blocks/attn/qkv/*        kernel (D, 3, H, Dh)
-  blocks.{i}.attn.proj.*                   blocks/attn/proj/*       kernel (H, Dh, D)
+  blocks.{i}.attn.qkv.*                    blocks/attn/qkv/*        kernel (D, 3 H Dh)
+  blocks.{i}.attn.proj.*                   blocks/attn/proj/*       kernel (H Dh, D)
   blocks.{i}.attn.{q,k}_norm.weight        blocks/attn/{q,k}_norm/weight
   blocks.{i}.mlp.{fc1_g,fc1_x,fc2|fc1}.*   blocks/mlp/...
   blocks.{i}.adaLN_modulation.{1,2}.*      blocks/adaLN_modulation/linear_{1,2}/*
@@ -68,48 +68,63 @@ def official_key(path: tuple[str, ...]) -> str:
     return ".".join(parts)
 
 
-def _in_dims(path: tuple[str, ...]) -> int:
-    """How many leading kernel axes are input features (the attention output projection: 2)."""
-    return 2 if path[-2:] == ("proj", "kernel") else 1
-
-
-# attention leaves with a head-channel axis (the leaf without the depth axis) -> that axis
+# attention leaves with a head-channel axis -> that axis, in the leaf's head view: the kernels'
+# (D, 3, H, Dh) and (H, Dh, D) views (`head_view`; stored flat since checkpoint format 3)
 _HEAD_CHANNEL_AXIS = {("qkv", "kernel"): -1, ("qkv", "bias"): -1, ("proj", "kernel"): -2,
                       ("q_norm", "weight"): -1, ("k_norm", "weight"): -1}  # fmt: skip
 
 
 def head_channel_axis(path: tuple[str, ...]) -> int | None:
-    """The axis of a head's channels in the leaf at `path` (param names; any prefix such as
-    params/blocks or an optimizer state's), or None for a leaf without one."""
+    """The axis of a head's channels in the head view of the leaf at `path` (param names; any
+    prefix such as params/blocks or an optimizer state's), or None for a leaf without one."""
     return _HEAD_CHANNEL_AXIS.get(tuple(path[-2:])) if "attn" in path else None
 
 
-def _to_torch_leaf(path, value: np.ndarray) -> np.ndarray:
+def head_view(path: tuple[str, ...], shape, head_dim: int) -> tuple[int, ...]:
+    """The shape of the leaf at `path` with every head's channels on an axis of their own: the
+    flat attention kernels (any leading axes kept) (..., D, 3 H Dh) -> (..., D, 3, H, Dh) and
+    (..., H Dh, D) -> (..., H, Dh, D); any other leaf as it is."""
+    if len(shape) < 2:
+        return tuple(shape)
+    *lead, a, b = shape
+    if "attn" in path and tuple(path[-2:]) == ("qkv", "kernel"):
+        return (*lead, a, 3, b // (3 * head_dim), head_dim)
+    if "attn" in path and tuple(path[-2:]) == ("proj", "kernel"):
+        return (*lead, a // head_dim, head_dim, b)
+    return tuple(shape)
+
+
+def _head_dim(model_config: Any) -> int:
+    return model_config.hidden_size // model_config.num_heads
+
+
+def _to_torch_leaf(path, value: np.ndarray, head_dim: int) -> np.ndarray:
     axis = head_channel_axis(path)
     if axis is not None:  # ours -> official channel order
-        value = np.take(value, np.argsort(head_channel_order(value.shape[axis])), axis=axis)
+        view = value.reshape(head_view(path, value.shape, head_dim))
+        order = np.argsort(head_channel_order(view.shape[axis]))
+        value = np.take(view, order, axis=axis).reshape(value.shape)
     if path[-1] == "kernel":
-        k = _in_dims(path)
-        value = value.reshape(math.prod(value.shape[:k]), -1).T
+        value = value.T
     elif path[-1] == "bias":
         value = value.reshape(-1)
     return np.ascontiguousarray(value)
 
 
-def _to_flax_leaf(path, value: np.ndarray, shape) -> np.ndarray:
+def _to_flax_leaf(path, value: np.ndarray, shape, head_dim: int) -> np.ndarray:
     if path[-1] == "kernel":
         value = value.T
     value = value.reshape(shape)
     axis = head_channel_axis(path)
     if axis is not None:  # official -> our channel order
-        value = np.take(value, head_channel_order(value.shape[axis]), axis=axis)
+        view = value.reshape(head_view(path, shape, head_dim))
+        value = np.take(view, head_channel_order(view.shape[axis]), axis=axis).reshape(shape)
     return value
 
 
 def _torch_shape(path, shape) -> tuple[int, ...]:
     if path[-1] == "kernel":
-        k = _in_dims(path)
-        return (math.prod(shape[k:]), math.prod(shape[:k]))
+        return (shape[-1], math.prod(shape[:-1]))
     if path[-1] == "bias":
         return (math.prod(shape),)
     return tuple(shape)
@@ -174,7 +189,8 @@ def from_torch_state_dict(
     flat: dict[tuple[str, ...], Any] = {}
     stacked: dict[tuple[str, ...], list] = {}
     for key, (path, index, shape) in mapping.items():
-        value = _to_flax_leaf(path, np.asarray(state_dict[key], dtype=dtype), shape)
+        value = _to_flax_leaf(path, np.asarray(state_dict[key], dtype=dtype), shape,
+                              _head_dim(model_config))  # fmt: skip
         if index is None:
             flat[path] = value
         else:
@@ -195,7 +211,8 @@ def to_torch_state_dict(params: Mapping[str, Any], model_config: Any) -> dict[st
                 f"params lack {'/'.join(path)} (official key {key}); wrong model config?"
             )
         value = np.asarray(jax.device_get(flat[path]), dtype=np.float32)
-        out[key] = _to_torch_leaf(path, value if index is None else value[index])
+        out[key] = _to_torch_leaf(path, value if index is None else value[index],
+                                  _head_dim(model_config))  # fmt: skip
     return out
 
 

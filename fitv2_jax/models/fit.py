@@ -16,7 +16,8 @@ loading and freezing live in fitv2_jax.training), `abs_pos_embed` (FiT has none)
 Compute options of our own: dtype, param_dtype, remat_policy, attention_backend, scan_unroll,
 gather_attention_once (under an FSDP mesh, each block's q/k/v and output-projection kernels are
 all-gathered once in the forward and the backward reuses them: depth x 4 D^2 compute-dtype values
-more per device when the blocks are not recomputed, fewer gathers and kernel relayouts; README);
+more per device when the blocks are not recomputed, fewer gathers; with the kernels stored flat,
+FSDP without remat already gathers them once, and the option no longer pays there; README);
 and clamp_time: the official code clamps t at 1 after time shifting, which is right for the
 rectified-flow models (t in [0, 1]; dopri5 overshoots past 1) but would pin FiT v1's DDPM steps
 (0..999) at 1, so FiT v1 configs turn it off.

@@ -2,7 +2,7 @@
 
     ckpt = Checkpoints(workdir, config.train)
     ckpt.save(step, state, data_iterator, config)        # async; force=True on SIGTERM
-    state = ckpt.restore(step, abstract_state, shardings, data_iterator)
+    state = ckpt.restore(step, abstract_state, shardings, data_iterator, head_dim=64)
 
 Layout (`fitv2_jax.weights.checkpoints`, which reads params back for inference):
 WORKDIR/checkpoints/<step>/{state,data,config,format}. Orbax writes each step to a temporary
@@ -21,18 +21,29 @@ import grain
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
+from fitv2_jax.parallel.rules import fit_spec
 from fitv2_jax.utils import paths
 from fitv2_jax.utils.errors import UserError
 from fitv2_jax.weights import checkpoint_format
 from fitv2_jax.weights.checkpoints import CHECKPOINT_DIR, ITEMS, step_version
 
 
-def _abstract_with(tree, shardings):
-    return jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), tree, shardings
-    )
+def _abstract_with(tree, shardings, version: int = checkpoint_format.VERSION, head_dim: int = 0):
+    """The restore target: each leaf with the shape a step of `version` saved it with; a leaf
+    whose shape changed since is sharded over FSDP on the largest axis that allows it (the
+    upgrade then lays it out as `shardings` says)."""
+
+    def one(path, s, sh):
+        shape = checkpoint_format.saved_shape(path, s.shape, version, head_dim)
+        if shape != tuple(s.shape):
+            spec = fit_spec(PartitionSpec("fsdp"), shape, sh.mesh, jax.tree_util.keystr(path))
+            sh = NamedSharding(sh.mesh, spec)
+        return jax.ShapeDtypeStruct(shape, s.dtype, sharding=sh)
+
+    return jax.tree_util.tree_map_with_path(one, tree, shardings)
 
 
 def _foreign_iterator_state(data_dir: str, own: str, portable: bool) -> dict:
@@ -78,14 +89,15 @@ class Checkpoints:
         return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
     def restore(self, step: int, abstract_state, shardings, data_iterator=None, *,
-                portable_iterator: bool = False):  # fmt: skip
+                head_dim: int, portable_iterator: bool = False):  # fmt: skip
         """Restores the state onto `shardings` (and the iterator in place). Returns the state.
+        head_dim: the model's channels per head (steps saved before format 3 need it).
 
         Grain keeps one iterator file per process (process_I-of-N.json). On another process
         count, a portable iterator (bucketing mode: every host's state is the same global batch
         index) takes the state of the saved process 0; any other is refused."""
         version = step_version(self.manager, step)
-        target = _abstract_with(abstract_state, shardings)
+        target = _abstract_with(abstract_state, shardings, version, head_dim)
         items = dict(
             state=ocp.args.PyTreeRestore(
                 target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)

@@ -203,6 +203,7 @@ def _restore_or_init(setup: TrainSetup, ckpt: Checkpoints, data_it) -> tuple[Tra
                 setup.abstract_state,
                 setup.shardings,
                 data_it,
+                head_dim=setup.config.model.hidden_size // setup.config.model.num_heads,
                 portable_iterator=not setup.config.data.packing,
             )
         except UserError:  # intact, but not resumable this way: nothing is moved

@@ -114,19 +114,22 @@ def restore_run_params(path: str, model_config, use_ema: bool = True, step: int 
         )
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     key = "ema_params" if use_ema else "params"
-    item = {
-        key: jax.tree.map(
-            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-            abstract_params(model_config),
-        )
-    }
-    args = ocp.args.PyTreeRestore(
-        item,
-        restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-        partial_restore=True,
-    )
     try:
         version = step_version(manager, step)
+        head_dim = model_config.hidden_size // model_config.num_heads
+        item = {
+            key: jax.tree_util.tree_map_with_path(
+                lambda path, s: jax.ShapeDtypeStruct(
+                    checkpoint_format.saved_shape(path, s.shape, version, head_dim), s.dtype,
+                    sharding=sharding),
+                abstract_params(model_config),
+            )
+        }  # fmt: skip
+        args = ocp.args.PyTreeRestore(
+            item,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+            partial_restore=True,
+        )
         restored = manager.restore(step, args=ocp.args.Composite(state=args))["state"][key]
     except UserError:
         raise

@@ -124,9 +124,7 @@ def random_params(model_config, seed: int = 0) -> dict:
         noise = rng.standard_normal(leaf.shape, dtype=np.float32)
         if names[-1] == "kernel":
             shape = leaf.shape[1:] if names[0] == "blocks" else leaf.shape  # scanned layer axis
-            # the attention output kernel is (heads, head_dim, D); the others (D_in, ...)
-            fan_in = math.prod(shape[:-1]) if names[-2] == "proj" else shape[0]
-            return noise / math.sqrt(fan_in)
+            return noise / math.sqrt(shape[0])  # every kernel is (D_in, D_out)
         return (1.0 if names[-1] == "scale" else 0.0) + 0.02 * noise
 
     return jax.tree_util.tree_map_with_path(draw, abstract_params(model_config))
