@@ -13,7 +13,8 @@ TPU defaults (remat none, all 40 blocks unrolled; attention auto = XLA attention
   v5p-64  unrolled without remat 151.5 ms (45.9% MFU, 12.1 of 95 GiB per chip; splash 152.0 ms,
           even) vs scanned with full remat 204 ms (splash 199) or `dots` 209 (splash 204);
           since XLA attention keeps its probabilities for the backward on TPU (2026-12-05),
-          unrolled without remat 147 ms (47.1%, 11.2 GiB).
+          unrolled without remat 147 ms (47.1%, 11.2 GiB); since the attention kernels are
+          stored flat (`models.layers.DenseND`, 2026-12-05), 139 ms (50.0%, 11.8 GiB).
   v6e-64  unrolled without remat 91 ms with splash (6.1 of 32 GiB) vs scanned: 129 ms with
           `dots` and splash, 144 with full remat, 150 without remat; the defaults hold (data 2 x
           FSDP 32, which helps XL/2 there, gives 91.9 ms).
