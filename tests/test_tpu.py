@@ -2,6 +2,7 @@
 topology names, the HLO collective counter, and a real TPU-compiler dry run (libtpu is part of
 the test extras)."""
 
+import json
 import os
 import re
 
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fitv2_jax.benchmarks.tpu import markdown
+from fitv2_jax.benchmarks.tpu import _key, markdown, parse_ici
 from fitv2_jax.benchmarks.tpu_blocks import blocks_config
 from fitv2_jax.config.files import load_config
 from fitv2_jax.models.attention import attend
@@ -437,6 +438,30 @@ def test_a_step_too_big_for_the_chip_is_a_dry_run_result_not_a_crash(capsys):
     need, usable = (f"{oom[k] / 2**30:.2f}" for k in ("needed_bytes", "available_bytes"))
     line = f"| temporaries {need} > {usable} usable of 16 GiB | no | out of HBM | |"
     assert line in markdown([row])
+
+
+def test_table_rows_name_a_mesh_other_than_the_configs_and_resume_by_it():
+    """`bench --suite tpu --ici '(2,-1,1)'`: the row's label carries the mesh (copyable to
+    --config.mesh.ici), its key tells it from the config's mesh, and rows written before the
+    flag (no "ici") are the config's mesh, so a resumed table keeps them."""
+    assert parse_ici("config") is None and parse_ici("(2,-1,1)") == (2, -1, 1)
+    assert parse_ici(" 1,8,2 ") == (1, 8, 2)
+    for bad in ("(2,-1)", "(-1,-1,1)", "(0,-1,1)", "data2"):
+        with pytest.raises(UserError, match="--ici="):
+            parse_ici(bad)
+    row = dict(config="fitv2_xl", topology="v5e-256", remat="dots", attention="splash",
+               scan_unroll=1, depth=36, tokens=256, hbm_bytes_per_device=16 * 2**30, fits=True,
+               peak_bytes=0.42 * 2**30, estimate_step_seconds=0.0352, estimate_mfu=0.132)  # fmt: skip
+    old = dict(row)  # as written before --ici: the config's mesh
+    ici = json.loads(json.dumps(dict(row, ici=(2, -1, 1))))  # as read back from OUT.json
+    assert "| fitv2_xl, ici (2,-1,1) | 256 | v5e-256 | dots | splash | 0.4 of 16 GiB | yes | " \
+        "35.2 ms | 13.2% |" in markdown([ici])  # fmt: skip
+    assert markdown([old]).splitlines()[-1].startswith("| fitv2_xl | 256 |")
+    assert _key(old) == _key(dict(row, ici=None)) != _key(ici)
+    assert _key(ici)[-1] == (2, -1, 1)
+    unrolled = dict(ici, scan_unroll=36)
+    assert markdown([unrolled]).splitlines()[-1].startswith(
+        "| fitv2_xl, 36 blocks unrolled, ici (2,-1,1) |")  # fmt: skip
 
 
 def test_a_blocks_probe_variant_unrolls_its_blocks_then_applies_its_overrides():

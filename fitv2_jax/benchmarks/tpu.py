@@ -10,6 +10,8 @@ stopped, a lower bound of the peak; U: what it can use of the chip's M).
         --remat none,full --attention xla,splash --out /tmp/xl
     python -m fitv2_jax.bench --suite tpu --configs configs/fitv2_hr_xl.py --topologies v6e-64 \
         --remat full --attention splash --scan_unroll 1 --out /tmp/hr   # blocks scanned
+    python -m fitv2_jax.bench --suite tpu --configs configs/fitv2_xl.py --topologies v5e-256 \
+        --remat dots --attention splash --scan_unroll 1 --ici "(2,-1,1)" --out /tmp/xl  # data 2
 
 Each row is `train --dry_run --topology T` (`training.dry_run`) with the config's model at its
 context size (256 tokens; 1024 for the HR post-training) and the given global batch. Estimates
@@ -47,13 +49,33 @@ def define_flags(module_name: str) -> None:
                       "config's (the pod configs unroll every block), 1 scans them (faster to "
                       "compile; the estimate scales the loop body by its trip count)",
                       module_name=m)  # fmt: skip
+    flags.DEFINE_multi_string("ici", ["config"], "ICI mesh (data, fsdp, tensor) of a row, as "
+                              "--config.mesh.ici takes it, e.g. '(2,-1,1)'; 'config' keeps the "
+                              "config's; repeat the flag for several", module_name=m)  # fmt: skip
     flags.DEFINE_integer("global_batch", 256, "global batch (the paper's)", module_name=m)
     flags.DEFINE_string("out", "tpu_table", "writes OUT.json and OUT.md", module_name=m)
 
 
 def _key(row: dict) -> tuple:
-    # rows written before --scan_unroll have none (None: compiled again, never matched)
-    return (row["config"], row["topology"], row["remat"], row["attention"], row.get("scan_unroll"))
+    # rows written before --scan_unroll have none (None: compiled again, never matched); rows
+    # written before --ici ran the config's mesh, which is what an ici of None means
+    ici = row.get("ici")
+    return (row["config"], row["topology"], row["remat"], row["attention"], row.get("scan_unroll"),
+            None if ici is None else tuple(ici))  # fmt: skip
+
+
+def parse_ici(value: str) -> tuple[int, int, int] | None:
+    """An --ici value: None for 'config' (the config's own mesh), else its (data, fsdp, tensor)."""
+    if value == "config":
+        return None
+    try:
+        ici = tuple(int(v) for v in value.strip().strip("()").split(","))
+    except ValueError:
+        ici = ()
+    if len(ici) != 3 or ici.count(-1) > 1 or any(v == 0 or v < -1 for v in ici):
+        raise UserError(f"--ici={value!r}: expected 'config' or (data, fsdp, tensor) sizes such "
+                        "as '(2,-1,1)', at most one -1 (the rest of the slice's chips).")  # fmt: skip
+    return ici
 
 
 def _unroll(config_path: str, value: str) -> int:
@@ -66,12 +88,14 @@ def _unroll(config_path: str, value: str) -> int:
 
 
 def _row(config_path: str, topology: str, remat: str, attention: str, unroll: int,
-         batch: int) -> dict:  # fmt: skip
+         ici: tuple[int, int, int] | None, batch: int) -> dict:  # fmt: skip
     config = load_config(config_path)
     config.model.remat_policy, config.model.attention_backend = remat, attention
     config.model.scan_unroll = unroll
+    if ici is not None:
+        config.mesh.ici = ici
     row = dict(config=os.path.basename(config_path).removesuffix(".py"), topology=topology,
-               remat=remat, attention=attention, scan_unroll=unroll,
+               remat=remat, attention=attention, scan_unroll=unroll, ici=ici,
                depth=int(config.model.depth), global_batch=batch,
                tokens=int(config.model.context_size))  # fmt: skip
     start = time.perf_counter()
@@ -90,13 +114,17 @@ def _row(config_path: str, topology: str, remat: str, attention: str, unroll: in
 
 
 def _label(row: dict) -> str:
-    """The config's name, and how its blocks ran when not as one scan over all of them."""
+    """The config's name, how its blocks ran when not as one scan over all of them, and its ICI
+    mesh when not the config's."""
     unroll, depth = row.get("scan_unroll"), row.get("depth")
-    if unroll is None:  # a row written before --scan_unroll
-        return row["config"]
-    if unroll >= depth:
-        return f"{row['config']}, {depth} blocks unrolled"
-    return row["config"] if unroll == 1 else f"{row['config']}, scan unrolled x{unroll}"
+    label = row["config"]
+    if unroll is not None and unroll >= depth:  # None: a row written before --scan_unroll
+        label += f", {depth} blocks unrolled"
+    elif unroll is not None and unroll > 1:
+        label += f", scan unrolled x{unroll}"
+    if row.get("ici") is not None:
+        label += ", ici ({},{},{})".format(*row["ici"])
+    return label
 
 
 def _size(nbytes: float) -> str:
@@ -139,15 +167,17 @@ def main() -> None:
     done = {_key(r) for r in rows if "error" not in r}
     rows = [r for r in rows if _key(r) in done]
     unrolls = {c: sorted({_unroll(c, u) for u in FLAGS.scan_unroll}) for c in FLAGS.configs}
-    plan = [(c, t, m, a, u) for c in FLAGS.configs for t in FLAGS.topologies for m in FLAGS.remat
-            for a in FLAGS.attention for u in unrolls[c]]  # fmt: skip
-    for i, (c, t, m, a, u) in enumerate(plan, 1):
+    icis = [parse_ici(v) for v in FLAGS.ici]
+    plan = [(c, t, m, a, u, i) for c in FLAGS.configs for t in FLAGS.topologies
+            for m in FLAGS.remat for a in FLAGS.attention for u in unrolls[c] for i in icis]  # fmt: skip
+    for n, (c, t, m, a, u, ici) in enumerate(plan, 1):
         name = os.path.basename(c).removesuffix(".py")
-        if (name, t, m, a, u) in done:
+        if (name, t, m, a, u, ici) in done:
             continue
-        print(f"[{i}/{len(plan)}] {name} on {t}, remat {m}, attention {a}, scan_unroll {u}",
+        mesh = "" if ici is None else f", ici {ici}"
+        print(f"[{n}/{len(plan)}] {name} on {t}, remat {m}, attention {a}, scan_unroll {u}{mesh}",
               flush=True)  # fmt: skip
-        row = _row(c, t, m, a, u, FLAGS.global_batch)
+        row = _row(c, t, m, a, u, ici, FLAGS.global_batch)
         rows.append(row)
         print("  " + markdown([row]).splitlines()[-1], flush=True)
         _write(rows, FLAGS.out)  # after every row: a stopped run keeps what it compiled
