@@ -10,7 +10,13 @@ from test_model import TINY, make_inputs
 
 from fitv2_jax.models.fit import from_official_params
 from fitv2_jax.parallel.mesh import create_mesh, resolve_shape
-from fitv2_jax.parallel.rules import LOGICAL_RULES, batch_sharding, gathered, tree_shardings
+from fitv2_jax.parallel.rules import (
+    LOGICAL_RULES,
+    batch_sharding,
+    fit_spec,
+    gathered,
+    tree_shardings,
+)
 
 
 def test_mesh_shapes_and_errors():
@@ -22,6 +28,22 @@ def test_mesh_shapes_and_errors():
         resolve_shape((2, 8, 1), 8)
     mesh = create_mesh((2, -1, 1))
     assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+
+
+def test_a_large_kernel_fsdp_cannot_shard_warns_once_with_a_mesh_that_does(caplog):
+    """FiTv2-XL/2's q/k/v kernel (1152, 3456) on FSDP over 256 chips, in small: no dimension of
+    (1030, 1023) divides by 8, 1030 by 2, so the warning names data 4 x FSDP 2; a small array
+    (a bias) is replicated quietly, and the same shape warns once."""
+    mesh, fsdp = create_mesh((1, 8, 1)), PartitionSpec("fsdp")
+    with caplog.at_level("WARNING"):
+        assert fit_spec(fsdp, (1030, 1023), mesh, "qkv") == PartitionSpec(None, None)
+        fit_spec(fsdp, (1030, 1023), mesh, "qkv, EMA")
+        assert fit_spec(fsdp, (1023,), mesh, "bias") == PartitionSpec(None)
+        assert fit_spec(fsdp, (1024, 1023), mesh, "fc") == PartitionSpec("fsdp", None)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, warnings
+    assert "qkv (1030, 1023)" in warnings[0] and "fsdp axis's 8 devices" in warnings[0]
+    assert "--config.mesh.ici='(4,-1,1)'" in warnings[0]
 
 
 def test_fsdp_sharded_forward_equals_single_device():

@@ -4,13 +4,15 @@ Parameters carry logical names (`nn.with_logical_partitioning` in fitv2_jax.mode
 are constrained with `nn.with_logical_constraint`. A logical name may appear more than once: the
 first rule whose mesh axis is still unused in that array wins (flax semantics), so a kernel
 (lora, adaln) shards adaln over "tensor" and lora over "fsdp". A dimension that a mesh axis does
-not divide moves to another dimension it divides, or is left replicated (logged), so any config
-runs on any mesh.
+not divide moves to another dimension it divides, or is left replicated, so any config runs on
+any mesh; a large parameter left replicated is a warning that names a mesh which shards it
+(FiTv2-XL/2's q/k/v kernel (1152, 3456) on FSDP over 256 chips: data 2 x FSDP 128).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 
 import flax.linen as nn
 import jax
@@ -54,6 +56,31 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
+# a parameter this large that FSDP cannot shard is worth a warning: every chip then holds it,
+# its EMA and its Adam moments whole, and the compiler all-reduces its whole gradient
+REPLICATED_WARNING_ELEMENTS = 2**20
+_warned: set[tuple] = set()
+
+
+def _warn_replicated(name: str, shape, mesh: Mesh, axis: str) -> None:
+    """Warns once per (shape, axis, size) that a large array is replicated over `axis`, with the
+    smallest data-parallel split of that axis that would shard it."""
+    size = mesh.shape[axis]
+    if math.prod(shape) < REPLICATED_WARNING_ELEMENTS or (tuple(shape), axis, size) in _warned:
+        logging.info("sharding: %s %s not divisible by %s; replicated", name, shape, axis)
+        return
+    _warned.add((tuple(shape), axis, size))
+    split = next((k for k in range(2, size + 1) if size % k == 0
+                  and any(d % (size // k) == 0 for d in shape)), None)  # fmt: skip
+    fix = ""
+    if axis == "fsdp" and split:
+        fix = (f" FSDP over {size // split} devices with {split}x the data parallelism shards it "
+               f"(from the default mesh: --config.mesh.ici='({split},-1,1)').")  # fmt: skip
+    logging.warning("sharding: %s %s: no dimension divides by the %s axis's %d devices, so every "
+                    "device holds it whole (and its optimizer state).%s", name, tuple(shape),
+                    axis, size, fix)  # fmt: skip
+
+
 def _axis_size(mesh: Mesh, axes) -> int:
     size = 1
     for a in (axes,) if isinstance(axes, str) else tuple(axes):
@@ -83,7 +110,7 @@ def fit_spec(spec: PartitionSpec, shape, mesh: Mesh, name: str, drop=()) -> Part
                 dims[i].append(axis)
                 break
         else:
-            logging.info("sharding: %s %s not divisible by %s; replicated", name, shape, axis)
+            _warn_replicated(name, shape, mesh, axis)
     return PartitionSpec(*[None if not g else g[0] if len(g) == 1 else tuple(g) for g in dims])
 
 
