@@ -31,6 +31,9 @@ fi
 CONFIG="${1:?usage: bash launch/tpu_pod.sh CONFIG WORKDIR [--config.a.b=value ...]}"
 WORKDIR="${2:?usage: bash launch/tpu_pod.sh CONFIG WORKDIR [--config.a.b=value ...]}"
 shift 2
+# each flag quoted for the workers' shell: a mesh such as --config.mesh.ici='(2,-1,1)' reaches
+# them as one word, not as a parenthesised subshell
+FLAGS_Q="$(printf ' %q' "$@")"
 "${GCLOUD[@]}" ssh "$TPU_NAME" --zone "$ZONE" --worker=all "${PROJECT_FLAG[@]}" --command "
   cd $REMOTE_DIR && .venv/bin/python -m fitv2_jax.train --config $CONFIG --workdir $WORKDIR \
-    --distributed=on $* 2>&1 | tee -a /tmp/fitv2_train.log"
+    --distributed=on$FLAGS_Q 2>&1 | tee -a /tmp/fitv2_train.log"
