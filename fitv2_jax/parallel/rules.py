@@ -56,8 +56,11 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
-# a parameter this large that FSDP cannot shard is worth a warning: every chip then holds it,
-# its EMA and its Adam moments whole, and the compiler all-reduces its whole gradient
+# a parameter this large that FSDP cannot shard is worth a warning: every chip then holds it (and,
+# if trained, its EMA and Adam moments) whole, and all-reduces its whole gradient. Not always a
+# loss: frozen in the HR post-training, FiTv2-XL/2's attention kernels replicated over v5e-256
+# give a faster step than data 2 x FSDP 128 (84.2 vs 99.6 ms by the TPU compiler's estimate, remat
+# "dots", splash), while the 256-token training's is slower (84.9 vs 36.9 ms, full remat, splash)
 REPLICATED_WARNING_ELEMENTS = 2**20
 _warned: set[tuple] = set()
 
@@ -74,10 +77,11 @@ def _warn_replicated(name: str, shape, mesh: Mesh, axis: str) -> None:
                   and any(d % (size // k) == 0 for d in shape)), None)  # fmt: skip
     fix = ""
     if axis == "fsdp" and split:
-        fix = (f" FSDP over {size // split} devices with {split}x the data parallelism shards it "
-               f"(from the default mesh: --config.mesh.ici='({split},-1,1)').")  # fmt: skip
+        fix = (f" FSDP over {size // split} devices with {split}x the data parallelism would shard "
+               f"it (from the default mesh: --config.mesh.ici='({split},-1,1)'); whether that is "
+               "faster depends on the model: compare both with `train --dry_run --topology T`.")  # fmt: skip
     logging.warning("sharding: %s %s: no dimension divides by the %s axis's %d devices, so every "
-                    "device holds it whole (and its optimizer state).%s", name, tuple(shape),
+                    "device holds it whole.%s", name, tuple(shape),
                     axis, size, fix)  # fmt: skip
 
 
