@@ -18,8 +18,12 @@ TPU defaults (remat none, all 36 blocks unrolled; attention auto = splash at 102
   chips, 2026-12-04) 104.9 ms, 10.9 GiB. `--config.model.gather_attention_once=True` (each
   block's attention kernels gathered once, kept for the backward) on v5p-64: 147.9 ms, 18.6 GiB
   (2026-12-04; the table's rows are without it). On v5e-256 (one image per chip) pass
-  `--config.model.remat_policy=full --config.model.scan_unroll=1`: scanned with full remat 103 ms
-  (4.4 of 16 GiB), with "dots" 107 ms, without remat 197 ms (README, TPU table).
+  `--config.model.remat_policy=dots --config.model.scan_unroll=1`: scanned with "dots" and splash
+  84.2 ms (6.7 of 16 GiB), with full remat 85.4 ms (4.4 GiB; both with the attention kernels
+  stored flat, 2026-12-05; before them full 103, "dots" 107, without remat 197 ms). FSDP over 256
+  chips cannot shard the attention kernels there and says so in a warning; here that is cheap,
+  the kernels being frozen (no Adam moments, their gradient unused): data 2 x FSDP 128, which shards
+  them, is slower (`--config.mesh.ici='(2,-1,1)'`: 99.6 ms with "dots", 102 full; README, TPU table).
 """
 
 from fitv2_jax.config.defaults import base_config, fitv2_model, post_training
