@@ -10,7 +10,8 @@ TPU settings by slice, from the README's TPU table (`python -m fitv2_jax.bench -
   `train --dry_run --topology T`; compiler estimates, not measurements; global batch 256; the
   attention kernels stored flat, 2026-12-05):
   v5p-64   the defaults: all 36 blocks unrolled, no remat, attention auto (XLA attention at 256
-           tokens, keeping its probabilities): 48.1 ms, 33.1% MFU, 5.46 of 95 GiB per chip.
+           tokens, keeping its probabilities): 48.1 ms, 33.1% MFU, 5.46 of 95 GiB per chip;
+           data 2 x FSDP 16 (`--config.mesh.ici='(2,-1,1)'`) is even, 48.2 ms, 5.0 GiB.
            Before the flat kernels (2026-12-03/04, 53.2 ms for the defaults then): splash 52.8 ms
            unrolled; scanned with full remat 66.7 ms (splash 61.5, 1.2 GiB); unrolled with remat
            "dots" 56.3 ms (splash 54.7). `--config.model.gather_attention_once=True` no longer
