@@ -20,7 +20,7 @@ TPU defaults (remat none, all 15 blocks unrolled; attention auto = XLA attention
   saves_probs`, 2026-12-05): v5p-64 unrolled without remat 11.9 ms (25.3% MFU, 1.5 GiB), ahead
   of "dots" with splash (13.1 ms, the earlier row); the v6e-64 and v5e-256 rows above predate it.
   Since the attention kernels are stored flat (`models.layers.DenseND`, 2026-12-05): v5p-64
-  unrolled without remat 11.7 ms (25.6% MFU, 1.4 GiB).; v5e-256 scanned with "dots" and
+  unrolled without remat 11.7 ms (25.6% MFU, 1.4 GiB); v5e-256 scanned with "dots" and
   splash 6.56 ms (13.3%).
 """
 
