@@ -10,7 +10,8 @@ Reproduces: FID-50K 2.90 at 512x512 (cfg 1.65), 4.87 at 320x640, 18.55 at 256x76
 TPU defaults (remat none, all 36 blocks unrolled; attention auto = splash at 1024 tokens on TPU)
   from the README's TPU table (`python -m fitv2_jax.bench --suite tpu` and `train --dry_run`,
   compiler estimates, v5p-64, global batch 256 x 1024 tokens, 2026-12-03, the splash kernels
-  priced by their work): unrolled without remat 149.1 ms (47.3% MFU, 20.2 GiB per chip); a
+  priced by their work): unrolled without remat 149.1 ms (47.3% MFU, 20.2 GiB per chip), and
+  142 ms (49.8%, 18.4 GiB) with the attention kernels stored flat (2026-12-05); a
   4-block program of it 17.9 ms with splash vs 20.9 ms with XLA attention; scanned with full
   remat: see the README table. `--dry_run` compiles for about 5 minutes per program on a 2-core
   host. v6e-64 (2026-12-04): unrolled without remat 108 ms (9.1 of 32 GiB) vs scanned full remat
