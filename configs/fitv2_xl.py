@@ -32,7 +32,7 @@ MFU ceiling (`python -m fitv2_jax.bench --suite tpu_matmuls`, 2026-12-04): at 8 
   the compiler prices the linear layers alone at 55% of the bf16 peak, so no step passes 57%; the
   whole step's matmuls, attention's included, give 47.7% (`--dry_run`'s "only the matmuls' cycles"
   line, 2026-12-05). Larger batches per chip (`--global_batch` of the TPU bench suite, v5p-64,
-  2026-12-05, before the flat kernels): 512 84.2 ms (37.9%), 1024 131 ms (48.6%, 17.9 GiB).
+  2026-12-05): 512 84.2 ms (37.9%, before the flat kernels), 1024 131 ms (48.8%, 18.2 GiB).
 """
 
 from fitv2_jax.config.defaults import base_config, fitv2_model
