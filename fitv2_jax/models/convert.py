@@ -94,7 +94,8 @@ def head_view(path: tuple[str, ...], shape, head_dim: int) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _head_dim(model_config: Any) -> int:
+def head_dim_of(model_config: Any) -> int:
+    """Channels per head of a model config (`FiT.head_dim` without building the module)."""
     return model_config.hidden_size // model_config.num_heads
 
 
@@ -190,7 +191,7 @@ def from_torch_state_dict(
     stacked: dict[tuple[str, ...], list] = {}
     for key, (path, index, shape) in mapping.items():
         value = _to_flax_leaf(path, np.asarray(state_dict[key], dtype=dtype), shape,
-                              _head_dim(model_config))  # fmt: skip
+                              head_dim_of(model_config))  # fmt: skip
         if index is None:
             flat[path] = value
         else:
@@ -212,7 +213,7 @@ def to_torch_state_dict(params: Mapping[str, Any], model_config: Any) -> dict[st
             )
         value = np.asarray(jax.device_get(flat[path]), dtype=np.float32)
         out[key] = _to_torch_leaf(path, value if index is None else value[index],
-                                  _head_dim(model_config))  # fmt: skip
+                                  head_dim_of(model_config))  # fmt: skip
     return out
 
 

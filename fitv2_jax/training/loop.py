@@ -203,7 +203,7 @@ def _restore_or_init(setup: TrainSetup, ckpt: Checkpoints, data_it) -> tuple[Tra
                 setup.abstract_state,
                 setup.shardings,
                 data_it,
-                head_dim=setup.config.model.hidden_size // setup.config.model.num_heads,
+                head_dim=setup.model.head_dim,
                 portable_iterator=not setup.config.data.packing,
             )
         except UserError:  # intact, but not resumable this way: nothing is moved

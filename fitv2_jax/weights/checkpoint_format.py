@@ -66,10 +66,10 @@ def upgrade(tree, version: int, take):
             return leaf
         if version < 2:
             leaf = take(leaf, head_channel_order(leaf.shape[axis]), axis)
-        if names[-1] == "kernel":  # the view (..., D, 3, H, Dh) or (..., H, Dh, D), flattened
-            qkv = names[-2] == "qkv"
-            leaf = leaf.reshape(*leaf.shape[:-3], -1) if qkv else (
-                leaf.reshape(*leaf.shape[:-3], -1, leaf.shape[-1]))  # fmt: skip
+        if names[-2:] == ("qkv", "kernel"):  # (..., D, 3, H, Dh) -> (..., D, 3 H Dh)
+            leaf = leaf.reshape(*leaf.shape[:-3], -1)
+        elif names[-2:] == ("proj", "kernel"):  # (..., H, Dh, D) -> (..., H Dh, D)
+            leaf = leaf.reshape(*leaf.shape[:-3], -1, leaf.shape[-1])
         return leaf
 
     return jax.tree_util.tree_map_with_path(fix, tree)

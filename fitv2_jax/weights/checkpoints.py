@@ -20,6 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from fitv2_jax.models.build import abstract_params
+from fitv2_jax.models.convert import head_dim_of
 from fitv2_jax.utils import paths
 from fitv2_jax.utils.errors import MissingFileError, UserError
 from fitv2_jax.weights import checkpoint_format
@@ -116,7 +117,7 @@ def restore_run_params(path: str, model_config, use_ema: bool = True, step: int 
     key = "ema_params" if use_ema else "params"
     try:
         version = step_version(manager, step)
-        head_dim = model_config.hidden_size // model_config.num_heads
+        head_dim = head_dim_of(model_config)
         item = {
             key: jax.tree_util.tree_map_with_path(
                 lambda path, s: jax.ShapeDtypeStruct(
