@@ -3,11 +3,12 @@ r"""FiTv2-3B/2: 2971.9M params, 40 blocks, D=2304, 24 heads, AdaLN-LoRA r=576, 2
 Command (TPU v5p-64 or larger, or v5e-256; FSDP):
   bash launch/tpu_pod.sh configs/fitv2_3b.py /mnt/bucket/fitv2_3b
   python -m fitv2_jax.train --config configs/fitv2_3b.py --dry_run --topology v5p-64  # memory, est.
-  (v5e-256: add --config.model.remat_policy=dots --config.model.scan_unroll=1, see below)
+  bash launch/tpu_pod.sh configs/fitv2_3b.py:v5e-256 /mnt/bucket/fitv2_3b   # PRESETS, see below
 Hardware: paper trained 1000K steps at batch 256; needs FSDP (params + Adam state ~48 GB in fp32).
 Reproduces: FID-50K 2.15 at 256x256 (cfg 1.5), 6.72 at 160x320, 13.73 at 128x384; 3.22 / 4.87 / 12.15
   at 320x320 / 224x448 / 160x480.
 TPU defaults (remat none, all 40 blocks unrolled; attention auto = XLA attention at 256 tokens)
+  and the presets for other slices (`--config configs/fitv2_3b.py:SLICE`, `config.slices`)
   from the README's TPU table (`python -m fitv2_jax.bench --suite tpu` and `train --dry_run`,
   compiler estimates, global batch 256, FSDP over every chip, 2026-12-03/04):
   v5p-64  unrolled without remat 151.5 ms (45.9% MFU, 12.1 of 95 GiB per chip; splash 152.0 ms,
@@ -15,12 +16,13 @@ TPU defaults (remat none, all 40 blocks unrolled; attention auto = XLA attention
           since XLA attention keeps its probabilities for the backward on TPU (2026-12-05),
           unrolled without remat 147 ms (47.1%, 11.2 GiB); since the attention kernels are
           stored flat (`models.layers.DenseND`, 2026-12-05), 139 ms (50.0%, 11.8 GiB).
-  v6e-64  unrolled without remat 91 ms with splash (6.1 of 32 GiB) vs scanned: 129 ms with
+  v6e-64  preset: splash (`--config.model.attention_backend=splash`), unrolled without remat
+          91 ms (6.1 of 32 GiB) vs scanned: 129 ms with
           `dots` and splash, 144 with full remat, 150 without remat; the defaults hold (data 2 x
           FSDP 32, which helps XL/2 there, gives 91.9 ms).
   v5e-256 one image per chip: scanned blocks with remat "dots" win, 161 ms with splash (12.6%,
           1.0 of 16 GiB) vs 167 with XLA attention, 185 with full remat, 187 scanned without
-          remat, 215 unrolled with `dots`: there pass `--config.model.remat_policy=dots
+          remat, 215 unrolled with `dots`: its preset is `--config.model.remat_policy=dots
           --config.model.scan_unroll=1` (auto then picks splash, the blocks being recomputed).
           With the attention kernels stored flat (2026-12-05): 164 ms (12.3%, 1.2 GiB).
   `--config.model.gather_attention_once=True` (FSDP gathers each block's attention kernels once
@@ -29,9 +31,17 @@ TPU defaults (remat none, all 40 blocks unrolled; attention auto = XLA attention
 """
 
 from fitv2_jax.config.defaults import base_config, fitv2_model
+from fitv2_jax.config.slices import with_preset
+
+# per-slice overrides of the settings below, which are for v5p-64 (module docstring)
+PRESETS = {
+    "v5p-64": {},
+    "v6e-64": {"model.attention_backend": "splash"},
+    "v5e-256": {"model.remat_policy": "dots", "model.scan_unroll": 1},
+}
 
 
-def get_config():
+def get_config(preset=None):
     config = base_config()
     config.model = fitv2_model(hidden_size=2304, depth=40, num_heads=24)
     config.model.dtype = "bfloat16"  # the paper's bf16 mixed precision (fp32 master weights)
@@ -39,4 +49,4 @@ def get_config():
     config.model.scan_unroll = 40  # every block unrolled: no scan loop (module docstring)
     config.model.attention_backend = "auto"  # splash on TPU from 1024 tokens (256 with remat)
     config.train.total_steps = 1_000_000
-    return config
+    return with_preset(config, PRESETS, preset, default="v5p-64")

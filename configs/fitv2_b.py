@@ -10,9 +10,10 @@ TPU defaults (remat none, all 15 blocks unrolled; attention auto = XLA attention
   (22.4% MFU, 1.6 of 95 GiB per chip) vs 24.1 ms with the blocks scanned (the earlier default,
   which stacks every block's residuals in the loop); unrolled with remat "dots" 13.8 ms (XLA
   attention) or 13.1 ms (splash, its kernels priced at their roofline: even within that price).
-  Other slices (same command, `--topology`): on v6e-64 pass `--config.model.remat_policy=dots`
-  (auto then picks splash): 8.7 ms vs 10.7 with the defaults (full remat 9.6 ms); on v5e-256
-  (one image per chip) the defaults give 11.9 ms, 0.5 of 16 GiB: there pass
+  Other slices (same command, `--topology`), their presets (`--config configs/fitv2_b.py:SLICE`,
+  `config.slices`): v6e-64 `--config.model.remat_policy=dots` (auto then picks splash): 8.7 ms
+  vs 10.7 with the defaults (full remat 9.6 ms); on v5e-256 (one image per chip) the defaults
+  give 11.9 ms, 0.5 of 16 GiB; its preset is
   `--config.model.remat_policy=dots --config.model.scan_unroll=1` (auto then picks splash):
   6.92 ms, 56 MiB per chip (full remat 7.94 ms, with XLA attention 8.3 ms; 2026-12-04,
   `bench --suite tpu --scan_unroll 1`).
@@ -25,9 +26,17 @@ TPU defaults (remat none, all 15 blocks unrolled; attention auto = XLA attention
 """
 
 from fitv2_jax.config.defaults import base_config, fitv2_model
+from fitv2_jax.config.slices import with_preset
+
+# per-slice overrides of the settings below, which are for v5p-64 (module docstring)
+PRESETS = {
+    "v5p-64": {},
+    "v6e-64": {"model.remat_policy": "dots"},
+    "v5e-256": {"model.remat_policy": "dots", "model.scan_unroll": 1},
+}
 
 
-def get_config():
+def get_config(preset=None):
     config = base_config()
     config.model = fitv2_model(hidden_size=768, depth=15, num_heads=12)
     config.model.dtype = "bfloat16"  # the paper's bf16 mixed precision (fp32 master weights)
@@ -35,4 +44,4 @@ def get_config():
     config.model.scan_unroll = 15  # every block unrolled: no scan loop (module docstring)
     config.model.attention_backend = "auto"  # splash on TPU from 1024 tokens (256 with remat)
     config.train.total_steps = 400_000  # the paper's ablation length
-    return config
+    return with_preset(config, PRESETS, preset, default="v5p-64")

@@ -1,7 +1,7 @@
 r"""FiTv2-3B/2 high-resolution post-training: 1024-token context, online decoupled NTK-aware RoPE.
 
 Starts from the 256-token FiTv2-3B/2; trains the x_embedder, biases, adaLN and final layer only.
-Command:
+Command (v5p-64; on v6e-64 or v5e-256 append its preset: configs/fitv2_hr_3b.py:v5e-256):
   bash launch/tpu_pod.sh configs/fitv2_hr_3b.py /mnt/bucket/fitv2_hr_3b \
       --config.train.init_from=/path/to/fitv2_3B.safetensors
 Hardware: paper: 200K steps at batch 256, constant LR 1e-4.
@@ -13,10 +13,11 @@ TPU defaults (remat none, all 40 blocks unrolled; attention auto = splash at 102
   full remat about 620 ms (a 4-block program extrapolated to 40, as parallel/cost.py does, before
   the kernels were priced; compiled since, with them priced: 634 ms, 15.3 GiB). v6e-64
   (2026-12-04): unrolled without remat 266 ms (24.1 of 32 GiB) vs scanned full remat 343 ms, so the
-  defaults hold; with `--config.mesh.ici='(2,-1,1)'` (FSDP over 32 chips) 259.4 ms, 24.6 GiB.
+  defaults hold; with `--config.mesh.ici='(2,-1,1)'` (FSDP over 32 chips; the v6e-64 preset)
+  259.4 ms, 24.6 GiB.
   `--config.model.gather_attention_once=True` on v5p-64: 472.1 ms, 43.0 GiB (2026-12-04; the
   table's rows are without it).
-  On v5e (16 GiB) pass `--config.model.remat_policy=full --config.model.scan_unroll=1`:
+  On v5e (16 GiB) the preset is `--config.model.remat_policy=full --config.model.scan_unroll=1`:
   v5e-256 433 ms, 10.5 of 16 GiB per chip (with "dots" 447 ms, 14.0 GiB; README, TPU table).
   Keep splash (auto) on v5e and v6e: with XLA attention and "dots" the step does not fit either
   chip (temporaries 15.77 of the 15.75 GiB libtpu can use on v5e, 34.92 of 31.25 on v6e), nor
@@ -24,13 +25,23 @@ TPU defaults (remat none, all 40 blocks unrolled; attention auto = splash at 102
 """
 
 from fitv2_jax.config.defaults import base_config, fitv2_model, post_training
+from fitv2_jax.config.slices import with_preset
+
+# per-slice overrides of the settings below, which are for v5p-64 (module docstring)
+PRESETS = {
+    "v5p-64": {},
+    "v6e-64": {"mesh.ici": (2, -1, 1)},
+    "v5e-256": {"model.remat_policy": "full", "model.scan_unroll": 1},
+}
 
 
-def get_config():
+def get_config(preset=None):
     config = base_config()
     config.model = fitv2_model(hidden_size=2304, depth=40, num_heads=24)
     config.model.dtype = "bfloat16"  # the paper's bf16 mixed precision (fp32 master weights)
     config.model.remat_policy = "none"  # TPU defaults: see the module docstring
     config.model.scan_unroll = 40  # every block unrolled: no scan loop (module docstring)
     config.model.attention_backend = "auto"  # splash on TPU from 1024 tokens (256 with remat)
-    return post_training(config, total_steps=200_000)
+    return with_preset(
+        post_training(config, total_steps=200_000), PRESETS, preset, default="v5p-64"
+    )

@@ -2,7 +2,7 @@ r"""FiTv2-XL/2 high-resolution post-training: 1024-token context, online decoupl
 
 Starts from the 256-token FiTv2-XL/2 and trains only the x_embedder, every bias, all adaLN weights
 and the final layer (95.0M of 671.0M), re-initialising that subset as the official code does.
-Command:
+Command (v5p-64; on v6e-64 or v5e-256 append its preset: configs/fitv2_hr_xl.py:v5e-256):
   bash launch/tpu_pod.sh configs/fitv2_hr_xl.py /mnt/bucket/fitv2_hr_xl \
       --config.train.init_from=/path/to/fitv2_xl.safetensors
 Hardware: paper: 400K steps at batch 256, constant LR 1e-4, no warmup.
@@ -16,9 +16,10 @@ TPU defaults (remat none, all 36 blocks unrolled; attention auto = splash at 102
   remat: see the README table. `--dry_run` compiles for about 5 minutes per program on a 2-core
   host. v6e-64 (2026-12-04): unrolled without remat 108 ms (9.1 of 32 GiB) vs scanned full remat
   133 ms, so the defaults hold there too, and with `--config.mesh.ici='(2,-1,1)'` (FSDP over 32
-  chips, 2026-12-04) 104.9 ms, 10.9 GiB. `--config.model.gather_attention_once=True` (each
-  block's attention kernels gathered once, kept for the backward) on v5p-64: 147.9 ms, 18.6 GiB
-  (2026-12-04; the table's rows are without it). On v5e-256 (one image per chip) pass
+  chips, 2026-12-04; the v6e-64 preset) 104.9 ms, 10.9 GiB.
+  `--config.model.gather_attention_once=True` (each block's attention kernels gathered once,
+  kept for the backward) on v5p-64: 147.9 ms, 18.6 GiB
+  (2026-12-04; the table's rows are without it). On v5e-256 (one image per chip) its preset is
   `--config.model.remat_policy=dots --config.model.scan_unroll=1`: scanned with "dots" and splash
   84.2 ms (6.7 of 16 GiB), with full remat 85.4 ms (4.4 GiB; both with the attention kernels
   stored flat, 2026-12-05; before them full 103, "dots" 107, without remat 197 ms). FSDP over 256
@@ -28,9 +29,17 @@ TPU defaults (remat none, all 36 blocks unrolled; attention auto = splash at 102
 """
 
 from fitv2_jax.config.defaults import base_config, fitv2_model, post_training
+from fitv2_jax.config.slices import with_preset
+
+# per-slice overrides of the settings below, which are for v5p-64 (module docstring)
+PRESETS = {
+    "v5p-64": {},
+    "v6e-64": {"mesh.ici": (2, -1, 1)},
+    "v5e-256": {"model.remat_policy": "dots", "model.scan_unroll": 1},
+}
 
 
-def get_config():
+def get_config(preset=None):
     config = base_config()
     config.model = fitv2_model(hidden_size=1152, depth=36, num_heads=16)
     config.model.dtype = "bfloat16"  # the paper's bf16 mixed precision (fp32 master weights)
@@ -38,4 +47,6 @@ def get_config():
     config.model.scan_unroll = 36  # every block unrolled: no scan loop (module docstring)
     config.model.attention_backend = "auto"  # splash on TPU from 1024 tokens (256 with remat)
     config.sampling.official_cfg_scale = 1.65  # the official README's 512x512 and 320x640 runs
-    return post_training(config, total_steps=400_000)
+    return with_preset(
+        post_training(config, total_steps=400_000), PRESETS, preset, default="v5p-64"
+    )

@@ -1,14 +1,16 @@
 r"""FiTv2-XL/2: 671.0M params, 36 blocks, D=1152, 16 heads, AdaLN-LoRA r=288, 256-token context.
 
-Command (TPU v4-64 or v5p-64 pod slice, FSDP over all chips; other slices: the flags below):
+Command (TPU v4-64 or v5p-64 pod slice, FSDP over all chips; v6e-64 and v5e-256: their presets):
   bash launch/tpu_pod.sh configs/fitv2_xl.py /mnt/bucket/fitv2_xl
+  bash launch/tpu_pod.sh configs/fitv2_xl.py:v5e-256 /mnt/bucket/fitv2_xl   # PRESETS below
 Hardware: paper trained 2000K steps at global batch 256 on A100s (bf16); a v5p-64 slice is the
   intended TPU target.
 Reproduces: FID-50K 2.26 at 256x256 (cfg 1.5, dopri5, EMA weights), 5.50 at 160x320, 14.46 at 128x384;
   3.55 / 5.54 / 13.55 at 320x320 / 224x448 / 160x480 with VisionNTK + attention scale.
-TPU settings by slice, from the README's TPU table (`python -m fitv2_jax.bench --suite tpu`,
-  `train --dry_run --topology T`; compiler estimates, not measurements; global batch 256; the
-  attention kernels stored flat, 2026-12-05):
+TPU settings by slice, the presets (`--config configs/fitv2_xl.py:SLICE`, `config.slices`), from
+  the README's TPU table (`python -m fitv2_jax.bench --suite tpu [--presets]`, `train --dry_run
+  --topology T`; compiler estimates, not measurements; global batch 256; the attention kernels
+  stored flat, 2026-12-05):
   v5p-64   the defaults: all 36 blocks unrolled, no remat, attention auto (XLA attention at 256
            tokens, keeping its probabilities): 48.1 ms, 33.1% MFU, 5.46 of 95 GiB per chip;
            data 2 x FSDP 16 (`--config.mesh.ici='(2,-1,1)'`) is even, 48.2 ms, 5.0 GiB.
@@ -16,15 +18,16 @@ TPU settings by slice, from the README's TPU table (`python -m fitv2_jax.bench -
            unrolled; scanned with full remat 66.7 ms (splash 61.5, 1.2 GiB); unrolled with remat
            "dots" 56.3 ms (splash 54.7). `--config.model.gather_attention_once=True` no longer
            helps (4 blocks 5.54 vs 5.46 ms).
-  v6e-64   `--config.mesh.ici='(2,-1,1)'` (data 2 x FSDP 32), blocks unrolled without remat: 33.6
-           ms, 11.9% MFU, 2.7 of 32 GiB, vs 39.8 ms with FSDP over all 64 chips, where libtpu
-           gathers the weights by all-reduces of zero-padded buffers (README, TPU table).
-  v5e-256  (one image per chip) `--config.mesh.ici='(2,-1,1)' --config.model.remat_policy=dots
-           --config.model.scan_unroll=1` (auto picks splash, the blocks being recomputed): 35.2 ms,
-           13.2% MFU, 0.4 of 16 GiB; full remat 36.9 (splash) or 35.6 (XLA attention). FSDP over
-           all 256 chips divides neither attention kernel (1152 x 3456, 1152 x 1152), so the
-           default mesh replicates them (a warning says so): scanned with full remat and splash
-           84.9 ms, unrolled without remat 69 ms.
+  v6e-64   preset: `--config.mesh.ici='(2,-1,1)'` (data 2 x FSDP 32), blocks unrolled without
+           remat: 33.6 ms, 11.9% MFU, 2.7 of 32 GiB, vs 39.8 ms with FSDP over all 64 chips,
+           where libtpu gathers the weights by all-reduces of zero-padded buffers (README, TPU
+           table).
+  v5e-256  (one image per chip) preset: `--config.mesh.ici='(2,-1,1)'
+           --config.model.remat_policy=dots --config.model.scan_unroll=1` (auto picks splash, the
+           blocks being recomputed): 35.2 ms, 13.2% MFU, 0.4 of 16 GiB; full remat 36.9 (splash)
+           or 35.6 (XLA attention). FSDP over all 256 chips divides neither attention kernel
+           (1152 x 3456, 1152 x 1152), so the default mesh replicates them (a warning says so):
+           scanned with full remat and splash 84.9 ms, unrolled without remat 69 ms.
   Unrolling's price: `--dry_run` compiles for about 5 minutes per program on a 2-core host (two
   programs: the step and the estimate's). Scanned without remat loses (stacking every block's
   residuals in the loop costs more than recomputing them).
@@ -36,13 +39,21 @@ MFU ceiling (`python -m fitv2_jax.bench --suite tpu_matmuls`, 2026-12-04): at 8 
 """
 
 from fitv2_jax.config.defaults import base_config, fitv2_model
+from fitv2_jax.config.slices import with_preset
+
+# per-slice overrides of the settings below, which are for v5p-64 (module docstring)
+PRESETS = {
+    "v5p-64": {},
+    "v6e-64": {"mesh.ici": (2, -1, 1)},
+    "v5e-256": {"mesh.ici": (2, -1, 1), "model.remat_policy": "dots", "model.scan_unroll": 1},
+}
 
 
-def get_config():
+def get_config(preset=None):
     config = base_config()
     config.model = fitv2_model(hidden_size=1152, depth=36, num_heads=16)
     config.model.dtype = "bfloat16"  # the paper's bf16 mixed precision (fp32 master weights)
     config.model.remat_policy = "none"  # TPU defaults: see the module docstring
     config.model.scan_unroll = 36  # every block unrolled: no scan loop (module docstring)
     config.model.attention_backend = "auto"  # splash on TPU from 1024 tokens (256 with remat)
-    return config
+    return with_preset(config, PRESETS, preset, default="v5p-64")

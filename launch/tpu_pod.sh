@@ -4,7 +4,10 @@
 #   export TPU_NAME=my-v5p-64 ZONE=us-east5-a          # (and PROJECT=... if not the default)
 #   SETUP=1 bash launch/tpu_pod.sh                     # once: copy this repo to all workers, install
 #   bash launch/tpu_pod.sh configs/fitv2_xl.py gs://bucket/fitv2_xl --config.data.path=/mnt/bucket/in1k_256
+#   bash launch/tpu_pod.sh configs/fitv2_xl.py:v5e-256 gs://bucket/fitv2_xl ...   # another slice
 #
+# CONFIG may name a preset for the slice (configs/fitv2_xl.py:v5e-256; without one a pod config
+# keeps its v5p-64 settings, and the run says so on another slice).
 # WORKDIR is a gs:// URL (the gcs extra, installed below) or a path every worker sees (NFS, a
 # gcsfuse mount): checkpoints, metrics.jsonl, tensorboard/, samples/ and eval/ go there. Rerunning the same command resumes from the latest
 # checkpoint; a preempted slice gets SIGTERM, saves and exits 0, so just rerun after recreation.
@@ -31,9 +34,9 @@ fi
 CONFIG="${1:?usage: bash launch/tpu_pod.sh CONFIG WORKDIR [--config.a.b=value ...]}"
 WORKDIR="${2:?usage: bash launch/tpu_pod.sh CONFIG WORKDIR [--config.a.b=value ...]}"
 shift 2
-# each flag quoted for the workers' shell: a mesh such as --config.mesh.ici='(2,-1,1)' reaches
-# them as one word, not as a parenthesised subshell
-FLAGS_Q="$(printf ' %q' "$@")"
+# each word quoted for the workers' shell: a mesh such as --config.mesh.ici='(2,-1,1)' reaches
+# them as one word, not as a parenthesised subshell, and so does a path with a space
+ARGS_Q="$(printf ' %q' --config "$CONFIG" --workdir "$WORKDIR" "$@")"
 "${GCLOUD[@]}" ssh "$TPU_NAME" --zone "$ZONE" --worker=all "${PROJECT_FLAG[@]}" --command "
-  cd $REMOTE_DIR && .venv/bin/python -m fitv2_jax.train --config $CONFIG --workdir $WORKDIR \
-    --distributed=on$FLAGS_Q 2>&1 | tee -a /tmp/fitv2_train.log"
+  cd $REMOTE_DIR && .venv/bin/python -m fitv2_jax.train$ARGS_Q \
+    --distributed=on 2>&1 | tee -a /tmp/fitv2_train.log"

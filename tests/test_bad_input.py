@@ -65,6 +65,8 @@ CASES = [
     ("train", ["--config", "{d}", "--workdir", "{o}"], "Is a directory, expected a Python file"),
     ("train", ["--config", "configs/tiny.py:x", "--workdir", "{o}"],
      "--config=configs/tiny.py:x: TypeError: get_config() takes 0 positional arguments"),
+    ("train", ["--config", "configs/fitv2_b.py:v4-8", "--workdir", "{o}"],
+     "--config=configs/fitv2_b.py:v4-8: config preset 'v4-8': this config has presets for"),
     ("train", [*TRAIN, "--config.laten=1", "--workdir", "{o}"], "unknown config field laten"),
     ("train", TRAIN, "--workdir is required"),
     ("train", [*TRAIN, "--workdir", "foo://bucket/run"], "unknown URL scheme foo://"),

@@ -36,19 +36,23 @@ def test_launchers_print_usage_without_arguments():
 
 
 def test_pod_launcher_passes_each_flag_to_the_workers_as_one_word(tmp_path):
-    """A mesh flag's parentheses reach the workers' shell quoted: `tpu_pod.sh` hands gcloud one
-    remote command, which the workers' bash parses again."""
+    """A mesh flag's parentheses, a config's preset and a path with a space reach the workers'
+    shell quoted: `tpu_pod.sh` hands gcloud one remote command, which the workers' bash parses
+    again."""
     gcloud = tmp_path / "gcloud"
     gcloud.write_text('#!/usr/bin/env bash\nprintf "%s" "${@: -1}" > "$(dirname "$0")/cmd"\n')
     gcloud.chmod(0o755)
     env = dict(os.environ, TPU_NAME="x", ZONE="y", PATH=f"{tmp_path}:{os.environ['PATH']}")
     flags = ["--config.mesh.ici=(2,-1,1)", "--config.data.path=/mnt/my bucket/in1k"]
-    subprocess.run(["bash", os.path.join(ROOT, "launch", "tpu_pod.sh"), "configs/fitv2_xl.py",
-                    "gs://b/xl", *flags], check=True, env=env)  # fmt: skip
+    subprocess.run(["bash", os.path.join(ROOT, "launch", "tpu_pod.sh"),
+                    "configs/fitv2_xl.py:v5e-256", "/mnt/my runs/xl", *flags], check=True,
+                   env=env)  # fmt: skip
     remote = (tmp_path / "cmd").read_text()
     assert "--distributed=on" in remote
     # the workers' shell, with the training command replaced by one that prints its arguments
     remote = remote.replace("cd fitv2-jax && ", "").replace("| tee -a /tmp/fitv2_train.log", "")
     remote = remote.replace(".venv/bin/python -m fitv2_jax.train", "printf '%s\\n'")
     words = subprocess.run(["bash", "-c", remote], capture_output=True, text=True, check=True)
-    assert words.stdout.splitlines()[-2:] == flags
+    assert words.stdout.splitlines() == [
+        "--config", "configs/fitv2_xl.py:v5e-256", "--workdir", "/mnt/my runs/xl", *flags,
+        "--distributed=on"]  # fmt: skip

@@ -12,6 +12,12 @@ stopped, a lower bound of the peak; U: what it can use of the chip's M).
         --remat full --attention splash --scan_unroll 1 --out /tmp/hr   # blocks scanned
     python -m fitv2_jax.bench --suite tpu --configs configs/fitv2_xl.py --topologies v5e-256 \
         --remat dots --attention splash --scan_unroll 1 --ici "(2,-1,1)" --out /tmp/xl  # data 2
+    python -m fitv2_jax.bench --suite tpu --presets --out /tmp/presets   # each config's presets
+
+With --presets the rows are each config's presets (`config.slices`) on their own slices, with
+the preset's settings ("fitv2_xl:v5e-256"; --topologies picks the slices; --remat, --attention,
+--scan_unroll and --ici are not used): the table the presets come from, compiled again in one
+command.
 
 Each row is `train --dry_run --topology T` (`training.dry_run`) with the config's model at its
 context size (256 tokens; 1024 for the HR post-training) and the given global batch. Estimates
@@ -29,6 +35,7 @@ import traceback
 from absl import flags
 
 from fitv2_jax.config.files import load_config
+from fitv2_jax.models.attention import resolve_backend
 from fitv2_jax.training.dry_run import dry_run
 from fitv2_jax.utils.errors import UserError
 
@@ -52,6 +59,8 @@ def define_flags(module_name: str) -> None:
     flags.DEFINE_multi_string("ici", ["config"], "ICI mesh (data, fsdp, tensor) of a row, as "
                               "--config.mesh.ici takes it, e.g. '(2,-1,1)'; 'config' keeps the "
                               "config's; repeat the flag for several", module_name=m)  # fmt: skip
+    flags.DEFINE_bool("presets", False, "rows: each config's presets on their slices, with "
+                      "their settings (module doc)", module_name=m)  # fmt: skip
     flags.DEFINE_integer("global_batch", 256, "global batch (the paper's)", module_name=m)
     flags.DEFINE_string("out", "tpu_table", "writes OUT.json and OUT.md", module_name=m)
 
@@ -87,6 +96,34 @@ def _unroll(config_path: str, value: str) -> int:
     return int(value)
 
 
+def _name(config_path: str) -> str:
+    """A row's config: the file's name, and its preset if the path has one ("fitv2_xl:v5e-256")."""
+    path, _, preset = config_path.partition(":")
+    name = os.path.basename(path).removesuffix(".py")
+    return f"{name}:{preset}" if preset else name
+
+
+def preset_plan(config_paths: list[str]) -> list[tuple]:
+    """(config:preset, topology, remat, attention, unroll, ici) of every preset of the configs,
+    with the settings the preset gives (attention as the backend "auto" resolves to there)."""
+    plan = []
+    for path in config_paths:
+        path = path.partition(":")[0]
+        for preset in load_config(path).mesh.slice_presets:
+            config = load_config(f"{path}:{preset}")
+            model = config.model
+            remat = str(model.remat_policy)
+            attention = resolve_backend(model.attention_backend, int(model.context_size), True,
+                                        remat)  # fmt: skip
+            ici = tuple(config.mesh.ici)
+            plan.append((f"{path}:{preset}", preset, remat, attention, int(model.scan_unroll),
+                         None if ici == DEFAULT_ICI else ici))  # fmt: skip
+    return plan
+
+
+DEFAULT_ICI = (1, -1, 1)
+
+
 def _row(config_path: str, topology: str, remat: str, attention: str, unroll: int,
          ici: tuple[int, int, int] | None, batch: int) -> dict:  # fmt: skip
     config = load_config(config_path)
@@ -94,7 +131,7 @@ def _row(config_path: str, topology: str, remat: str, attention: str, unroll: in
     config.model.scan_unroll = unroll
     if ici is not None:
         config.mesh.ici = ici
-    row = dict(config=os.path.basename(config_path).removesuffix(".py"), topology=topology,
+    row = dict(config=_name(config_path), topology=topology,
                remat=remat, attention=attention, scan_unroll=unroll, ici=ici,
                depth=int(config.model.depth), global_batch=batch,
                tokens=int(config.model.context_size))  # fmt: skip
@@ -166,12 +203,15 @@ def main() -> None:
     rows = json.load(open(path)) if os.path.exists(path) else []
     done = {_key(r) for r in rows if "error" not in r}
     rows = [r for r in rows if _key(r) in done]
-    unrolls = {c: sorted({_unroll(c, u) for u in FLAGS.scan_unroll}) for c in FLAGS.configs}
-    icis = [parse_ici(v) for v in FLAGS.ici]
-    plan = [(c, t, m, a, u, i) for c in FLAGS.configs for t in FLAGS.topologies
-            for m in FLAGS.remat for a in FLAGS.attention for u in unrolls[c] for i in icis]  # fmt: skip
+    if FLAGS.presets:
+        plan = [row for row in preset_plan(FLAGS.configs) if row[1] in FLAGS.topologies]
+    else:
+        unrolls = {c: sorted({_unroll(c, u) for u in FLAGS.scan_unroll}) for c in FLAGS.configs}
+        icis = [parse_ici(v) for v in FLAGS.ici]
+        plan = [(c, t, m, a, u, i) for c in FLAGS.configs for t in FLAGS.topologies
+                for m in FLAGS.remat for a in FLAGS.attention for u in unrolls[c] for i in icis]  # fmt: skip
     for n, (c, t, m, a, u, ici) in enumerate(plan, 1):
-        name = os.path.basename(c).removesuffix(".py")
+        name = _name(c)
         if (name, t, m, a, u, ici) in done:
             continue
         mesh = "" if ici is None else f", ici {ici}"

@@ -101,8 +101,12 @@ def train_defaults() -> ml_collections.ConfigDict:
 
 
 def mesh_defaults() -> ml_collections.ConfigDict:
-    """config.mesh: (data, fsdp, tensor) sizes per slice (ici) and across slices (dcn)."""
-    return ml_collections.ConfigDict(dict(ici=(1, -1, 1), dcn=(1, 1, 1)))
+    """config.mesh: (data, fsdp, tensor) sizes per slice (ici) and across slices (dcn); the
+    slice the config's settings are for and the slices its file has presets for
+    (`config.slices`; empty for the small configs)."""
+    return ml_collections.ConfigDict(
+        dict(ici=(1, -1, 1), dcn=(1, 1, 1), slice="", slice_presets=())
+    )
 
 
 def post_training(config: ml_collections.ConfigDict, total_steps: int) -> ml_collections.ConfigDict:

@@ -62,7 +62,7 @@ def config_error_message(error: BaseException) -> str:
         last = [line.strip() for line in raw.splitlines() if line.strip()][-1]
         raw = f"{head.strip().rstrip(':')}: {last}"
     text = raw.replace("\\n", " ").replace("\\'", "'")
-    text = " ".join(text.split())
+    text = " ".join(text.split()).replace(f"{UserError.__module__}.UserError: ", "")
     if isinstance(error, AttributeError | KeyError):
         return f"unknown config field {text.replace(chr(39), '')}"
     return text

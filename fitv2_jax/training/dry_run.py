@@ -24,6 +24,7 @@ import time
 
 import jax
 
+from fitv2_jax.config.slices import slice_note
 from fitv2_jax.models.attention import resolve_backend
 from fitv2_jax.models.summary import train_step_flops
 from fitv2_jax.parallel.cost import ESTIMATE_OPTIONS, configured_cost
@@ -105,6 +106,11 @@ def dry_run(config, global_batch: int | None = None, topology: str | None = None
     n = int(config.model.context_size)
     head = dict(mode=f"TPU {topology}" if chip else "CPU fake devices", mesh=dict(setup.mesh.shape),
                 global_batch=setup.global_batch, tokens=n, **_state_report(setup))  # fmt: skip
+    note = chip and slice_note(config, chip.name, chips // math.prod(config.mesh.dcn))
+    if note:
+        head["slice_note"] = note
+        if verbose:  # before the compile, which may take minutes
+            print(f"note: {note}", flush=True)
     try:
         setup, compiled = compile_step(config, global_batch, mesh, setup=setup)
     except jax.errors.JaxRuntimeError as e:

@@ -25,6 +25,7 @@ import numpy as np
 from clu import parameter_overview
 from jax.experimental import multihost_utils
 
+from fitv2_jax.config.slices import live_slice, slice_note
 from fitv2_jax.data.pipeline import make_train_iterator, to_global_batch
 from fitv2_jax.models.convert import is_post_training_param
 from fitv2_jax.models.fit import COMPUTE_OPTIONS
@@ -361,6 +362,9 @@ def train(config, workdir: str) -> dict[str, Any]:
     # before any work: a bad config.eval stops the run at once, not at its first evaluation
     evaluator = TrainingEvaluator(config, workdir) if config.train.eval_every else None
     setup = build_setup(config)
+    running = live_slice(jax.devices())
+    if jax.process_index() == 0 and running and (note := slice_note(config, *running)):
+        logging.warning("%s", note)
     data_it = make_train_iterator(config.data, process_index=jax.process_index(),
                                   process_count=jax.process_count(), seed=config.seed,
                                   num_classes=int(config.model.num_classes))  # fmt: skip
