@@ -35,6 +35,7 @@ import traceback
 from absl import flags
 
 from fitv2_jax.config.files import load_config
+from fitv2_jax.config.slices import canonical
 from fitv2_jax.models.attention import resolve_backend
 from fitv2_jax.training.dry_run import dry_run
 from fitv2_jax.utils.errors import UserError
@@ -43,6 +44,7 @@ FLAGS = flags.FLAGS
 CONFIGS = ["configs/fitv2_b.py", "configs/fitv2_xl.py", "configs/fitv2_3b.py",
            "configs/fitv2_hr_xl.py", "configs/fitv2_hr_3b.py"]  # fmt: skip
 GIB = 2.0**30
+DEFAULT_ICI = (1, -1, 1)  # config.mesh.ici's default: FSDP over every chip
 
 
 def define_flags(module_name: str) -> None:
@@ -119,9 +121,6 @@ def preset_plan(config_paths: list[str]) -> list[tuple]:
             plan.append((f"{path}:{preset}", preset, remat, attention, int(model.scan_unroll),
                          None if ici == DEFAULT_ICI else ici))  # fmt: skip
     return plan
-
-
-DEFAULT_ICI = (1, -1, 1)
 
 
 def _row(config_path: str, topology: str, remat: str, attention: str, unroll: int,
@@ -204,7 +203,8 @@ def main() -> None:
     done = {_key(r) for r in rows if "error" not in r}
     rows = [r for r in rows if _key(r) in done]
     if FLAGS.presets:
-        plan = [row for row in preset_plan(FLAGS.configs) if row[1] in FLAGS.topologies]
+        slices = {canonical(t) for t in FLAGS.topologies}
+        plan = [row for row in preset_plan(FLAGS.configs) if row[1] in slices]
     else:
         unrolls = {c: sorted({_unroll(c, u) for u in FLAGS.scan_unroll}) for c in FLAGS.configs}
         icis = [parse_ici(v) for v in FLAGS.ici]
