@@ -17,9 +17,10 @@ TPU defaults (remat none, all 40 blocks unrolled; attention auto = XLA attention
           unrolled without remat 147 ms (47.1%, 11.2 GiB); since the attention kernels are
           stored flat (`models.layers.DenseND`, 2026-12-05), 139 ms (50.0%, 11.8 GiB).
   v6e-64  preset: splash (`--config.model.attention_backend=splash`), unrolled without remat
-          91 ms (6.1 of 32 GiB) vs scanned: 129 ms with
-          `dots` and splash, 144 with full remat, 150 without remat; the defaults hold (data 2 x
-          FSDP 32, which helps XL/2 there, gives 91.9 ms).
+          91 ms (6.1 of 32 GiB) vs scanned: 129 ms with `dots` and splash, 144 with full
+          remat, 150 without remat; data 2 x FSDP 32, which helps XL/2 there, gives 91.9 ms.
+          With the attention kernels stored flat (side by side, 2026-12-05): 88.7 ms (19.6%,
+          6.8 GiB) vs 91.9 with XLA attention.
   v5e-256 one image per chip: scanned blocks with remat "dots" win, 161 ms with splash (12.6%,
           1.0 of 16 GiB) vs 167 with XLA attention, 185 with full remat, 187 scanned without
           remat, 215 unrolled with `dots`: its preset is `--config.model.remat_policy=dots

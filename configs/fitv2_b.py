@@ -22,7 +22,8 @@ TPU defaults (remat none, all 15 blocks unrolled; attention auto = XLA attention
   of "dots" with splash (13.1 ms, the earlier row); the v6e-64 and v5e-256 rows above predate it.
   Since the attention kernels are stored flat (`models.layers.DenseND`, 2026-12-05): v5p-64
   unrolled without remat 11.7 ms (25.6% MFU, 1.4 GiB); v5e-256 scanned with "dots" and
-  splash 6.56 ms (13.3%).
+  splash 6.56 ms (13.3%); v6e-64 with "dots" and splash 8.4 ms (8.9%, 0.7 GiB) vs the
+  defaults' 9.11 ms (side by side, `bench --suite tpu --presets` and its rows).
 """
 
 from fitv2_jax.config.defaults import base_config, fitv2_model

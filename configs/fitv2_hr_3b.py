@@ -14,7 +14,9 @@ TPU defaults (remat none, all 40 blocks unrolled; attention auto = splash at 102
   the kernels were priced; compiled since, with them priced: 634 ms, 15.3 GiB). v6e-64
   (2026-12-04): unrolled without remat 266 ms (24.1 of 32 GiB) vs scanned full remat 343 ms, so the
   defaults hold; with `--config.mesh.ici='(2,-1,1)'` (FSDP over 32 chips; the v6e-64 preset)
-  259.4 ms, 24.6 GiB.
+  259.4 ms, 24.6 GiB. With the attention kernels stored flat (2026-12-05, `bench --suite tpu
+  --presets`): v5p-64 451 ms (65.0% MFU, 40.9 GiB); v6e-64 preset 230 ms (31.9%, 21.6 GiB) vs
+  238 ms over all 64 chips (side by side); v5e-256 preset 357 ms (23.9%, 10.5 GiB).
   `--config.model.gather_attention_once=True` on v5p-64: 472.1 ms, 43.0 GiB (2026-12-04; the
   table's rows are without it).
   On v5e (16 GiB) the preset is `--config.model.remat_policy=full --config.model.scan_unroll=1`:

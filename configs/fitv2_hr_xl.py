@@ -2,7 +2,7 @@ r"""FiTv2-XL/2 high-resolution post-training: 1024-token context, online decoupl
 
 Starts from the 256-token FiTv2-XL/2 and trains only the x_embedder, every bias, all adaLN weights
 and the final layer (95.0M of 671.0M), re-initialising that subset as the official code does.
-Command (v5p-64; on v6e-64 or v5e-256 append its preset: configs/fitv2_hr_xl.py:v5e-256):
+Command (v5p-64 and v6e-64; on v5e-256 append its preset: configs/fitv2_hr_xl.py:v5e-256):
   bash launch/tpu_pod.sh configs/fitv2_hr_xl.py /mnt/bucket/fitv2_hr_xl \
       --config.train.init_from=/path/to/fitv2_xl.safetensors
 Hardware: paper: 400K steps at batch 256, constant LR 1e-4, no warmup.
@@ -15,8 +15,10 @@ TPU defaults (remat none, all 36 blocks unrolled; attention auto = splash at 102
   4-block program of it 17.9 ms with splash vs 20.9 ms with XLA attention; scanned with full
   remat: see the README table. `--dry_run` compiles for about 5 minutes per program on a 2-core
   host. v6e-64 (2026-12-04): unrolled without remat 108 ms (9.1 of 32 GiB) vs scanned full remat
-  133 ms, so the defaults hold there too, and with `--config.mesh.ici='(2,-1,1)'` (FSDP over 32
-  chips, 2026-12-04; the v6e-64 preset) 104.9 ms, 10.9 GiB.
+  133 ms, so the defaults hold there too; with `--config.mesh.ici='(2,-1,1)'` (FSDP over 32
+  chips, 2026-12-04) 104.9 ms, 10.9 GiB. With the attention kernels stored flat (side by side,
+  2026-12-05, `bench --suite tpu --presets` and its rows) FSDP over all 64 chips wins: 95.3 ms
+  (18.5% MFU, 9.5 GiB) vs 107 ms with data 2 x FSDP 32, so the v6e-64 preset is the defaults.
   `--config.model.gather_attention_once=True` (each block's attention kernels gathered once,
   kept for the backward) on v5p-64: 147.9 ms, 18.6 GiB
   (2026-12-04; the table's rows are without it). On v5e-256 (one image per chip) its preset is
@@ -34,7 +36,7 @@ from fitv2_jax.config.slices import with_preset
 # per-slice overrides of the settings below, which are for v5p-64 (module docstring)
 PRESETS = {
     "v5p-64": {},
-    "v6e-64": {"mesh.ici": (2, -1, 1)},
+    "v6e-64": {},
     "v5e-256": {"model.remat_policy": "dots", "model.scan_unroll": 1},
 }
 
