@@ -1,6 +1,7 @@
 """Per-slice presets of the pod configs (`--config configs/fitv2_xl.py:v5e-256`): what they set,
 that they never change the model (a run moves between slices with its checkpoints), the note a
-run on another slice gives, and the TPU table's preset rows."""
+run on another slice gives (a dry run prints it: tests/test_tpu.py, whose TPU compile it
+shares), and the TPU table's preset rows."""
 
 import os
 import types
@@ -12,7 +13,6 @@ from fitv2_jax.benchmarks.tpu import markdown, preset_plan
 from fitv2_jax.config.files import load_config
 from fitv2_jax.config.slices import live_slice, slice_note
 from fitv2_jax.models.fit import COMPUTE_OPTIONS
-from fitv2_jax.training.dry_run import dry_run
 from fitv2_jax.training.loop import check_resume_config
 from fitv2_jax.utils.errors import UserError
 
@@ -79,14 +79,6 @@ def test_a_runs_slice_is_read_from_its_tpu_devices():
     assert live_slice(devices("TPU v6 lite", 64)) == ("v6e", 64)
     assert live_slice(devices("TPU v9", 8)) is None
     assert live_slice(jax.devices()) is None  # CPU
-
-
-def test_a_dry_run_on_another_slice_says_which_preset_to_take(capsys):
-    config = _config("tiny.py")
-    config.mesh.slice, config.mesh.slice_presets = "v5p-64", ("v5p-64", "v5e-4")
-    report = dry_run(config, global_batch=4, topology="v5e:2x2", estimate=False)
-    assert "append ':v5e-4' to --config" in report["slice_note"]
-    assert "note: the config's settings are for a v5p-64 slice" in capsys.readouterr().out
 
 
 def test_the_tables_preset_rows_carry_each_presets_settings_and_name():
