@@ -27,25 +27,25 @@ def _config(name: str, overrides=()):
 def test_a_preset_sets_the_tables_settings_for_its_slice_before_the_command_lines():
     xl = _config("fitv2_xl.py:v5e-256")
     assert tuple(xl.mesh.ici) == (2, -1, 1) and xl.model.remat_policy == "dots"
-    assert xl.model.scan_unroll == 1 and xl.mesh.slice == "v5e-256"
+    assert xl.model.scan_unroll == 1 and tuple(xl.mesh.slices) == ("v5e-256",)
     default = _config("fitv2_xl.py")
     assert tuple(default.mesh.ici) == (1, -1, 1) and default.model.remat_policy == "none"
-    assert default.mesh.slice == "v5p-64"
+    assert tuple(default.mesh.slices) == ("v5p-64",)
     assert tuple(default.mesh.slice_presets) == ("v5p-64", "v6e-64", "v5e-256")
     # --config.a.b=value still wins over the preset
     assert _config("fitv2_xl.py:v5e-256", ["model.remat_policy=full"]).model.remat_policy == "full"
     # a slice as libtpu names it is the same slice
-    assert _config("fitv2_hr_3b.py:v5e:16x16").mesh.slice == "v5e-256"
+    assert tuple(_config("fitv2_hr_3b.py:v5e:16x16").mesh.slices) == ("v5e-256",)
 
 
 @pytest.mark.parametrize("name", POD_CONFIGS)
 def test_every_preset_changes_compute_options_and_the_mesh_only(name):
     """Checkpoints move between slices: a preset never changes what the model is."""
     default = _config(f"{name}.py")
-    assert default.mesh.slice == "v5p-64" and "v5e-256" in default.mesh.slice_presets
+    assert "v5p-64" in default.mesh.slices and "v5e-256" in default.mesh.slice_presets
     for preset in default.mesh.slice_presets:
         config = _config(f"{name}.py:{preset}")
-        assert config.mesh.slice == preset
+        assert preset in config.mesh.slices
         changed = {k for k in config.model if config.model[k] != default.model[k]}
         assert changed <= set(COMPUTE_OPTIONS), (preset, changed)
         assert config.data == default.data and config.train == default.train
@@ -62,11 +62,17 @@ def test_the_note_on_another_slice_names_its_preset_or_says_none_was_estimated()
     xl = _config("fitv2_xl.py")
     assert slice_note(xl, "v5p", 32) is None  # v5p-64: the config's own slice
     note = slice_note(xl, "v5e", 256)
-    assert "settings are for a v5p-64 slice, not this v5e-256" in note
+    assert "settings are for v5p-64, not this v5e-256" in note
     assert "configs/fitv2_xl.py:v5e-256" in note
     assert "none was estimated for v4-32" in slice_note(xl, "v4", 16)
     assert slice_note(_config("fitv2_xl.py:v5e-256"), "v5e", 256) is None
     assert slice_note(_config("tiny.py"), "v5e", 256) is None  # no presets, no slice
+    # HR XL's v6e-64 preset is its defaults: they suit both slices, and either name says so
+    for name in ("fitv2_hr_xl.py", "fitv2_hr_xl.py:v6e-64"):
+        hr = _config(name)
+        assert set(hr.mesh.slices) == {"v5p-64", "v6e-64"}
+        assert slice_note(hr, "v6e", 64) is None and slice_note(hr, "v5p", 32) is None
+    assert "settings are for v5p-64 and v6e-64, not this v5e-256" in slice_note(hr, "v5e", 256)
 
 
 def test_a_runs_slice_is_read_from_its_tpu_devices():

@@ -349,13 +349,13 @@ def test_dry_run_compiles_a_splash_train_step_for_a_tpu_topology(capsys):
     config.model.dtype = "bfloat16"
     config.model.context_size = 256
     # settings chosen for another slice (as a pod config's are): the dry run names the preset
-    config.mesh.slice, config.mesh.slice_presets = "v5p-64", ("v5p-64", "v5e-4")
+    config.mesh.slices, config.mesh.slice_presets = ("v5p-64",), ("v5p-64", "v5e-4")
     # conftest asks for "highest" matmuls (CPU oracles); Mosaic rejects that for bf16 dots
     with jax.default_matmul_precision("default"):
         report = dry_run(config, global_batch=8, topology="v5e:2x2")
     out = capsys.readouterr().out
     assert "append ':v5e-4' to --config" in report["slice_note"]
-    assert "note: the config's settings are for a v5p-64 slice, not this v5e-4" in out
+    assert "note: the config's settings are for v5p-64, not this v5e-4" in out
     assert report["mode"] == "TPU v5e:2x2" and report["devices"] == 4 and report["chip"] == "v5e"
     assert report["fits"] and report["peak_bytes"] < report["hbm_bytes_per_device"]
     assert report["collectives"]["all-gather"]["count"] > 0  # FSDP over 4 chips

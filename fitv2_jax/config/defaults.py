@@ -102,10 +102,10 @@ def train_defaults() -> ml_collections.ConfigDict:
 
 def mesh_defaults() -> ml_collections.ConfigDict:
     """config.mesh: (data, fsdp, tensor) sizes per slice (ici) and across slices (dcn); the
-    slice the config's settings are for and the slices its file has presets for
+    slices the config's settings are for and the slices its file has presets for
     (`config.slices`; empty for the small configs)."""
     return ml_collections.ConfigDict(
-        dict(ici=(1, -1, 1), dcn=(1, 1, 1), slice="", slice_presets=())
+        dict(ici=(1, -1, 1), dcn=(1, 1, 1), slices=(), slice_presets=())
     )
 
 

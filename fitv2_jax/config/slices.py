@@ -7,9 +7,10 @@ A pod config's own settings are the fastest the README's TPU table found for its
 (v5p-64); on another slice other settings win (a mesh whose FSDP axis divides the kernels, the
 blocks scanned and recomputed where a chip holds one image). The config file's PRESETS give
 them per slice as dotted overrides, applied after `get_config`'s own and before the command
-line's `--config.a.b=value`. `config.mesh.slice` records the slice the settings are for and
-`config.mesh.slice_presets` the slices the file has presets for, so that a run or a dry run on
-another slice says which preset to take (`slice_note`). Which settings, and the compiler's
+line's `--config.a.b=value`. `config.mesh.slices` records the slices the settings are for (the
+chosen one and those whose preset is the same) and `config.mesh.slice_presets` the slices the
+file has presets for, so that a run or a dry run on another slice says which preset to take
+(`slice_note`). Which settings, and the compiler's
 estimates behind them: the config's docstring and `python -m fitv2_jax.bench --suite tpu
 --presets`.
 """
@@ -42,22 +43,23 @@ def canonical(name: str) -> str:
 def with_preset(config: ml_collections.ConfigDict, presets: Presets, preset: str | None,
                 default: str) -> ml_collections.ConfigDict:  # fmt: skip
     """The config with its preset for slice `preset` applied (none: the config's own settings,
-    which are for slice `default`); records both in config.mesh (module doc)."""
-    config.mesh.slice = default
+    which are for slice `default`); records which slices they suit in config.mesh (module doc)."""
     config.mesh.slice_presets = tuple(presets)
-    if not preset:
-        return config
-    try:
-        name = canonical(preset)
-    except UserError:
-        name = None
-    if name not in presets:
-        raise UserError(f"config preset {preset!r}: this config has presets for "
-                        f"{', '.join(presets)} (append one to the file: --config "
-                        f"configs/fitv2_xl.py:v5e-256). Without one it keeps its {default} "
-                        "settings; any field can still be set with --config.a.b=value.")  # fmt: skip
-    config.update_from_flattened_dict(dict(presets[name]))
-    config.mesh.slice = name
+    name = default
+    if preset:
+        try:
+            name = canonical(preset)
+        except UserError:
+            name = None
+        if name not in presets:
+            raise UserError(f"config preset {preset!r}: this config has presets for "
+                            f"{', '.join(presets)} (append one to the file: --config "
+                            f"configs/fitv2_xl.py:v5e-256). Without one it keeps its {default} "
+                            "settings; any field can still be set with --config.a.b=value.")  # fmt: skip
+    overrides = dict(presets.get(name, {}))
+    same = [n for n, o in presets.items() if dict(o) == overrides]  # in the file's order
+    config.mesh.slices = tuple(same if name in same else [name, *same])
+    config.update_from_flattened_dict(overrides)
     return config
 
 
@@ -65,14 +67,14 @@ def slice_note(config: ml_collections.ConfigDict, kind: str, chips: int) -> str 
     """What to say when `config` runs on `chips` chips (per slice) of `kind` but its settings
     are for another slice: None when they match, or when the config names no slice (the small
     configs, which have no presets)."""
-    ours = str(config.mesh.get("slice", "") or "")
+    ours = tuple(config.mesh.get("slices", ()) or ())
     if not ours or kind not in CHIPS:
         return None
     running = slice_name(kind, chips)
-    if running == ours:
+    if running in ours:
         return None
     presets = tuple(config.mesh.get("slice_presets", ()) or ())
-    head = f"the config's settings are for a {ours} slice, not this {running}"
+    head = f"the config's settings are for {' and '.join(ours)}, not this {running}"
     if running in presets:
         return (f"{head}; the config file has a preset for {running}: append ':{running}' to "
                 f"--config (e.g. --config configs/fitv2_xl.py:{running}).")  # fmt: skip
