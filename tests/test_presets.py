@@ -11,7 +11,7 @@ import pytest
 
 from fitv2_jax.benchmarks.tpu import markdown, preset_plan
 from fitv2_jax.config.files import load_config
-from fitv2_jax.config.slices import live_slice, slice_note
+from fitv2_jax.config.slices import live_slice, slice_note, with_preset
 from fitv2_jax.models.fit import COMPUTE_OPTIONS
 from fitv2_jax.training.loop import check_resume_config
 from fitv2_jax.utils.errors import UserError
@@ -50,6 +50,14 @@ def test_every_preset_changes_compute_options_and_the_mesh_only(name):
         assert changed <= set(COMPUTE_OPTIONS), (preset, changed)
         assert config.data == default.data and config.train == default.train
         check_resume_config(config, default, "workdir")  # resumes the default's run
+
+
+def test_a_preset_naming_a_field_that_does_not_exist_is_an_error_not_a_new_field():
+    config = _config("tiny.py")
+    presets = {"v5p-64": {}, "v5e-256": {"model.remat_polcy": "dots"}}
+    with pytest.raises(KeyError, match=r"model.remat_polcy \(a preset for v5e-256"):
+        with_preset(config, presets, "v5e-256", default="v5p-64")
+    assert "remat_polcy" not in config.model
 
 
 def test_a_slice_without_a_preset_is_refused_naming_the_presets():

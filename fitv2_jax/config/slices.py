@@ -59,6 +59,13 @@ def with_preset(config: ml_collections.ConfigDict, presets: Presets, preset: str
     overrides = dict(presets.get(name, {}))
     same = [n for n, o in presets.items() if dict(o) == overrides]  # in the file's order
     config.mesh.slices = tuple(same if name in same else [name, *same])
+    for dotted in overrides:  # update_from_flattened_dict would add a misspelt field silently
+        *parents, leaf = dotted.split(".")
+        node = config
+        for part in parents:
+            node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+        if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+            raise KeyError(f"{dotted} (a preset for {name} in the config file's PRESETS)")
     config.update_from_flattened_dict(overrides)
     return config
 
