@@ -34,6 +34,7 @@ import traceback
 
 from absl import flags
 
+from fitv2_jax.config.defaults import mesh_defaults
 from fitv2_jax.config.files import load_config
 from fitv2_jax.config.slices import canonical
 from fitv2_jax.models.attention import resolve_backend
@@ -44,7 +45,7 @@ FLAGS = flags.FLAGS
 CONFIGS = ["configs/fitv2_b.py", "configs/fitv2_xl.py", "configs/fitv2_3b.py",
            "configs/fitv2_hr_xl.py", "configs/fitv2_hr_3b.py"]  # fmt: skip
 GIB = 2.0**30
-DEFAULT_ICI = (1, -1, 1)  # config.mesh.ici's default: FSDP over every chip
+DEFAULT_ICI = tuple(mesh_defaults().ici)  # FSDP over every chip
 
 
 def define_flags(module_name: str) -> None:
