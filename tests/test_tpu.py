@@ -15,6 +15,8 @@ from fitv2_jax.benchmarks.tpu import _key, markdown, parse_ici
 from fitv2_jax.benchmarks.tpu_blocks import blocks_config
 from fitv2_jax.config.files import load_config
 from fitv2_jax.models.attention import attend
+from fitv2_jax.models.short_attention import heads_per_step
+from fitv2_jax.models.short_attention import padded_length as short_padded_length
 from fitv2_jax.models.splash import block_size, padded_length
 from fitv2_jax.models.summary import summarize
 from fitv2_jax.parallel.cost import (
@@ -48,7 +50,7 @@ def _qkv_and_segments(dtype, n=40, heads=4, dh=72):
     return q, k, v, jnp.asarray(seg)
 
 
-def _relative_errors(dtype):
+def _relative_errors(dtype, backend="splash"):
     q, k, v, seg = _qkv_and_segments(dtype)
     real = (seg != 0)[:, :, None, None]
 
@@ -59,22 +61,25 @@ def _relative_errors(dtype):
 
     rel = lambda a, b: float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))
                              / jnp.max(jnp.abs(b.astype(jnp.float32))))  # fmt: skip
-    out = rel(attend(q, k, v, seg, "splash") * real, attend(q, k, v, seg, "xla") * real)
-    g_splash = jax.grad(loss("splash"), argnums=(0, 1, 2))(q, k, v)
+    out = rel(attend(q, k, v, seg, backend) * real, attend(q, k, v, seg, "xla") * real)
+    g_kernel = jax.grad(loss(backend), argnums=(0, 1, 2))(q, k, v)
     g_xla = jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)
-    return out, [rel(a, b) for a, b in zip(g_splash, g_xla, strict=True)]
+    return out, [rel(a, b) for a, b in zip(g_kernel, g_xla, strict=True)]
 
 
-def test_splash_equals_xla_attention_in_float32_with_ragged_and_packed_rows():
-    out, grads = _relative_errors(jnp.float32)
+@pytest.mark.parametrize("backend", ["splash", "short"])
+def test_pallas_kernels_equal_xla_attention_in_float32_with_ragged_and_packed_rows(backend):
+    out, grads = _relative_errors(jnp.float32, backend)
     assert out < 1e-5
     assert max(grads) < 1e-5, grads
 
 
-def test_splash_equals_xla_attention_in_bfloat16_within_its_rounding():
+@pytest.mark.parametrize("backend", ["splash", "short"])
+def test_pallas_kernels_equal_xla_attention_in_bfloat16_within_its_rounding(backend):
     # both round q, k, v, probabilities and outputs to bf16 (8 bits of mantissa) in different
-    # orders; 2^-6 of the largest value bounds the difference seen (measured ~4e-3)
-    out, grads = _relative_errors(jnp.bfloat16)
+    # orders; 2^-6 of the largest value bounds the difference seen (measured ~4e-3 for splash,
+    # ~8e-3 for "short")
+    out, grads = _relative_errors(jnp.bfloat16, backend)
     assert out < 1.6e-2
     assert max(grads) < 1.6e-2, grads
 
@@ -96,11 +101,12 @@ def test_splash_equals_xla_attention_over_several_query_blocks():
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
 
 
-def test_splash_under_shard_map_equals_one_device():
+@pytest.mark.parametrize("backend", ["splash", "short"])
+def test_pallas_kernels_under_shard_map_equal_one_device(backend):
     q, k, v, seg = _qkv_and_segments(jnp.float32)
-    single = attend(q, k, v, seg, "splash")
+    single = attend(q, k, v, seg, backend)
     with jax.set_mesh(create_mesh((2, 2, 2))):  # batch over data x fsdp, heads over tensor
-        sharded = jax.jit(lambda q, k, v: attend(q, k, v, seg, "splash"))(q, k, v)
+        sharded = jax.jit(lambda q, k, v: attend(q, k, v, seg, backend))(q, k, v)
     np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), rtol=0, atol=1e-6)
 
 
@@ -395,6 +401,47 @@ def test_splash_kernels_are_priced_from_their_work():
     big = KernelWork(flops=2.0 * 4096**3, transcendentals=0.0, bytes_accessed=3 * 4096**2 * 2.0)
     rate = big.flops / kernel_seconds(devices[0], big)
     assert 0.5 * 459e12 < rate <= 459e12, rate
+
+
+@pytest.mark.parametrize("topology", ["v5p:2x2x1", "v5e:2x2", "v6e:2x2"])
+def test_short_rows_kernels_compile_for_each_tpu_and_the_compiler_prices_their_work(topology):
+    """Mosaic lowers both kernels for every chip generation of the table, and the compiler's
+    cost analysis counts the work their `pl.CostEstimate` states (forward 2 products of
+    L x L x Dh per head, backward 5), so the estimate prices them where they run."""
+    devices, _, _ = topology_devices(topology)
+    mesh = create_mesh((1, 4, 1), devices=devices)
+    x = jax.ShapeDtypeStruct((4, 256, 2, 72), jnp.bfloat16)
+    seg = jax.ShapeDtypeStruct((4, 256), jnp.int32)
+    loss = lambda q, k, v, s: jnp.sum(attend(q, k, v, s, "short").astype(jnp.float32) ** 2)
+    with jax.set_mesh(mesh), jax.default_matmul_precision("default"):
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+        compiled = grad.lower(x, x, x, seg).compile()
+    text = compiled.as_text()
+    assert len(re.findall(r"%short_attention_fwd\S* = ", text)) == 1
+    assert len(re.findall(r"%short_attention_bwd\S* = ", text)) == 1
+    per_matmul = 2.0 * 1 * 2 * 256 * 256 * 72  # per device: 1 row, 2 heads, 256 x 256 x 72
+    stated = [float(f) for f in re.findall(r'cost_estimate":\{"flops":"(\d+)"', text)]
+    assert sorted(stated) == [2 * per_matmul, 5 * per_matmul]
+    ca = compiled.cost_analysis()
+    ca = ca[0] if isinstance(ca, list | tuple) else ca
+    # the program's FLOPs are the kernels' stated work and a little elementwise work around them
+    assert 7 * per_matmul <= float(ca["flops"]) < 7.2 * per_matmul
+    # nothing added by `program_cost`: the compiler prices these kernels itself
+    assert program_cost(compiled) == (float(ca["flops"]), float(ca["optimal_seconds"]))
+
+
+def test_short_rows_kernel_refuses_long_rows_naming_splash():
+    x = jnp.zeros((1, 513, 1, 8), jnp.float32)
+    with pytest.raises(ValueError, match="at most 512 tokens.*'splash'"):
+        attend(x, x, x, jnp.ones((1, 513), jnp.int32), "short")
+
+
+@pytest.mark.parametrize("heads,head_dim,length,step", [(16, 72, 256, 16), (16, 72, 512, 4),
+                                                         (24, 96, 256, 12), (5, 72, 256, 5)])  # fmt: skip
+def test_short_rows_kernel_takes_as_many_heads_per_step_as_its_vmem_budget_allows(
+        heads, head_dim, length, step):  # fmt: skip
+    assert heads_per_step(heads, head_dim, length) == step
+    assert short_padded_length(40) == 128 and short_padded_length(256) == 256
 
 
 def _tiny_unrolled(depth=3):

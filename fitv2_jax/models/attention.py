@@ -12,6 +12,8 @@ Backends (`attention_backend`):
   "einsum" explicit einsum + float32 softmax (a reference, and the most portable)
   "splash" Pallas TPU splash attention with segment ids, per shard (`models.splash`); Pallas
            interpret mode off TPU
+  "short"  our Pallas TPU kernels for rows of at most 512 tokens, whole rows in VMEM and every
+           array with the tokens on the lanes (`models.short_attention`); interpret mode off TPU
   "auto"   splash when compiling for TPU at SPLASH_MIN_TOKENS tokens or more, or at
            SPLASH_MIN_TOKENS_RECOMPUTED when the blocks are rematerialised (`remat_policy` other
            than "none": FiT resolves it with that knowledge); xla otherwise (the pod configs'
@@ -41,11 +43,12 @@ import jax.numpy as jnp
 
 from fitv2_jax.models.layers import DenseND, Norm
 from fitv2_jax.models.rope import apply_rope
+from fitv2_jax.models.short_attention import short_attend
 from fitv2_jax.models.softmax_attention import softmax_attention
 from fitv2_jax.models.splash import splash_attend
 from fitv2_jax.parallel.platform import compiling_for_tpu
 
-BACKENDS = ("xla", "einsum", "splash", "auto")
+BACKENDS = ("xla", "einsum", "splash", "short", "auto")
 SPLASH_MIN_TOKENS = 1024  # "auto" picks splash on TPU from this sequence length (module doc)
 SPLASH_MIN_TOKENS_RECOMPUTED = 256  # ... and from this one when the blocks are rematerialised
 SAVE_PROBS_MAX_TOKENS = 256  # the "xla" backend keeps its probabilities up to here (saves_probs)
@@ -105,6 +108,8 @@ def attend(q, k, v, segment_ids, backend: str = "xla", bound: float | None = Non
     backend = resolve_backend(backend, q.shape[1], compiling_for_tpu())
     if backend == "splash":
         return splash_attend(q, k, v, segment_ids)
+    if backend == "short":
+        return short_attend(q, k, v, segment_ids)
     if backend == "xla":
         return softmax_attention(q, k, v, segment_ids, bound, save_probs)
     mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]  # (B, 1, N, N)

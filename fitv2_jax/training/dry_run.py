@@ -134,14 +134,14 @@ def dry_run(config, global_batch: int | None = None, topology: str | None = None
         if estimate:
             model = config.model
             backend = resolve_backend(model.attention_backend, n, True, model.remat_policy)
-            splash = backend == "splash"
-            report["estimate_prices_splash"] = splash
+            report["estimate_prices_splash"] = backend == "splash"
             try:
                 peak = report["bf16_flops_per_device"]
                 report.update(_estimate(config, setup.global_batch, mesh, model_flops, peak))
                 report["estimate_flops_ratio"] = report["estimate_flops_per_device"] / model_flops
                 bound = matmul_bound(report["estimate_mfu"], report["cycle_kinds"])
-                if bound is not None and not splash:  # splash kernels carry no cycles
+                # Pallas kernels (splash, "short") carry no cycles, so the shares leave them out
+                if bound is not None and backend not in ("splash", "short"):
                     report["estimate_mfu_matmuls_only"] = bound
             except RuntimeError as e:  # memory and collectives stand without the estimate
                 report["estimate_error"] = str(e)

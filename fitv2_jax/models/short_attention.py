@@ -1,0 +1,210 @@
+"""Attention for short rows (up to 512 tokens) as one Pallas TPU kernel per batch element that
+holds whole rows, for FiT's masked attention.
+
+    out = short_attend(q, k, v, segment_ids)   # (B, N, H, Dh) x3, (B, N) -> (B, N, H, Dh)
+
+Mask (official): query i sees key j iff segment[i] == segment[j] (0 = padding). Rows are padded
+to a multiple of 128 tokens with segment id -1 (pads see only pads; their outputs are cut off).
+Under a mesh (`jax.set_mesh`) the kernels run per shard with `shard_map`: batch over
+("data", "fsdp"), heads over "tensor". Off TPU they run in Pallas interpret mode (for tests).
+
+Why not splash at these lengths: a row of 256 tokens is a single splash block, and what splash
+adds around its kernels is what costs (by the TPU compiler's estimate of 4 unrolled FiTv2-XL/2
+blocks on v5p-64, no remat: splash 5.76 ms against XLA attention's 5.46). Splash keeps its
+log-sum-exp as (H, L, 128) float32 (16.8 MB per block per chip at 8 images x 16 heads x 256
+tokens, more than q, k and v together), computes the backward's rowsum(o * do) in XLA and widens
+it the same way, widens the segment ids to (L, 128) and (8, L), and writes dq, dk and dv with
+the head dim on the lanes, which XLA then copies into the tokens-on-the-lanes layout the rest of
+the step uses. This kernel keeps everything in that layout:
+
+- q, k, v, the output and dq, dk, dv are (B, H, Dh, L): tokens on the lanes, as the q/k/v
+  projection produces them and XLA attention uses them;
+- the log-sum-exp is (B, H, 1, L) float32, one row per head;
+- the kernel works on the transposed scores s^T = k^T q (keys on the sublanes, queries on the
+  lanes), so that every per-query vector (max, sum, log-sum-exp, rowsum(o * do)) is a row that
+  broadcasts over the sublanes, and the products are
+      forward   s^T = k^T q,  o^T = v p^T
+      backward  dv^T = do p,  dp^T = v^T do,  dq^T = k ds^T,  dk^T = q ds
+  (q and k enter the products transposed on the contracted head dim, or with both operands
+  contracted on the lanes);
+- rowsum(o * do) is computed inside the backward kernel from o and do;
+- the segment ids enter as a row (B, 1, L) and a column (B, L, 1).
+
+The softmax is exact, not online: a row's scores for one head are (L, L) float32 in VMEM (256 KiB
+at 256 tokens, 1 MiB at 512), computed once in the forward and once in the backward (recomputed
+from the log-sum-exp, as flash attention does). Probabilities are normalised in float32 and cast
+to v's dtype before the value product, as the "xla" backend does. The softmax scale 1/sqrt(Dh) is
+applied to q before the kernels.
+
+Each grid step takes one batch element and `heads_per_step` heads (at 256 tokens all 16 of
+FiTv2-XL/2's, 12 of FiTv2-3B/2's 24; at 512 tokens 4), within Mosaic's default scoped VMEM. The kernels carry a `pl.CostEstimate` of their work (2 products
+of L x L x Dh forward, 5 backward, one exp per score), which the TPU compiler prices in place: a
+roofline, the kernels' best case, as the splash kernels are priced (`parallel.cost`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.sharding import PartitionSpec as P
+
+from fitv2_jax.parallel.platform import compiling_for_tpu
+
+LANES = 128  # rows are padded to a multiple of this
+MAX_TOKENS = 512  # longer rows: use splash (models.attention)
+PAD_SEGMENT = -1
+VMEM_BUDGET = 14 * 2**20  # bytes a grid step may hold, under Mosaic's default 16 MiB scoped VMEM
+_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # a finite "minus infinity", as splash uses
+_TN = (((0,), (0,)), ((), ()))  # contract the sublane (head-dim) axes: a^T b
+_NT = (((1,), (1,)), ((), ()))  # contract the lane (token) axes: a b^T
+
+
+def padded_length(n: int) -> int:
+    return -(-n // LANES) * LANES
+
+
+def heads_per_step(heads: int, head_dim: int, length: int) -> int:
+    """The most heads (a divisor of `heads`) a grid step takes within VMEM_BUDGET: the backward
+    holds 8 (h, Dh, L) bf16 blocks, each double-buffered, and about 6 (L, L) float32 arrays."""
+    per_head = 2 * (-(-head_dim // 16) * 16) * length  # bf16, Dh padded to 16 sublanes
+    fit = max(1, (VMEM_BUDGET - 6 * 4 * length * length) // (16 * per_head))
+    return max(h for h in range(1, heads + 1) if heads % h == 0 and h <= fit)
+
+
+def _mask(seg_col, seg_row):
+    return seg_col == seg_row  # (L, 1) == (1, L) -> (keys, queries)
+
+
+def _forward_kernel(seg_row_ref, seg_col_ref, q_ref, k_ref, v_ref, o_ref, lse_ref):
+    """One batch element, `h` heads: q, k, v (1, h, Dh, L) -> o (1, h, Dh, L), lse (1, h, 1, L)."""
+    same = _mask(seg_col_ref[0], seg_row_ref[0])
+    for h in range(q_ref.shape[1]):
+        q, k, v = q_ref[0, h], k_ref[0, h], v_ref[0, h]
+        s = jax.lax.dot_general(k, q, _TN, preferred_element_type=jnp.float32)  # (Lk, Lq)
+        s = jnp.where(same, s, _MASKED)
+        peak = jnp.max(s, axis=0, keepdims=True)  # (1, Lq)
+        weights = jnp.exp(s - peak)
+        total = jnp.sum(weights, axis=0, keepdims=True)
+        probs = (weights * (1.0 / total)).astype(v.dtype)
+        o = jnp.dot(v, probs, preferred_element_type=jnp.float32)  # (Dh, Lq)
+        o_ref[0, h] = o.astype(o_ref.dtype)
+        lse_ref[0, h] = peak + jnp.log(total)
+
+
+def _backward_kernel(seg_row_ref, seg_col_ref, q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref,
+                     dq_ref, dk_ref, dv_ref):  # fmt: skip
+    """One batch element, `h` heads: the forward's inputs and outputs and do -> dq, dk, dv."""
+    same = _mask(seg_col_ref[0], seg_row_ref[0])
+    f32 = jnp.float32
+    for h in range(q_ref.shape[1]):
+        q, k, v, o, do = q_ref[0, h], k_ref[0, h], v_ref[0, h], o_ref[0, h], do_ref[0, h]
+        s = jax.lax.dot_general(k, q, _TN, preferred_element_type=f32)  # (Lk, Lq)
+        probs = jnp.where(same, jnp.exp(s - lse_ref[0, h]), 0.0)
+        dv = jax.lax.dot_general(do, probs.astype(do.dtype), _NT, preferred_element_type=f32)
+        dp = jax.lax.dot_general(v, do, _TN, preferred_element_type=f32)  # (Lk, Lq)
+        delta = jnp.sum(o.astype(f32) * do.astype(f32), axis=0, keepdims=True)  # (1, Lq)
+        ds = (probs * (dp - delta)).astype(q.dtype)
+        dq = jnp.dot(k, ds, preferred_element_type=f32)  # (Dh, Lq)
+        dk = jax.lax.dot_general(q, ds, _NT, preferred_element_type=f32)  # (Dh, Lk)
+        dq_ref[0, h] = dq.astype(dq_ref.dtype)
+        dk_ref[0, h] = dk.astype(dk_ref.dtype)
+        dv_ref[0, h] = dv.astype(dv_ref.dtype)
+
+
+def _specs(shape, hb):
+    b, heads, dh, length = shape
+    block = pl.BlockSpec((1, hb, dh, length), lambda i, j: (i, j, 0, 0))
+    lse = pl.BlockSpec((1, hb, 1, length), lambda i, j: (i, j, 0, 0))
+    row = pl.BlockSpec((1, 1, length), lambda i, j: (i, 0, 0))
+    col = pl.BlockSpec((1, length, 1), lambda i, j: (i, 0, 0))
+    return (b, heads // hb), block, lse, row, col
+
+
+def _work(shape, itemsize, products, arrays):
+    b, heads, dh, length = shape
+    return pl.CostEstimate(flops=2 * products * b * heads * length * length * dh,
+                           transcendentals=b * heads * length * length,
+                           bytes_accessed=arrays * b * heads * dh * length * itemsize)  # fmt: skip
+
+
+def _forward(q, k, v, seg_row, seg_col, interpret):
+    grid, block, lse, row, col = _specs(q.shape, heads_per_step(*q.shape[1:]))
+    b, heads, _, length = q.shape
+    return pl.pallas_call(
+        _forward_kernel,
+        grid=grid,
+        in_specs=[row, col, block, block, block],
+        out_specs=[block, lse],
+        out_shape=[
+            jax.ShapeDtypeStruct(q.shape, q.dtype),
+            jax.ShapeDtypeStruct((b, heads, 1, length), jnp.float32),
+        ],
+        cost_estimate=_work(q.shape, q.dtype.itemsize, 2, 4),
+        interpret=interpret,
+        name="short_attention_fwd",
+    )(seg_row, seg_col, q, k, v)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _attention(q, k, v, seg_row, seg_col, interpret):
+    return _forward(q, k, v, seg_row, seg_col, interpret)[0]
+
+
+def _attention_fwd(q, k, v, seg_row, seg_col, interpret):
+    out, lse = _forward(q, k, v, seg_row, seg_col, interpret)
+    return out, (q, k, v, seg_row, seg_col, out, lse)
+
+
+def _attention_bwd(interpret, residuals, d_out):
+    q, k, v, seg_row, seg_col, out, lse = residuals
+    grid, block, lse_spec, row, col = _specs(q.shape, heads_per_step(*q.shape[1:]))
+    dq, dk, dv = pl.pallas_call(
+        _backward_kernel,
+        grid=grid,
+        in_specs=[row, col, block, block, block, block, block, lse_spec],
+        out_specs=[block, block, block],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype) for _ in range(3)],
+        cost_estimate=_work(q.shape, q.dtype.itemsize, 5, 8),
+        interpret=interpret,
+        name="short_attention_bwd",
+    )(seg_row, seg_col, q, k, v, out, d_out.astype(q.dtype), lse)
+    return dq, dk, dv, None, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def _local_attend(q, k, v, segment_ids, interpret: bool):
+    """One shard: q, k, v (b, N, h, Dh), segment_ids (b, N) -> (b, N, h, Dh)."""
+    n, dh = q.shape[1], q.shape[3]
+    if n > MAX_TOKENS:
+        raise ValueError(f"attention_backend='short' takes rows of at most {MAX_TOKENS} tokens, "
+                         f"got {n}: use 'splash' (or 'auto') for longer rows")  # fmt: skip
+    pad = padded_length(n) - n
+    q = q * jnp.asarray(dh**-0.5, q.dtype)
+    # (b, N, h, Dh) -> (b, h, Dh, L): tokens on the lanes
+    to_kernel = lambda x: jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 3, 1)
+    seg = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, pad)), constant_values=PAD_SEGMENT)
+    out = _attention(to_kernel(q), to_kernel(k), to_kernel(v), seg[:, None, :], seg[:, :, None],
+                     interpret)  # fmt: skip
+    return out.transpose(0, 3, 1, 2)[:, :n]
+
+
+def short_attend(q, k, v, segment_ids):
+    """q, k, v: (B, N, H, Dh), N <= MAX_TOKENS; segment_ids: (B, N) int. Returns (B, N, H, Dh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    interpret = not compiling_for_tpu()
+    if mesh.empty or not {"data", "fsdp", "tensor"} <= set(mesh.axis_names):
+        return _local_attend(q, k, v, segment_ids, interpret)
+    spec = P(("data", "fsdp"), None, "tensor", None)
+    attend = jax.shard_map(
+        functools.partial(_local_attend, interpret=interpret),
+        mesh=mesh,
+        in_specs=(spec, spec, spec, P(("data", "fsdp"), None)),
+        out_specs=spec,
+        check_vma=False,
+    )
+    return attend(q, k, v, segment_ids)
