@@ -4,8 +4,11 @@ Command (one TPU v4-8 host or 8 GPUs):
   python -m fitv2_jax.train --config configs/fitv2_b.py --workdir /tmp/fitv2_b
 Hardware: a single 8-chip host; the paper's ablation model.
 Reproduces: FID-50K 26.03 at 256x256 after 400K steps without CFG (FiT-B/2: 36.36); 16.52 at 2000K.
-TPU defaults (remat none, all 15 blocks unrolled; attention auto = XLA attention at 256 tokens)
-  from the README's TPU table (`python -m fitv2_jax.bench --suite tpu` and `train --dry_run`,
+TPU defaults (remat none, all 15 blocks unrolled; attention auto = the "short" kernels at 256
+  tokens, `models.short_attention`: on v5p-64 10.5 ms, 28.5% MFU, 1.3 of 95 GiB per chip,
+  against 11.7 ms with XLA attention, 2026-12-05; the presets below recompute the blocks, so
+  auto takes splash there, which the compiler puts ahead with "dots": v6e-64 8.4 vs 9.0 ms with
+  the "short" kernels) and, from before those kernels, from the README's TPU table (`python -m fitv2_jax.bench --suite tpu` and `train --dry_run`,
   compiler estimates, v5p-64, global batch 256, 2026-12-03): unrolled without remat 13.4 ms
   (22.4% MFU, 1.6 of 95 GiB per chip) vs 24.1 ms with the blocks scanned (the earlier default,
   which stacks every block's residuals in the loop); unrolled with remat "dots" 13.8 ms (XLA
@@ -43,6 +46,6 @@ def get_config(preset=None):
     config.model.dtype = "bfloat16"  # the paper's bf16 mixed precision (fp32 master weights)
     config.model.remat_policy = "none"  # TPU defaults: see the module docstring
     config.model.scan_unroll = 15  # every block unrolled: no scan loop (module docstring)
-    config.model.attention_backend = "auto"  # splash on TPU from 1024 tokens (256 with remat)
+    config.model.attention_backend = "auto"  # on TPU: models.attention.resolve_backend
     config.train.total_steps = 400_000  # the paper's ablation length
     return with_preset(config, PRESETS, preset, default="v5p-64")

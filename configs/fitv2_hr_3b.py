@@ -43,7 +43,7 @@ def get_config(preset=None):
     config.model.dtype = "bfloat16"  # the paper's bf16 mixed precision (fp32 master weights)
     config.model.remat_policy = "none"  # TPU defaults: see the module docstring
     config.model.scan_unroll = 40  # every block unrolled: no scan loop (module docstring)
-    config.model.attention_backend = "auto"  # splash on TPU from 1024 tokens (256 with remat)
+    config.model.attention_backend = "auto"  # on TPU: models.attention.resolve_backend
     return with_preset(
         post_training(config, total_steps=200_000), PRESETS, preset, default="v5p-64"
     )

@@ -47,7 +47,7 @@ def get_config(preset=None):
     config.model.dtype = "bfloat16"  # the paper's bf16 mixed precision (fp32 master weights)
     config.model.remat_policy = "none"  # TPU defaults: see the module docstring
     config.model.scan_unroll = 36  # every block unrolled: no scan loop (module docstring)
-    config.model.attention_backend = "auto"  # splash on TPU from 1024 tokens (256 with remat)
+    config.model.attention_backend = "auto"  # on TPU: models.attention.resolve_backend
     config.sampling.official_cfg_scale = 1.65  # the official README's 512x512 and 320x640 runs
     return with_preset(
         post_training(config, total_steps=400_000), PRESETS, preset, default="v5p-64"

@@ -11,30 +11,33 @@ TPU settings by slice, the presets (`--config configs/fitv2_xl.py:SLICE`, `confi
   the README's TPU table (`python -m fitv2_jax.bench --suite tpu [--presets]`, `train --dry_run
   --topology T`; compiler estimates, not measurements; global batch 256; the attention kernels
   stored flat, 2026-12-05):
-  v5p-64   the defaults: all 36 blocks unrolled, no remat, attention auto (XLA attention at 256
-           tokens, keeping its probabilities): 48.1 ms, 33.1% MFU, 5.46 of 95 GiB per chip;
-           data 2 x FSDP 16 (`--config.mesh.ici='(2,-1,1)'`) is even, 48.2 ms, 5.0 GiB.
+  v5p-64   the defaults: all 36 blocks unrolled, no remat, attention auto (the "short" kernels
+           at 256 tokens, `models.short_attention`, 2026-12-05): 44.6 ms, 35.7% MFU, 5.05 of
+           95 GiB per chip, against 48.1 ms (33.1%, 5.46 GiB) with XLA attention keeping its
+           probabilities, the default until then, and 52.8 with splash (the table's row);
+           with XLA attention, data 2 x FSDP 16 (`--config.mesh.ici='(2,-1,1)'`) is even, 48.2 ms.
            Before the flat kernels (2026-12-03/04, 53.2 ms for the defaults then): splash 52.8 ms
            unrolled; scanned with full remat 66.7 ms (splash 61.5, 1.2 GiB); unrolled with remat
            "dots" 56.3 ms (splash 54.7). `--config.model.gather_attention_once=True` no longer
            helps (4 blocks 5.54 vs 5.46 ms).
   v6e-64   preset: `--config.mesh.ici='(2,-1,1)'` (data 2 x FSDP 32), blocks unrolled without
-           remat: 33.6 ms, 11.9% MFU, 2.7 of 32 GiB, vs 39.8 ms with FSDP over all 64 chips,
+           remat: 30.5 ms, 13.1% MFU, 2.5 of 32 GiB with the "short" kernels (2026-12-05; 33.6
+           ms, 2.7 GiB with XLA attention), vs 39.8 ms with FSDP over all 64 chips (XLA attention),
            where libtpu gathers the weights by all-reduces of zero-padded buffers (README, TPU
            table).
   v5e-256  (one image per chip) preset: `--config.mesh.ici='(2,-1,1)'
            --config.model.remat_policy=dots --config.model.scan_unroll=1` (auto picks splash, the
-           blocks being recomputed): 35.2 ms, 13.2% MFU, 0.4 of 16 GiB; full remat 36.9 (splash)
-           or 35.6 (XLA attention). FSDP over all 256 chips divides neither attention kernel
+           blocks being recomputed): 35.2 ms, 13.2% MFU, 0.4 of 16 GiB; with the "short"
+           kernels 35.9 ms (2026-12-05); full remat 36.9 (splash) or 35.6 (XLA attention). FSDP over all 256 chips divides neither attention kernel
            (1152 x 3456, 1152 x 1152), so the default mesh replicates them (a warning says so):
            scanned with full remat and splash 84.9 ms, unrolled without remat 69 ms.
   Unrolling's price: `--dry_run` compiles for about 5 minutes per program on a 2-core host (two
   programs: the step and the estimate's). Scanned without remat loses (stacking every block's
   residuals in the loop costs more than recomputing them).
 MFU ceiling (`python -m fitv2_jax.bench --suite tpu_matmuls`, 2026-12-04): at 8 images per v5p chip
-  the compiler prices the linear layers alone at 55% of the bf16 peak, so no step passes 57%; the
-  whole step's matmuls, attention's included, give 47.7% (`--dry_run`'s "only the matmuls' cycles"
-  line, 2026-12-05). Larger batches per chip (`--global_batch` of the TPU bench suite, v5p-64,
+  the compiler prices the linear layers alone at 55% of the bf16 peak, so no step passes 57%; with
+  XLA attention the whole step's matmuls, its own included, give 47.7% (`--dry_run`'s "only the
+  matmuls' cycles" line, 2026-12-05). Larger batches per chip (`--global_batch` of the TPU bench suite, v5p-64,
   2026-12-05): 512 84.2 ms (37.9%, before the flat kernels), 1024 131 ms (48.8%, 18.2 GiB).
 """
 
@@ -55,5 +58,5 @@ def get_config(preset=None):
     config.model.dtype = "bfloat16"  # the paper's bf16 mixed precision (fp32 master weights)
     config.model.remat_policy = "none"  # TPU defaults: see the module docstring
     config.model.scan_unroll = 36  # every block unrolled: no scan loop (module docstring)
-    config.model.attention_backend = "auto"  # splash on TPU from 1024 tokens (256 with remat)
+    config.model.attention_backend = "auto"  # on TPU: models.attention.resolve_backend
     return with_preset(config, PRESETS, preset, default="v5p-64")

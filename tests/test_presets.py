@@ -99,8 +99,9 @@ def test_the_tables_preset_rows_carry_each_presets_settings_and_name():
     path = os.path.join(ROOT, "configs", "fitv2_xl.py")
     plan = preset_plan([path])
     assert [row[1] for row in plan] == ["v5p-64", "v6e-64", "v5e-256"]
-    # auto attention as it resolves there: XLA without remat at 256 tokens, splash with "dots"
-    assert plan[0] == (f"{path}:v5p-64", "v5p-64", "none", "xla", 36, None)
+    # auto attention as it resolves there: the "short" kernels without remat at 256 tokens,
+    # splash with "dots"
+    assert plan[0] == (f"{path}:v5p-64", "v5p-64", "none", "short", 36, None)
     assert plan[2] == (f"{path}:v5e-256", "v5e-256", "dots", "splash", 1, (2, -1, 1))
     row = dict(config="fitv2_xl:v5e-256", topology="v5e-256", remat="dots", attention="splash",
                scan_unroll=1, ici=(2, -1, 1), depth=36, tokens=256,

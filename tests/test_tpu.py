@@ -117,29 +117,41 @@ def test_auto_backend_is_xla_off_tpu():
     )
 
 
-@pytest.mark.parametrize("tokens,splash", [(256, False), (1024, True)])
-def test_auto_backend_on_tpu_is_splash_from_1024_tokens(tokens, splash):
+def _kernel_in(text: str) -> str:
+    """Which attention a lowered TPU program runs: a Pallas kernel by name, or "xla"."""
+    names = [n for n in ("short_attention", "splash_mha") if n in text]
+    assert len(names) <= 1, names
+    return names[0] if names else "xla"
+
+
+@pytest.mark.parametrize("tokens,kernel", [(256, "short_attention"), (512, "short_attention"),
+                                           (768, "xla"), (1024, "splash_mha")])  # fmt: skip
+def test_auto_backend_on_tpu_by_row_length(tokens, kernel):
     devices, _, _ = topology_devices("v5p:2x2x1")
     mesh = create_mesh((1, 4, 1), devices=devices)
     x = jax.ShapeDtypeStruct((4, tokens, 2, 72), jnp.bfloat16)
     seg = jax.ShapeDtypeStruct((4, tokens), jnp.int32)
     with jax.set_mesh(mesh):
         text = jax.jit(lambda q, k, v, s: attend(q, k, v, s, "auto")).lower(x, x, x, seg).as_text()
-    assert ("tpu_custom_call" in text) == splash  # the Mosaic (Pallas) kernel, or XLA attention
+    assert _kernel_in(text) == kernel
 
 
-@pytest.mark.parametrize("remat,splash", [("none", False), ("dots", True), ("full", True)])
-def test_auto_backend_in_fit_at_256_tokens_is_splash_when_the_blocks_are_recomputed(remat, splash):
-    # FiT resolves "auto" knowing the remat policy: recomputed blocks take splash from 256 tokens
+@pytest.mark.parametrize("tokens,remat,kernel", [(256, "none", "short_attention"),
+                                                 (256, "dots", "splash_mha"),
+                                                 (256, "full", "splash_mha"),
+                                                 (640, "none", "xla"), (640, "dots", "splash_mha")])  # fmt: skip
+def test_auto_backend_in_fit_knows_the_remat_policy(tokens, remat, kernel):
+    # FiT resolves "auto" knowing the remat policy: the "short" kernels up to 512 tokens when
+    # nothing is recomputed; recomputed blocks take splash from 256 tokens, others from 1024
     config = load_config(os.path.join(ROOT, "configs", "tiny.py"))
     config.model.attention_backend, config.model.remat_policy = "auto", remat
-    config.model.dtype, config.model.context_size = "bfloat16", 256
+    config.model.dtype, config.model.context_size = "bfloat16", tokens
     devices, _, _ = topology_devices("v5p:2x2x1")
     setup = build_setup(config, 8, mesh=create_mesh(config.mesh.ici, devices=devices))
-    state, batch = setup.abstract_state_sharded(), setup.abstract_batch(256)
+    state, batch = setup.abstract_state_sharded(), setup.abstract_batch(tokens)
     with setup.context(), jax.default_matmul_precision("default"):
         text = setup.step.lower(state, batch).as_text()
-    assert ("tpu_custom_call" in text) == splash  # the Mosaic (Pallas) kernel, or XLA attention
+    assert _kernel_in(text) == kernel
 
 
 def test_splash_blocks_for_256_and_1024_tokens():

@@ -38,6 +38,7 @@ from fitv2_jax.config.defaults import mesh_defaults
 from fitv2_jax.config.files import load_config
 from fitv2_jax.config.slices import canonical
 from fitv2_jax.models.attention import resolve_backend
+from fitv2_jax.models.short_attention import MAX_TOKENS as SHORT_MAX_TOKENS
 from fitv2_jax.training.dry_run import dry_run
 from fitv2_jax.utils.errors import UserError
 
@@ -54,7 +55,8 @@ def define_flags(module_name: str) -> None:
     flags.DEFINE_list("topologies", ["v5p-64", "v5e-256", "v6e-64"], "TPU slices (see "
                       "train --topology)", module_name=m)  # fmt: skip
     flags.DEFINE_list("remat", ["none", "dots", "full"], "remat policies", module_name=m)
-    flags.DEFINE_list("attention", ["xla", "splash"], "attention backends", module_name=m)
+    flags.DEFINE_list("attention", ["xla", "splash", "short"], "attention backends ('short' "
+                      "only for configs of at most 512 tokens)", module_name=m)  # fmt: skip
     flags.DEFINE_list("scan_unroll", ["config"], "blocks per scan iteration: 'config' keeps the "
                       "config's (the pod configs unroll every block), 1 scans them (faster to "
                       "compile; the estimate scales the loop body by its trip count)",
@@ -97,6 +99,12 @@ def _unroll(config_path: str, value: str) -> int:
     if not value.isdigit() or int(value) < 1:
         raise UserError(f"--scan_unroll={value!r}: expected 'config' or a positive integer.")
     return int(value)
+
+
+def _takes(config_path: str, attention: str) -> bool:
+    """Whether a config's rows can run this backend ("short" only up to its 512 tokens)."""
+    tokens = int(load_config(config_path).model.context_size)
+    return attention != "short" or tokens <= SHORT_MAX_TOKENS
 
 
 def _name(config_path: str) -> str:
@@ -210,7 +218,8 @@ def main() -> None:
         unrolls = {c: sorted({_unroll(c, u) for u in FLAGS.scan_unroll}) for c in FLAGS.configs}
         icis = [parse_ici(v) for v in FLAGS.ici]
         plan = [(c, t, m, a, u, i) for c in FLAGS.configs for t in FLAGS.topologies
-                for m in FLAGS.remat for a in FLAGS.attention for u in unrolls[c] for i in icis]  # fmt: skip
+                for m in FLAGS.remat for a in FLAGS.attention for u in unrolls[c] for i in icis
+                if _takes(c, a)]  # fmt: skip
     for n, (c, t, m, a, u, ici) in enumerate(plan, 1):
         name = _name(c)
         if (name, t, m, a, u, ici) in done:

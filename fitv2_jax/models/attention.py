@@ -14,23 +14,22 @@ Backends (`attention_backend`):
            interpret mode off TPU
   "short"  our Pallas TPU kernels for rows of at most 512 tokens, whole rows in VMEM and every
            array with the tokens on the lanes (`models.short_attention`); interpret mode off TPU
-  "auto"   splash when compiling for TPU at SPLASH_MIN_TOKENS tokens or more, or at
-           SPLASH_MIN_TOKENS_RECOMPUTED when the blocks are rematerialised (`remat_policy` other
-           than "none": FiT resolves it with that knowledge); xla otherwise (the pod configs'
-           default). By the TPU compiler's estimate on v5p-64 with the splash kernels priced at
-           their roofline (README TPU table, global batch 256): at 1024 tokens splash is faster
-           (HR FiTv2-XL/2, 4 unrolled blocks: 17.9 vs 20.9 ms). At 256 tokens, with nothing
-           recomputed, the two are even (FiTv2-XL/2 52.8 vs 53.2 ms, FiTv2-3B/2 152.0 vs 151.5,
-           FiTv2-B/2 24.3 vs 24.1; XL 52.7 for XLA since its softmax's static shift; since
-           it keeps its probabilities for the backward, `saves_probs`, XLA is ahead: XL 49.9
-           vs 50.7 ms, all blocks unrolled, 2026-12-05), and a
-           kernel priced at its roofline is its best case, so XLA attention stays; when the
-           backward recomputes the blocks, XLA attention recomputes or stores its (B, H, N, N)
-           scores and splash is ahead by more than its kernels' whole price (FiTv2-B/2 with
-           remat "dots" 16.1 vs 18.6 ms, its splash kernels 0.3 ms of it; FiTv2-XL/2 full remat
-           61.5 vs 66.7, "dots" 54.7 vs 56.3). Lengths in between and below 256 were not
-           measured. (Sampling with such a config picks the same backend,
-           though a forward alone recomputes nothing; the pod configs sample without remat.)
+  "auto"   on TPU: "short" for rows of at most SHORT_MAX_TOKENS (512) tokens when nothing is
+           recomputed (`remat_policy` "none"); else splash from SPLASH_MIN_TOKENS tokens, or
+           from SPLASH_MIN_TOKENS_RECOMPUTED when the blocks are rematerialised (any other
+           `remat_policy`: FiT resolves it with that knowledge); XLA attention otherwise, and
+           off TPU (the pod configs' default). By the TPU compiler's estimate (README, TPU
+           section, 2026-12-05; the kernels of both Pallas backends priced at their roofline,
+           their best case), global batch 256:
+           - nothing recomputed, 256 tokens: "short" is ahead of XLA attention and splash
+             (FiTv2-XL/2's step on v5p-64 44.6 vs 48.1 ms with XLA attention, 52.8 with splash;
+             on v6e-64 30.5 vs 33.6; FiTv2-B/2 on v5p-64 10.5 vs 11.7);
+           - blocks recomputed (remat "dots"), 256 tokens: splash is ahead in the whole steps
+             compiled (FiTv2-XL/2 on v5e-256 35.2 vs 35.9 ms, FiTv2-B/2 on v6e-64 8.4 vs 9.0),
+             though not in 4 unrolled FiTv2-XL/2 blocks on v5p-64 ("short" 5.39 vs 5.69 ms);
+           - 1024 tokens: splash is faster than XLA attention (HR FiTv2-XL/2, 4 unrolled
+             blocks: 17.9 vs 20.9 ms). Between 512 and 1024 tokens nothing was measured.
+           (Sampling with such a config picks the same backend.)
 """
 
 from __future__ import annotations
@@ -43,6 +42,7 @@ import jax.numpy as jnp
 
 from fitv2_jax.models.layers import DenseND, Norm
 from fitv2_jax.models.rope import apply_rope
+from fitv2_jax.models.short_attention import MAX_TOKENS as SHORT_MAX_TOKENS
 from fitv2_jax.models.short_attention import short_attend
 from fitv2_jax.models.softmax_attention import softmax_attention
 from fitv2_jax.models.splash import splash_attend
@@ -65,6 +65,8 @@ def resolve_backend(backend: str, tokens: int, on_tpu: bool, remat_policy: str =
     """The backend `attend` runs: "auto" resolved for a sequence length and platform, and for
     the blocks' remat policy (any but "none" recomputes the attention in the backward)."""
     if backend == "auto":
+        if on_tpu and tokens <= SHORT_MAX_TOKENS and remat_policy == "none":
+            return "short"
         least = SPLASH_MIN_TOKENS if remat_policy == "none" else SPLASH_MIN_TOKENS_RECOMPUTED
         return "splash" if on_tpu and tokens >= least else "xla"
     return backend

@@ -48,6 +48,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.sharding import PartitionSpec as P
 
@@ -155,6 +156,8 @@ def _attention(q, k, v, seg_row, seg_col, interpret):
 
 def _attention_fwd(q, k, v, seg_row, seg_col, interpret):
     out, lse = _forward(q, k, v, seg_row, seg_col, interpret)
+    # named as the "xla" backend names them, for the "projections" remat policy (models.fit)
+    out, lse = checkpoint_name(out, "attention_out"), checkpoint_name(lse, "attention_lse")
     return out, (q, k, v, seg_row, seg_col, out, lse)
 
 

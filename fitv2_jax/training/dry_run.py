@@ -131,9 +131,10 @@ def dry_run(config, global_batch: int | None = None, topology: str | None = None
     if chip:
         report.update(_chip_report(chip, chips, report["devices"]))
         report["fits"] = report["peak_bytes"] <= report["hbm_bytes_per_device"]
+        model = config.model
+        backend = resolve_backend(model.attention_backend, n, True, model.remat_policy)
+        report["attention_kernels"] = backend if backend in ("splash", "short") else None
         if estimate:
-            model = config.model
-            backend = resolve_backend(model.attention_backend, n, True, model.remat_policy)
             report["estimate_prices_splash"] = backend == "splash"
             try:
                 peak = report["bf16_flops_per_device"]
@@ -158,7 +159,8 @@ def _ways_to_fit(model, tokens: int) -> list[str]:
     if model.remat_policy != "full":
         more = "dots or full" if model.remat_policy == "none" else "full"
         ways.append(f"rematerialise more (--config.model.remat_policy={more})")
-    if resolve_backend(model.attention_backend, tokens, True, model.remat_policy) != "splash":
+    backend = resolve_backend(model.attention_backend, tokens, True, model.remat_policy)
+    if backend in ("xla", "einsum"):  # the Pallas kernels keep no (B, H, N, N) array either
         ways.append("splash attention, which keeps tiles, not (B, H, N, N) scores "
                     "(--config.model.attention_backend=splash)")  # fmt: skip
     return ways + ["spread the state and batch over more chips (a larger --topology)",
@@ -282,9 +284,8 @@ def print_report(r: dict) -> None:
     print(f"collectives per step (per-device bytes): {coll or 'none'}")
     if "cycle_kinds" in r:
         kinds = ", ".join(f"{k} {100 * v:.0f}%" for k, v in r["cycle_kinds"].items() if v >= 0.01)
-        left_out = "collectives" + (
-            " and the splash kernels" if r.get("estimate_prices_splash") else ""
-        )
+        kernels = r.get("attention_kernels")
+        left_out = "collectives" + (f" and the {kernels} attention kernels" if kernels else "")
         print(f"where the compiler's estimated cycles go ({left_out} carry no cycles): {kinds}; "
               "largest:")  # fmt: skip
         for row in r["cycle_top"]:
@@ -300,7 +301,10 @@ def print_report(r: dict) -> None:
               f"model's {r['model_flops_per_device']:.3e} per device"
               + ("; the splash kernels, which carry no cost estimate, are priced by the "
                  "compiler from their FLOPs and bytes (a roofline: at best; their backward "
-                 "recomputes the scores)" if r.get("estimate_prices_splash") else ""))  # fmt: skip
+                 "recomputes the scores)" if r.get("estimate_prices_splash") else "")
+              + ("; the short attention kernels are priced by the compiler from the work they "
+                 "state (pl.CostEstimate; a roofline: at best; their backward recomputes the "
+                 "scores)" if r.get("attention_kernels") == "short" else ""))  # fmt: skip
         if "estimate_mfu_matmuls_only" in r:
             print(f"  with only the matmuls' cycles ({100 * r['cycle_kinds']['matmul']:.0f}% of "
                   f"them) the same estimate would give MFU "
