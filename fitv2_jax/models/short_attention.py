@@ -57,6 +57,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec as P
 
 from fitv2_jax.parallel.platform import compiling_for_tpu
@@ -68,6 +69,8 @@ VMEM_BUDGET = 14 * 2**20  # bytes a grid step may hold, under Mosaic's default 1
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # a finite "minus infinity", as splash uses
 _TN = (((0,), (0,)), ((), ()))  # contract the sublane (head-dim) axes: a^T b
 _NT = (((1,), (1,)), ((), ()))  # contract the lane (token) axes: a b^T
+# every grid step is independent: a megacore chip (v4, v5p) splits the grid over its 2 cores
+_PARALLEL = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"))
 
 
 def padded_length(n: int) -> int:
@@ -151,6 +154,7 @@ def _forward(q, k, v, seg_row, seg_col, interpret):
             jax.ShapeDtypeStruct((b, heads, 1, length), jnp.float32),
         ],
         cost_estimate=_work(q.shape, q.dtype.itemsize, 2, 4),
+        compiler_params=_PARALLEL,
         interpret=interpret,
         name="short_attention_fwd",
     )(seg_row, seg_col, q, k, v)
@@ -180,6 +184,7 @@ def _attention_bwd(interpret, residuals, d_out):
         out_specs=[block, block, block],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype) for _ in range(3)],
         cost_estimate=_work(q.shape, q.dtype.itemsize, 5, 8),
+        compiler_params=_PARALLEL,
         interpret=interpret,
         name="short_attention_bwd",
     )(seg_row, seg_col, q, k, v, out, d_out.astype(q.dtype), lse)
