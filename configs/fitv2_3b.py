@@ -19,7 +19,8 @@ TPU defaults (remat none, all 40 blocks unrolled; attention auto = the "short" k
           unrolled without remat 147 ms (47.1%, 11.2 GiB); since the attention kernels are
           stored flat (`models.layers.DenseND`, 2026-12-05), 139 ms (50.0%, 11.8 GiB).
   v6e-64  preset: the defaults (the "short" kernels, 2026-12-05: 88.2 ms, 19.7% MFU, 6.2 of
-          32 GiB, against 88.7 with splash, its preset until then; side by side). Before them:
+          32 GiB, against 88.7 with splash, its preset until then, compiled earlier that day;
+          the estimate is deterministic for the same code and libtpu). Before them:
           splash (`--config.model.attention_backend=splash`), unrolled without remat
           91 ms (6.1 of 32 GiB) vs scanned: 129 ms with `dots` and splash, 144 with full
           remat, 150 without remat; data 2 x FSDP 32, which helps XL/2 there, gives 91.9 ms.
