@@ -6,17 +6,19 @@ Hardware: a single 8-chip host; the paper's ablation model.
 Reproduces: FID-50K 26.03 at 256x256 after 400K steps without CFG (FiT-B/2: 36.36); 16.52 at 2000K.
 TPU defaults (remat none, all 15 blocks unrolled; attention auto = the "short" kernels at 256
   tokens, `models.short_attention`: on v5p-64 10.5 ms, 28.5% MFU, 1.3 of 95 GiB per chip,
-  against 11.7 ms with XLA attention, 2026-12-05; the presets below recompute the blocks, so
-  auto takes splash there, which the compiler puts ahead with "dots": v6e-64 8.4 vs 9.0 ms with
-  the "short" kernels) and, from before those kernels, from the README's TPU table (`python -m fitv2_jax.bench --suite tpu` and `train --dry_run`,
-  compiler estimates, v5p-64, global batch 256, 2026-12-03): unrolled without remat 13.4 ms
-  (22.4% MFU, 1.6 of 95 GiB per chip) vs 24.1 ms with the blocks scanned (the earlier default,
-  which stacks every block's residuals in the loop); unrolled with remat "dots" 13.8 ms (XLA
+  against 11.7 ms with XLA attention, 2026-12-05; v6e-64 8.1 ms, 9.3% MFU, 0.8 of 32 GiB, ahead
+  of its earlier preset, remat "dots" with splash, 8.4 ms (with "dots" the short kernels give
+  9.0), so the defaults are now its v6e-64 preset too; the v5e-256 preset recomputes the blocks,
+  and auto takes splash there) and, from before those kernels, from the README's TPU table
+  (`python -m fitv2_jax.bench --suite tpu` and `train --dry_run`, compiler estimates, v5p-64,
+  global batch 256, 2026-12-03): unrolled without remat 13.4 ms (22.4% MFU, 1.6 of 95 GiB per
+  chip) vs 24.1 ms with the blocks scanned (the earlier default, which stacks every block's
+  residuals in the loop); unrolled with remat "dots" 13.8 ms (XLA
   attention) or 13.1 ms (splash, its kernels priced at their roofline: even within that price).
   Other slices (same command, `--topology`), their presets (`--config configs/fitv2_b.py:SLICE`,
-  `config.slices`): v6e-64 `--config.model.remat_policy=dots` (auto then picks splash): 8.7 ms
-  vs 10.7 with the defaults (full remat 9.6 ms); on v5e-256 (one image per chip) the defaults
-  give 11.9 ms, 0.5 of 16 GiB; its preset is
+  `config.slices`): v6e-64, before the short kernels, `--config.model.remat_policy=dots` (auto
+  then picks splash): 8.7 ms vs 10.7 with the defaults (full remat 9.6 ms); on v5e-256 (one
+  image per chip) the defaults give 11.9 ms, 0.5 of 16 GiB; its preset is
   `--config.model.remat_policy=dots --config.model.scan_unroll=1` (auto then picks splash):
   6.92 ms, 56 MiB per chip (full remat 7.94 ms, with XLA attention 8.3 ms; 2026-12-04,
   `bench --suite tpu --scan_unroll 1`).
@@ -35,7 +37,7 @@ from fitv2_jax.config.slices import with_preset
 # per-slice overrides of the settings below, which are for v5p-64 (module docstring)
 PRESETS = {
     "v5p-64": {},
-    "v6e-64": {"model.remat_policy": "dots"},
+    "v6e-64": {},
     "v5e-256": {"model.remat_policy": "dots", "model.scan_unroll": 1},
 }
 

@@ -23,7 +23,8 @@ Backends (`attention_backend`):
            their best case), global batch 256:
            - nothing recomputed, 256 tokens: "short" is ahead of XLA attention and splash
              (FiTv2-XL/2's step on v5p-64 44.6 vs 48.1 ms with XLA attention, 52.8 with splash;
-             on v6e-64 30.5 vs 33.6; FiTv2-B/2 on v5p-64 10.5 vs 11.7);
+             on v6e-64 30.5 vs 33.6; FiTv2-B/2 on v5p-64 10.5 vs 11.7, on v6e-64 8.1 against
+             8.4 with remat "dots" and splash);
            - blocks recomputed (remat "dots"), 256 tokens: splash is ahead in the whole steps
              compiled (FiTv2-XL/2 on v5e-256 35.2 vs 35.9 ms, FiTv2-B/2 on v6e-64 8.4 vs 9.0),
              though not in 4 unrolled FiTv2-XL/2 blocks on v5p-64 ("short" 5.39 vs 5.69 ms);
