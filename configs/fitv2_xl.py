@@ -28,17 +28,19 @@ TPU settings by slice, the presets (`--config configs/fitv2_xl.py:SLICE`, `confi
   v5e-256  (one image per chip) preset: `--config.mesh.ici='(2,-1,1)'
            --config.model.remat_policy=dots --config.model.scan_unroll=1` (auto picks splash, the
            blocks being recomputed): 35.2 ms, 13.2% MFU, 0.4 of 16 GiB; with the "short"
-           kernels 35.9 ms (2026-12-05); full remat 36.9 (splash) or 35.6 (XLA attention). FSDP over all 256 chips divides neither attention kernel
-           (1152 x 3456, 1152 x 1152), so the default mesh replicates them (a warning says so):
-           scanned with full remat and splash 84.9 ms, unrolled without remat 69 ms.
+           kernels 35.9 ms (2026-12-05); full remat 36.9 (splash) or 35.6 (XLA attention).
+           FSDP over all 256 chips divides neither attention kernel (1152 x 3456, 1152 x 1152),
+           so the default mesh replicates them (a warning says so): scanned with full remat and
+           splash 84.9 ms, unrolled without remat 69 ms.
   Unrolling's price: `--dry_run` compiles for about 5 minutes per program on a 2-core host (two
   programs: the step and the estimate's). Scanned without remat loses (stacking every block's
   residuals in the loop costs more than recomputing them).
 MFU ceiling (`python -m fitv2_jax.bench --suite tpu_matmuls`, 2026-12-04): at 8 images per v5p chip
   the compiler prices the linear layers alone at 55% of the bf16 peak, so no step passes 57%; with
   XLA attention the whole step's matmuls, its own included, give 47.7% (`--dry_run`'s "only the
-  matmuls' cycles" line, 2026-12-05). Larger batches per chip (`--global_batch` of the TPU bench suite, v5p-64,
-  2026-12-05): 512 84.2 ms (37.9%, before the flat kernels), 1024 131 ms (48.8%, 18.2 GiB).
+  matmuls' cycles" line, 2026-12-05). Larger batches per chip (`--global_batch` of the TPU bench
+  suite, v5p-64, 2026-12-05, XLA attention): 512 84.2 ms (37.9%, before the flat kernels), 1024
+  131 ms (48.8%, 18.2 GiB).
 """
 
 from fitv2_jax.config.defaults import base_config, fitv2_model
