@@ -26,14 +26,14 @@ def _config(name: str, overrides=()):
 
 def test_a_preset_sets_the_tables_settings_for_its_slice_before_the_command_lines():
     xl = _config("fitv2_xl.py:v5e-256")
-    assert tuple(xl.mesh.ici) == (2, -1, 1) and xl.model.remat_policy == "dots"
+    assert tuple(xl.mesh.ici) == (2, -1, 1) and xl.model.remat_policy == "full"
     assert xl.model.scan_unroll == 1 and tuple(xl.mesh.slices) == ("v5e-256",)
     default = _config("fitv2_xl.py")
     assert tuple(default.mesh.ici) == (1, -1, 1) and default.model.remat_policy == "none"
     assert tuple(default.mesh.slices) == ("v5p-64",)
     assert tuple(default.mesh.slice_presets) == ("v5p-64", "v6e-64", "v5e-256")
     # --config.a.b=value still wins over the preset
-    assert _config("fitv2_xl.py:v5e-256", ["model.remat_policy=full"]).model.remat_policy == "full"
+    assert _config("fitv2_xl.py:v5e-256", ["model.remat_policy=dots"]).model.remat_policy == "dots"
     # a slice as libtpu names it is the same slice
     assert tuple(_config("fitv2_hr_3b.py:v5e:16x16").mesh.slices) == ("v5e-256",)
 
