@@ -9,7 +9,10 @@ Reproduces: FID-50K 2.15 at 256x256 (cfg 1.5), 6.72 at 160x320, 13.73 at 128x384
   at 320x320 / 224x448 / 160x480.
 TPU defaults (remat none, all 40 blocks unrolled; attention auto = the "short" kernels at 256
   tokens, `models.short_attention`, 2026-12-05: v5p-64 135.6 ms, 51.3% MFU, 11.25 of 95 GiB per
-  chip, against 139 ms, 50.0% with XLA attention; the rows below are from before them)
+  chip, against 139 ms, 50.0% with XLA attention; v5e-256 scanned with full remat, its preset
+  now (auto takes the short kernels with full remat too): 150.9 ms, 13.4% MFU, 0.59 of 16 GiB,
+  against 164 ms with "dots" and splash, its preset until then; the rows below are from before
+  them)
   and the presets for other slices (`--config configs/fitv2_3b.py:SLICE`, `config.slices`)
   from the README's TPU table (`python -m fitv2_jax.bench --suite tpu` and `train --dry_run`,
   compiler estimates, global batch 256, FSDP over every chip, 2026-12-03/04):
@@ -28,8 +31,8 @@ TPU defaults (remat none, all 40 blocks unrolled; attention auto = the "short" k
           6.8 GiB) vs 91.9 with XLA attention.
   v5e-256 one image per chip: scanned blocks with remat "dots" win, 161 ms with splash (12.6%,
           1.0 of 16 GiB) vs 167 with XLA attention, 185 with full remat, 187 scanned without
-          remat, 215 unrolled with `dots`: its preset is `--config.model.remat_policy=dots
-          --config.model.scan_unroll=1` (auto then picks splash, the blocks being recomputed).
+          remat, 215 unrolled with `dots`: its preset was `--config.model.remat_policy=dots
+          --config.model.scan_unroll=1` (auto then picks splash), until the short kernels.
           With the attention kernels stored flat (2026-12-05): 164 ms (12.3%, 1.2 GiB).
   `--config.model.gather_attention_once=True` (FSDP gathers each block's attention kernels once
   and keeps them for the backward): v5p-64 148.1 ms (46.9%, 13.1 GiB) vs 151.5 (2026-12-04; the
@@ -43,7 +46,7 @@ from fitv2_jax.config.slices import with_preset
 PRESETS = {
     "v5p-64": {},
     "v6e-64": {},
-    "v5e-256": {"model.remat_policy": "dots", "model.scan_unroll": 1},
+    "v5e-256": {"model.remat_policy": "full", "model.scan_unroll": 1},
 }
 
 

@@ -20,7 +20,8 @@ TPU defaults (remat none, all 15 blocks unrolled; attention auto = the "short" k
   Other slices (same command, `--topology`), their presets (`--config configs/fitv2_b.py:SLICE`,
   `config.slices`): v6e-64, before the short kernels, `--config.model.remat_policy=dots` (auto
   then picks splash): 8.7 ms vs 10.7 with the defaults (full remat 9.6 ms); on v5e-256 (one
-  image per chip) the defaults give 11.9 ms, 0.5 of 16 GiB; its preset is
+  image per chip) the defaults give 11.9 ms, 0.5 of 16 GiB; its preset was, until the short
+  kernels,
   `--config.model.remat_policy=dots --config.model.scan_unroll=1` (auto then picks splash):
   6.92 ms, 56 MiB per chip (full remat 7.94 ms, with XLA attention 8.3 ms; 2026-12-04,
   `bench --suite tpu --scan_unroll 1`).

@@ -26,7 +26,8 @@ Backends (`attention_backend`):
              30.5 vs 33.6; FiTv2-B/2 on v5p-64 10.5 vs 11.7, on v6e-64 8.1 against 8.4 with
              remat "dots" and splash);
            - 256 tokens, full remat: "short" is ahead (FiTv2-XL/2 on v5e-256, data 2 x FSDP
-             128, scanned: 33.2 ms vs splash 36.9, XLA attention 35.6);
+             128, scanned: 33.2 ms vs splash 36.9, XLA attention 35.6), and ahead of remat
+             "dots" with splash (XL 35.2, B/2 6.56 vs 6.0, 3B/2 164 vs 150.9 on v5e-256);
            - 256 tokens, remat "dots": splash is ahead in the whole steps compiled (FiTv2-XL/2
              on v5e-256 35.2 vs 35.9 ms, FiTv2-B/2 on v6e-64 8.4 vs 9.0), though not in 4
              unrolled FiTv2-XL/2 blocks on v5p-64 ("short" 5.39 vs 5.69 ms);
