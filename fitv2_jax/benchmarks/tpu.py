@@ -101,10 +101,10 @@ def _unroll(config_path: str, value: str) -> int:
     return int(value)
 
 
-def _takes(config_path: str, attention: str) -> bool:
-    """Whether a config's rows can run this backend ("short" only up to its 512 tokens)."""
+def _backends(config_path: str, attentions: list[str]) -> list[str]:
+    """The backends a config's rows can run ("short" only up to its 512 tokens)."""
     tokens = int(load_config(config_path).model.context_size)
-    return attention != "short" or tokens <= SHORT_MAX_TOKENS
+    return [a for a in attentions if a != "short" or tokens <= SHORT_MAX_TOKENS]
 
 
 def _name(config_path: str) -> str:
@@ -217,9 +217,9 @@ def main() -> None:
     else:
         unrolls = {c: sorted({_unroll(c, u) for u in FLAGS.scan_unroll}) for c in FLAGS.configs}
         icis = [parse_ici(v) for v in FLAGS.ici]
+        backends = {c: _backends(c, FLAGS.attention) for c in FLAGS.configs}
         plan = [(c, t, m, a, u, i) for c in FLAGS.configs for t in FLAGS.topologies
-                for m in FLAGS.remat for a in FLAGS.attention for u in unrolls[c] for i in icis
-                if _takes(c, a)]  # fmt: skip
+                for m in FLAGS.remat for a in backends[c] for u in unrolls[c] for i in icis]  # fmt: skip
     for n, (c, t, m, a, u, ici) in enumerate(plan, 1):
         name = _name(c)
         if (name, t, m, a, u, ici) in done:

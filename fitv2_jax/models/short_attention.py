@@ -62,9 +62,8 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-from jax.sharding import PartitionSpec as P
 
-from fitv2_jax.parallel.platform import compiling_for_tpu
+from fitv2_jax.parallel.shard_attention import per_shard
 
 LANES = 128  # rows are padded to a multiple of this
 MAX_TOKENS = 512  # longer rows: use splash (models.attention)
@@ -216,16 +215,4 @@ def _local_attend(q, k, v, segment_ids, interpret: bool):
 
 def short_attend(q, k, v, segment_ids):
     """q, k, v: (B, N, H, Dh), N <= MAX_TOKENS; segment_ids: (B, N) int. Returns (B, N, H, Dh)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    interpret = not compiling_for_tpu()
-    if mesh.empty or not {"data", "fsdp", "tensor"} <= set(mesh.axis_names):
-        return _local_attend(q, k, v, segment_ids, interpret)
-    spec = P(("data", "fsdp"), None, "tensor", None)
-    attend = jax.shard_map(
-        functools.partial(_local_attend, interpret=interpret),
-        mesh=mesh,
-        in_specs=(spec, spec, spec, P(("data", "fsdp"), None)),
-        out_specs=spec,
-        check_vma=False,
-    )
-    return attend(q, k, v, segment_ids)
+    return per_shard(_local_attend, q, k, v, segment_ids)

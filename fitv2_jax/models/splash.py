@@ -32,15 +32,12 @@ prices them by their work (`parallel.cost.splash_kernel_work`).
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
-from jax.sharding import PartitionSpec as P
 
-from fitv2_jax.parallel.platform import compiling_for_tpu
+from fitv2_jax.parallel.shard_attention import per_shard
 
 BLOCK_MULTIPLE = 128  # splash tiles rows in multiples of 128
 MAX_BLOCK = 512
@@ -90,16 +87,4 @@ def _local_attend(q, k, v, segment_ids, interpret: bool):
 
 def splash_attend(q, k, v, segment_ids):
     """q, k, v: (B, N, H, Dh); segment_ids: (B, N) int. Returns (B, N, H, Dh)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    interpret = not compiling_for_tpu()
-    if mesh.empty or not {"data", "fsdp", "tensor"} <= set(mesh.axis_names):
-        return _local_attend(q, k, v, segment_ids, interpret)
-    spec = P(("data", "fsdp"), None, "tensor", None)
-    attend = jax.shard_map(
-        functools.partial(_local_attend, interpret=interpret),
-        mesh=mesh,
-        in_specs=(spec, spec, spec, P(("data", "fsdp"), None)),
-        out_specs=spec,
-        check_vma=False,
-    )
-    return attend(q, k, v, segment_ids)
+    return per_shard(_local_attend, q, k, v, segment_ids)

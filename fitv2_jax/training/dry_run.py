@@ -135,7 +135,6 @@ def dry_run(config, global_batch: int | None = None, topology: str | None = None
         backend = resolve_backend(model.attention_backend, n, True, model.remat_policy)
         report["attention_kernels"] = backend if backend in ("splash", "short") else None
         if estimate:
-            report["estimate_prices_splash"] = backend == "splash"
             try:
                 peak = report["bf16_flops_per_device"]
                 report.update(_estimate(config, setup.global_batch, mesh, model_flops, peak))
@@ -301,7 +300,7 @@ def print_report(r: dict) -> None:
               f"model's {r['model_flops_per_device']:.3e} per device"
               + ("; the splash kernels, which carry no cost estimate, are priced by the "
                  "compiler from their FLOPs and bytes (a roofline: at best; their backward "
-                 "recomputes the scores)" if r.get("estimate_prices_splash") else "")
+                 "recomputes the scores)" if r.get("attention_kernels") == "splash" else "")
               + ("; the short attention kernels are priced by the compiler from the work they "
                  "state (pl.CostEstimate; a roofline: at best; their backward recomputes the "
                  "scores)" if r.get("attention_kernels") == "short" else ""))  # fmt: skip
