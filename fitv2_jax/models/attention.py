@@ -66,6 +66,18 @@ def _qk_norm_kind(kind: str | None, weight: bool) -> str:
     return kind
 
 
+def _unweighted(kind: str) -> str | None:
+    return None if kind == "none" else kind
+
+
+def fuses_into_short(q_kind: str, k_kind: str, rope_on_v: bool) -> bool:
+    """Whether the "short" kernels take q and k raw and apply the q/k norms and RoPE themselves
+    (`short_attention.Prologue`): unweighted norms (kinds as `_qk_norm_kind` gives them) and
+    RoPE on q and k only, FiTv2's attention. Why (README, TPU section): in XLA those passes
+    read and write q and k in HBM around the kernels, and RoPE's channel swap is a matmul."""
+    return {q_kind, k_kind} <= {"layernorm", "rmsnorm", "none"} and not rope_on_v
+
+
 def resolve_backend(backend: str, tokens: int, on_tpu: bool, remat_policy: str = "none") -> str:
     """The backend `attend` runs: "auto" resolved for a sequence length and platform, and for
     the blocks' remat policy (any but "none" recomputes the attention in the backward)."""
@@ -161,20 +173,25 @@ class Attention(nn.Module):
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, H, Dh)
         q_kind = _qk_norm_kind(self.q_norm, self.qk_norm_weight)
         k_kind = _qk_norm_kind(self.k_norm, self.qk_norm_weight)
-        q = Norm(q_kind, "kv", name="q_norm")(q)
-        k = Norm(k_kind, "kv", name="k_norm")(k)
-        if self.use_rope:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            if self.rope_on_v:
-                v = apply_rope(v, cos, sin)
-        q = nn.with_logical_constraint(
-            q, ("activation_batch", "activation_length", "activation_heads", None)
-        )
-        k = nn.with_logical_constraint(
-            k, ("activation_batch", "activation_length", "activation_heads", None)
-        )
-        bound = logit_bound(q_kind, k_kind, head_dim)
-        out = attend(q, k, v, segment_ids, self.backend, bound, self.save_probs)
+        if self.backend == "short" and fuses_into_short(q_kind, k_kind, self.rope_on_v):
+            rope = (cos, sin) if self.use_rope else (None, None)
+            out = short_attend(q, k, v, segment_ids, *rope, norm_q=_unweighted(q_kind),
+                               norm_k=_unweighted(k_kind))  # fmt: skip
+        else:
+            q = Norm(q_kind, "kv", name="q_norm")(q)
+            k = Norm(k_kind, "kv", name="k_norm")(k)
+            if self.use_rope:
+                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+                if self.rope_on_v:
+                    v = apply_rope(v, cos, sin)
+            q = nn.with_logical_constraint(
+                q, ("activation_batch", "activation_length", "activation_heads", None)
+            )
+            k = nn.with_logical_constraint(
+                k, ("activation_batch", "activation_length", "activation_heads", None)
+            )
+            bound = logit_bound(q_kind, k_kind, head_dim)
+            out = attend(q, k, v, segment_ids, self.backend, bound, self.save_probs)
         out = out * (segment_ids != 0)[:, :, None, None].astype(out.dtype)
         return DenseND(features=(dim,), axes=("heads", "kv", "embed_out"),
                        stored_axes=("qkv_heads", "embed_out"), n_in=2, use_bias=True,

@@ -56,6 +56,7 @@ us the estimate has them saving).
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -92,11 +93,74 @@ def _mask(seg_col, seg_row):
     return seg_col == seg_row  # (L, 1) == (1, L) -> (keys, queries)
 
 
-def _forward_kernel(seg_row_ref, seg_col_ref, q_ref, k_ref, v_ref, o_ref, lse_ref):
-    """One batch element, `h` heads: q, k, v (1, h, Dh, L) -> o (1, h, Dh, L), lse (1, h, 1, L)."""
+class Prologue(NamedTuple):
+    """What the kernels do to q and k before the scores (static), in the order and dtypes of
+    `models.attention.Attention`'s unfused path: each head's q/k norm over its channels
+    (`norm_q`, `norm_k`: "layernorm", "rmsnorm" or None; unweighted, eps `eps`) in float32, cast
+    to the input dtype; RoPE (`rope`): x c' + swap(x) s' in float32 (`models.rope`: the halves
+    swapped, c' = [cos, cos], s' = [-sin, sin], both (Dh, L) per image), cast again; then q times
+    1/sqrt(Dh) in the input dtype. The default is the scale alone."""
+
+    norm_q: str | None = None
+    norm_k: str | None = None
+    rope: bool = False
+    eps: float = 1e-6
+
+
+def _normalized(x, kind: str, eps: float):
+    """x (Dh, L) float32 -> x's channels (sublanes) normalised, and 1/std (1, L)."""
+    if kind == "layernorm":
+        x = x - jnp.mean(x, axis=0, keepdims=True)
+    rstd = jax.lax.rsqrt(jnp.mean(x * x, axis=0, keepdims=True) + eps)
+    return x * rstd, rstd
+
+
+def _swap_halves(x):
+    """x (Dh, L): channel j gets channel (j + Dh/2) % Dh, a rotation of the sublanes (its own
+    inverse)."""
+    return pltpu.roll(x, x.shape[0] // 2, 0)
+
+
+def _prepared(x, norm, prologue: Prologue, cos, sin, scale: float):
+    """One head's q or k (Dh, L) in its dtype -> the kernel's operand (`Prologue`)."""
+    dtype, f32 = x.dtype, jnp.float32
+    if norm:
+        x = _normalized(x.astype(f32), norm, prologue.eps)[0].astype(dtype)
+    if prologue.rope:
+        x32 = x.astype(f32)
+        x = (x32 * cos + _swap_halves(x32) * sin).astype(dtype)
+    return x * jnp.asarray(scale, dtype) if scale != 1.0 else x
+
+
+def _prepared_grad(x, d, norm, prologue: Prologue, cos, sin, scale: float):
+    """The gradient (float32) at the raw q or k `x` (Dh, L) of `_prepared`'s output's `d`."""
+    d = d * scale
+    if prologue.rope:  # the rotation's transpose: the same swap, with -sin
+        d = d * cos + _swap_halves(d * sin)
+    if norm:
+        y, rstd = _normalized(x.astype(jnp.float32), norm, prologue.eps)
+        d = rstd * (d - y * jnp.mean(d * y, axis=0, keepdims=True))
+        if norm == "layernorm":
+            d = d - jnp.mean(d, axis=0, keepdims=True)
+    return d
+
+
+def _rope_tables(prologue, refs):
+    """(cos, sin) (Dh, L) float32 of this grid step's image, or (None, None) without RoPE."""
+    return (refs[0][0], refs[1][0]) if prologue.rope else (None, None)
+
+
+def _forward_kernel(prologue: Prologue, seg_row_ref, seg_col_ref, q_ref, k_ref, v_ref, *refs):
+    """One batch element, `h` heads: q, k, v (1, h, Dh, L) [, cos, sin (1, Dh, L)] -> o (1, h,
+    Dh, L), lse (1, h, 1, L)."""
+    o_ref, lse_ref = refs[-2:]
+    cos, sin = _rope_tables(prologue, refs)
     same = _mask(seg_col_ref[0], seg_row_ref[0])
+    scale = q_ref.shape[2] ** -0.5
     for h in range(q_ref.shape[1]):
-        q, k, v = q_ref[0, h], k_ref[0, h], v_ref[0, h]
+        q = _prepared(q_ref[0, h], prologue.norm_q, prologue, cos, sin, scale)
+        k = _prepared(k_ref[0, h], prologue.norm_k, prologue, cos, sin, 1.0)
+        v = v_ref[0, h]
         s = jax.lax.dot_general(k, q, _TN, preferred_element_type=jnp.float32)  # (Lk, Lq)
         s = jnp.where(same, s, _MASKED)
         peak = jnp.max(s, axis=0, keepdims=True)  # (1, Lq)
@@ -108,13 +172,19 @@ def _forward_kernel(seg_row_ref, seg_col_ref, q_ref, k_ref, v_ref, o_ref, lse_re
         lse_ref[0, h] = peak + jnp.log(total)
 
 
-def _backward_kernel(seg_row_ref, seg_col_ref, q_ref, k_ref, v_ref, o_ref, do_ref, lse_ref,
-                     dq_ref, dk_ref, dv_ref):  # fmt: skip
-    """One batch element, `h` heads: the forward's inputs and outputs and do -> dq, dk, dv."""
+def _backward_kernel(prologue: Prologue, seg_row_ref, seg_col_ref, q_ref, k_ref, v_ref, *refs):
+    """One batch element, `h` heads: the forward's inputs and outputs and do -> dq, dk, dv (at
+    the raw q and k: through the prologue)."""
+    o_ref, do_ref, lse_ref, dq_ref, dk_ref, dv_ref = refs[-6:]
+    cos, sin = _rope_tables(prologue, refs)
     same = _mask(seg_col_ref[0], seg_row_ref[0])
     f32 = jnp.float32
+    scale = q_ref.shape[2] ** -0.5
     for h in range(q_ref.shape[1]):
-        q, k, v, o, do = q_ref[0, h], k_ref[0, h], v_ref[0, h], o_ref[0, h], do_ref[0, h]
+        q_raw, k_raw = q_ref[0, h], k_ref[0, h]
+        q = _prepared(q_raw, prologue.norm_q, prologue, cos, sin, scale)
+        k = _prepared(k_raw, prologue.norm_k, prologue, cos, sin, 1.0)
+        v, o, do = v_ref[0, h], o_ref[0, h], do_ref[0, h]
         s = jax.lax.dot_general(k, q, _TN, preferred_element_type=f32)  # (Lk, Lq)
         probs = jnp.where(same, jnp.exp(s - lse_ref[0, h]), 0.0)
         dv = jax.lax.dot_general(do, probs.astype(do.dtype), _NT, preferred_element_type=f32)
@@ -123,6 +193,8 @@ def _backward_kernel(seg_row_ref, seg_col_ref, q_ref, k_ref, v_ref, o_ref, do_re
         ds = (probs * (dp - delta)).astype(q.dtype)
         dq = jnp.dot(k, ds, preferred_element_type=f32)  # (Dh, Lq)
         dk = jax.lax.dot_general(q, ds, _NT, preferred_element_type=f32)  # (Dh, Lk)
+        dq = _prepared_grad(q_raw, dq, prologue.norm_q, prologue, cos, sin, scale)
+        dk = _prepared_grad(k_raw, dk, prologue.norm_k, prologue, cos, sin, 1.0)
         dq_ref[0, h] = dq.astype(dq_ref.dtype)
         dk_ref[0, h] = dk.astype(dk_ref.dtype)
         dv_ref[0, h] = dv.astype(dv_ref.dtype)
@@ -134,85 +206,122 @@ def _specs(shape, hb):
     lse = pl.BlockSpec((1, hb, 1, length), lambda i, j: (i, j, 0, 0))
     row = pl.BlockSpec((1, 1, length), lambda i, j: (i, 0, 0))
     col = pl.BlockSpec((1, length, 1), lambda i, j: (i, 0, 0))
-    return (b, heads // hb), block, lse, row, col
+    table = pl.BlockSpec((1, dh, length), lambda i, j: (i, 0, 0))
+    return (b, heads // hb), block, lse, row, col, table
 
 
-def _work(shape, itemsize, products, arrays):
+def vector_ops(prologue: Prologue, backward: bool) -> tuple[int, int]:
+    """The kernels' vector (VPU) operations as (per score, per q/k/v element), counted as the TPU
+    compiler counts XLA's elementwise work: one FLOP per operation and element. Per score: mask,
+    max, subtract, exp's argument, sum, normalise, cast (forward); recomputed probabilities, mask,
+    subtract, multiply, cast and the two casts of the products (backward). Per element: the
+    prologue's norm (about 8), RoPE (4), casts and scale; its gradient about twice that; the
+    backward's rowsum(o * do) (3)."""
+    per_element = 0
+    for norm in (prologue.norm_q, prologue.norm_k):
+        per_element += (8 if norm else 0) + (4 if prologue.rope else 0) + 1
+    if backward:
+        per_element = 3 * per_element + 3
+    return (9 if backward else 7), per_element
+
+
+def _work(shape, itemsize, products, arrays, prologue: Prologue, backward: bool):
+    """The kernel's `pl.CostEstimate`: `products` matmuls of L x L x Dh per head and the vector
+    work (`vector_ops`) as FLOPs, one exp per score, `arrays` (B, H, Dh, L) arrays read or
+    written (plus the RoPE tables)."""
     b, heads, dh, length = shape
-    return pl.CostEstimate(flops=2 * products * b * heads * length * length * dh,
-                           transcendentals=b * heads * length * length,
-                           bytes_accessed=arrays * b * heads * dh * length * itemsize)  # fmt: skip
+    per_score, per_element = vector_ops(prologue, backward)
+    scores, elements = b * heads * length * length, b * heads * dh * length
+    tables = 2 * b * dh * length * 4 if prologue.rope else 0
+    return pl.CostEstimate(flops=(2 * products * dh + per_score) * scores + per_element * elements,
+                           transcendentals=scores,
+                           bytes_accessed=arrays * elements * itemsize + tables)  # fmt: skip
 
 
-def _forward(q, k, v, seg_row, seg_col, interpret):
-    grid, block, lse, row, col = _specs(q.shape, heads_per_step(*q.shape[1:], q.dtype.itemsize))
+def _forward(q, k, v, seg_row, seg_col, tables, prologue, interpret):
+    grid, block, lse, row, col, table = _specs(
+        q.shape, heads_per_step(*q.shape[1:], q.dtype.itemsize)
+    )
     b, heads, _, length = q.shape
     return pl.pallas_call(
-        _forward_kernel,
+        functools.partial(_forward_kernel, prologue),
         grid=grid,
-        in_specs=[row, col, block, block, block],
+        in_specs=[row, col, block, block, block] + [table] * len(tables),
         out_specs=[block, lse],
         out_shape=[
             jax.ShapeDtypeStruct(q.shape, q.dtype),
             jax.ShapeDtypeStruct((b, heads, 1, length), jnp.float32),
         ],
-        cost_estimate=_work(q.shape, q.dtype.itemsize, 2, 4),
+        cost_estimate=_work(q.shape, q.dtype.itemsize, 2, 4, prologue, backward=False),
         compiler_params=_PARALLEL,
         interpret=interpret,
         name="short_attention_fwd",
-    )(seg_row, seg_col, q, k, v)
+    )(seg_row, seg_col, q, k, v, *tables)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _attention(q, k, v, seg_row, seg_col, interpret):
-    return _forward(q, k, v, seg_row, seg_col, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _attention(q, k, v, seg_row, seg_col, tables, prologue, interpret):
+    return _forward(q, k, v, seg_row, seg_col, tables, prologue, interpret)[0]
 
 
-def _attention_fwd(q, k, v, seg_row, seg_col, interpret):
-    out, lse = _forward(q, k, v, seg_row, seg_col, interpret)
+def _attention_fwd(q, k, v, seg_row, seg_col, tables, prologue, interpret):
+    out, lse = _forward(q, k, v, seg_row, seg_col, tables, prologue, interpret)
     # named as the "xla" backend names them, for the "projections" remat policy (models.fit)
     out, lse = checkpoint_name(out, "attention_out"), checkpoint_name(lse, "attention_lse")
-    return out, (q, k, v, seg_row, seg_col, out, lse)
+    return out, (q, k, v, seg_row, seg_col, tables, out, lse)
 
 
-def _attention_bwd(interpret, residuals, d_out):
-    q, k, v, seg_row, seg_col, out, lse = residuals
-    grid, block, lse_spec, row, col = _specs(
+def _attention_bwd(prologue, interpret, residuals, d_out):
+    q, k, v, seg_row, seg_col, tables, out, lse = residuals
+    grid, block, lse_spec, row, col, table = _specs(
         q.shape, heads_per_step(*q.shape[1:], q.dtype.itemsize)
     )
     dq, dk, dv = pl.pallas_call(
-        _backward_kernel,
+        functools.partial(_backward_kernel, prologue),
         grid=grid,
-        in_specs=[row, col, block, block, block, block, block, lse_spec],
+        in_specs=[row, col, block, block, block] + [table] * len(tables) + [block, block, lse_spec],
         out_specs=[block, block, block],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype) for _ in range(3)],
-        cost_estimate=_work(q.shape, q.dtype.itemsize, 5, 8),
+        cost_estimate=_work(q.shape, q.dtype.itemsize, 5, 8, prologue, backward=True),
         compiler_params=_PARALLEL,
         interpret=interpret,
         name="short_attention_bwd",
-    )(seg_row, seg_col, q, k, v, out, d_out.astype(q.dtype), lse)
-    return dq, dk, dv, None, None
+    )(seg_row, seg_col, q, k, v, *tables, out, d_out.astype(q.dtype), lse)
+    return dq, dk, dv, None, None, tuple(jnp.zeros_like(t) for t in tables)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def _local_attend(q, k, v, segment_ids, interpret: bool):
-    """One shard: q, k, v (b, N, h, Dh), segment_ids (b, N) -> (b, N, h, Dh)."""
-    n, dh = q.shape[1], q.shape[3]
+def _local_attend(q, k, v, segment_ids, *rope, prologue: Prologue, interpret: bool):
+    """One shard: q, k, v (b, N, h, Dh), segment_ids (b, N) [, cos, sin (b, N, Dh/2)] ->
+    (b, N, h, Dh)."""
+    n = q.shape[1]
     if n > MAX_TOKENS:
         raise ValueError(f"attention_backend='short' takes rows of at most {MAX_TOKENS} tokens, "
                          f"got {n}: use 'splash' (or 'auto') for longer rows")  # fmt: skip
     pad = padded_length(n) - n
-    q = q * jnp.asarray(dh**-0.5, q.dtype)
     # (b, N, h, Dh) -> (b, h, Dh, L): tokens on the lanes
     to_kernel = lambda x: jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 3, 1)
     seg = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, pad)), constant_values=PAD_SEGMENT)
+    tables = ()
+    if prologue.rope:  # c' = [cos, cos], s' = [-sin, sin]: (b, Dh, L) float32
+        cos, sin = (t.astype(jnp.float32) for t in rope)
+        table = lambda t: jnp.pad(t, ((0, 0), (0, pad), (0, 0))).transpose(0, 2, 1)
+        tables = (table(jnp.concatenate([cos, cos], -1)), table(jnp.concatenate([-sin, sin], -1)))
     out = _attention(to_kernel(q), to_kernel(k), to_kernel(v), seg[:, None, :], seg[:, :, None],
-                     interpret)  # fmt: skip
+                     tables, prologue, interpret)  # fmt: skip
     return out.transpose(0, 3, 1, 2)[:, :n]
 
 
-def short_attend(q, k, v, segment_ids):
-    """q, k, v: (B, N, H, Dh), N <= MAX_TOKENS; segment_ids: (B, N) int. Returns (B, N, H, Dh)."""
-    return per_shard(_local_attend, q, k, v, segment_ids)
+def short_attend(q, k, v, segment_ids, cos=None, sin=None, norm_q=None, norm_k=None,
+                 eps: float = 1e-6):  # fmt: skip
+    """q, k, v: (B, N, H, Dh), N <= MAX_TOKENS; segment_ids: (B, N) int. Returns (B, N, H, Dh).
+
+    With `norm_q`/`norm_k` ("layernorm", "rmsnorm") and/or `cos`, `sin` (B, N, Dh/2) the kernels
+    apply the q/k norms and RoPE themselves (`Prologue`): q and k are then the projection's raw
+    output, and their gradients are taken through the norms and the rotation."""
+    prologue = Prologue(norm_q, norm_k, cos is not None, eps)
+    rope = () if cos is None else (cos, sin)
+    local = functools.partial(_local_attend, prologue=prologue)
+    return per_shard(local, q, k, v, segment_ids, *rope)
