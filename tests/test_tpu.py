@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from fitv2_jax.benchmarks.tpu import _key, markdown, parse_ici
 from fitv2_jax.benchmarks.tpu_blocks import blocks_config
@@ -451,6 +452,33 @@ def test_short_rows_kernels_compile_for_each_tpu_and_the_compiler_prices_their_w
     assert fwd + bwd <= float(ca["flops"]) < 1.02 * (fwd + bwd)
     # nothing added by `program_cost`: the compiler prices these kernels itself
     assert program_cost(compiled) == (float(ca["flops"]), float(ca["optimal_seconds"]))
+
+
+def test_the_compiler_prices_elementwise_work_as_flops_at_its_matmul_rate():
+    """Why the short kernels state their vector work as FLOPs (`short_attention.vector_ops`):
+    libtpu's cost analysis counts each elementwise operation of an XLA fusion as one FLOP and
+    prices those FLOPs at the rate it gives matmuls, 394 TFLOP/s on a v5p chip (the issue's 8192^3
+    bf16 matmul), not at a vector unit's; a fusion with less work is priced by its bytes."""
+    devices, _, _ = topology_devices("v5p:2x2x1")
+    sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(devices[:1], ("x",)), P())
+    x = jax.ShapeDtypeStruct((64, 128, 128), jnp.float32, sharding=sharding)
+
+    def cost(n):  # n rounds of y = y * y + x (2 operations per element), then a row sum
+        def chain(x):
+            y = x
+            for _ in range(n):
+                y = y * y + x
+            return jnp.sum(y, axis=-1)
+
+        ca = jax.jit(chain).lower(x).compile().cost_analysis()
+        ca = ca[0] if isinstance(ca, list | tuple) else ca
+        return float(ca["flops"]), float(ca["optimal_seconds"])
+
+    flops, seconds = cost(512)
+    assert abs(flops / (2 * 512 * x.size) - 1) < 0.005
+    assert abs(flops / seconds / 394e12 - 1) < 0.01
+    flops, seconds = cost(8)
+    assert seconds > 10 * flops / 394e12  # bytes-bound
 
 
 def _attention_errors(dtype, norm, rope, weight=False, rope_on_v=False, mesh=None):

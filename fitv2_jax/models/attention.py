@@ -149,6 +149,8 @@ class Attention(nn.Module):
     kernel (H Dh, D), viewed as (H, Dh, D), + bias (D,). The kernels are stored flat (why:
     `layers.DenseND`).
     Each head's Dh channels are in `rope.head_channel_order` (official evens, then odds).
+    With the "short" backend the q/k norms and RoPE run inside its kernels when they can
+    (`fuses_into_short`); the parameters are the same either way.
     """
 
     num_heads: int

@@ -2,6 +2,7 @@
 steps hold whole rows, for FiT's masked attention.
 
     out = short_attend(q, k, v, segment_ids)   # (B, N, H, Dh) x3, (B, N) -> (B, N, H, Dh)
+    out = short_attend(q_raw, k_raw, v, segment_ids, cos, sin, "layernorm", "layernorm")
 
 Mask (official): query i sees key j iff segment[i] == segment[j] (0 = padding). Rows are padded
 to a multiple of 128 tokens with segment id -1 (pads see only pads; their outputs are cut off).
@@ -34,23 +35,32 @@ The softmax is exact, not online: a row's scores for one head are (L, L) float32
 at 256 tokens, 1 MiB at 512), computed once in the forward and once in the backward (recomputed
 from the log-sum-exp, as flash attention does). Probabilities are normalised in float32 and cast
 to v's dtype before the value product, as the "xla" backend does. The softmax scale 1/sqrt(Dh) is
-applied to q before the kernels.
+applied to q inside the kernels, in q's dtype.
+
+FiTv2's q/k norms and RoPE run inside the kernels too (`Prologue`; `models.attention` passes
+the projection's raw q and k when the norms are unweighted and v is not rotated). In XLA those
+passes read q and k from HBM and wrote them back, forward and backward, and RoPE's swap of a
+head's halves was a (Dh, Dh) permutation matmul (`models.rope`). Here each head's (Dh, L) block
+is already in VMEM: the norm is a reduction over the sublanes and the swap a rotation of them
+(`pltpu.roll`). Casts follow the unfused path (norm and rotation in float32, each result cast to
+the input dtype). The backward recomputes them from the raw q and k and returns the gradients
+there.
 
 By the TPU compiler's estimate, 4 unrolled FiTv2-XL/2 blocks on v5p-64, global batch 256, side
-by side (`bench --suite tpu_blocks`, 2026-12-05): 5.15 ms without remat (XLA attention 5.46,
-splash 5.76), 5.39 with remat "dots" (5.95, 5.69), 6.09 with full remat (6.75, 6.41); the whole
-FiTv2-XL/2 step 44.6 vs 48.1 ms with XLA attention. Whole steps with remat "dots" on v5e-256
-and v6e-64 put splash ahead (README, TPU section), so `attention_backend="auto"` takes these
-kernels only when nothing is recomputed.
+by side (`bench --suite tpu_blocks`, 2026-12-05): 4.61 ms without remat (XLA attention 5.46,
+splash 5.76; these kernels with the norms and RoPE outside 5.15), 4.85 with remat "dots"
+(5.95, 5.69), 5.42 with full remat (6.75, 6.41); the whole FiTv2-XL/2 step 41.0 ms against
+44.6 with the norms and RoPE outside and 48.1 with XLA attention.
 
 Each grid step takes one batch element and `heads_per_step` heads (at 256 tokens all 16 of
 FiTv2-XL/2's, 12 of FiTv2-3B/2's 24; at 512 tokens 4), within Mosaic's default scoped VMEM; the
 grid's steps are independent ("parallel"), so a megacore chip (v4, v5p) splits them over its two
 cores. The kernels carry a `pl.CostEstimate` of their work (2 products of L x L x Dh forward, 5
-backward, one exp per score), which the TPU compiler prices in place: a roofline, the kernels'
-best case, as the splash kernels are priced (`parallel.cost`). The VPU's other work per score
-is not in it (README, TPU section: about 35 us per FiTv2-XL/2 block per v5p chip, against the 78
-us the estimate has them saving).
+backward, their vector work as FLOPs (`vector_ops`), one exp per score, their bytes), which the
+TPU compiler prices in place as it prices XLA's own fusions: it counts an elementwise operation
+as one FLOP at the rate it gives matmuls (tests/test_tpu.py), so vector work weighs little in
+either. A roofline, the kernels' best case, as XLA's fusions and the splash kernels are priced
+(`parallel.cost`); on a TPU the vector unit's rate applies to both.
 """
 
 from __future__ import annotations
@@ -83,9 +93,11 @@ def padded_length(n: int) -> int:
 
 def heads_per_step(heads: int, head_dim: int, length: int, itemsize: int = 2) -> int:
     """The most heads (a divisor of `heads`) a grid step takes within VMEM_BUDGET: the backward
-    holds 8 (h, Dh, L) blocks, each double-buffered, and about 6 (L, L) float32 arrays."""
-    per_head = itemsize * (-(-head_dim // 16) * 16) * length  # Dh padded to 16 sublanes
-    fit = max(1, (VMEM_BUDGET - 6 * 4 * length * length) // (16 * per_head))
+    holds 8 (h, Dh, L) blocks and the two (Dh, L) float32 RoPE tables, each double-buffered, and
+    about 6 (L, L) float32 arrays."""
+    padded = -(-head_dim // 16) * 16  # Dh padded to 16 sublanes
+    per_head, tables = itemsize * padded * length, 2 * 2 * 4 * padded * length
+    fit = max(1, (VMEM_BUDGET - 6 * 4 * length * length - tables) // (16 * per_head))
     return max(h for h in range(1, heads + 1) if heads % h == 0 and h <= fit)
 
 
