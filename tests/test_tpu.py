@@ -138,13 +138,14 @@ def test_auto_backend_on_tpu_by_row_length(tokens, kernel):
 
 
 @pytest.mark.parametrize("tokens,remat,kernel", [(256, "none", "short_attention"),
-                                                 (256, "dots", "splash_mha"),
+                                                 (256, "dots", "short_attention"),
                                                  (256, "full", "short_attention"),
+                                                 (256, "projections", "splash_mha"),
                                                  (640, "none", "xla"), (640, "dots", "splash_mha")])  # fmt: skip
 def test_auto_backend_in_fit_knows_the_remat_policy(tokens, remat, kernel):
     # FiT resolves "auto" knowing the remat policy: the "short" kernels up to 512 tokens with
-    # no remat or full remat; other recomputed blocks take splash from 256 tokens, others from
-    # 1024
+    # no remat, "dots" or full remat; other recomputed blocks take splash from 256 tokens,
+    # others from 1024
     config = load_config(os.path.join(ROOT, "configs", "tiny.py"))
     config.model.attention_backend, config.model.remat_policy = "auto", remat
     config.model.dtype, config.model.context_size = "bfloat16", tokens

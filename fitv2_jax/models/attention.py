@@ -15,22 +15,23 @@ Backends (`attention_backend`):
   "short"  our Pallas TPU kernels for rows of at most 512 tokens, whole rows in VMEM and every
            array with the tokens on the lanes (`models.short_attention`); interpret mode off TPU
   "auto"   on TPU: "short" for rows of at most SHORT_MAX_TOKENS (512) tokens when the blocks are
-           not rematerialised or fully so (SHORT_REMAT_POLICIES); else splash from
-           SPLASH_MIN_TOKENS tokens, or from SPLASH_MIN_TOKENS_RECOMPUTED when the blocks are
-           rematerialised (any `remat_policy` but "none": FiT resolves it with that knowledge);
-           XLA attention otherwise, and off TPU (the pod configs' default). By the TPU
-           compiler's estimate (README, TPU section, 2026-12-05; the kernels of both Pallas
-           backends priced at their roofline, their best case), global batch 256:
+           not rematerialised, or with remat "dots" or full (SHORT_REMAT_POLICIES); else splash
+           from SPLASH_MIN_TOKENS tokens, or from SPLASH_MIN_TOKENS_RECOMPUTED when the blocks
+           are rematerialised (any `remat_policy` but "none": FiT resolves it with that
+           knowledge); XLA attention otherwise, and off TPU (the pod configs' default). By the
+           TPU compiler's estimate (README, TPU section, 2026-12-05; the kernels of both Pallas
+           backends priced from the work they state, as the compiler prices XLA's fusions),
+           global batch 256, with the q/k norms and RoPE inside the "short" kernels:
            - 256 tokens, no remat: "short" is ahead of XLA attention and splash (FiTv2-XL/2's
-             step on v5p-64 44.6 vs 48.1 ms with XLA attention, 52.8 with splash; on v6e-64
-             30.5 vs 33.6; FiTv2-B/2 on v5p-64 10.5 vs 11.7, on v6e-64 8.1 against 8.4 with
-             remat "dots" and splash);
+             step on v5p-64 41.0 ms against 48.1 with XLA attention and 52.8 with splash; 4
+             unrolled blocks 4.61 vs 5.46 and 5.76);
            - 256 tokens, full remat: "short" is ahead (FiTv2-XL/2 on v5e-256, data 2 x FSDP
-             128, scanned: 33.2 ms vs splash 36.9, XLA attention 35.6), and ahead of remat
-             "dots" with splash (XL 35.2, B/2 6.56 vs 6.0, 3B/2 164 vs 150.9 on v5e-256);
-           - 256 tokens, remat "dots": splash is ahead in the whole steps compiled (FiTv2-XL/2
-             on v5e-256 35.2 vs 35.9 ms, FiTv2-B/2 on v6e-64 8.4 vs 9.0), though not in 4
-             unrolled FiTv2-XL/2 blocks on v5p-64 ("short" 5.39 vs 5.69 ms);
+             128, scanned: 31.1 ms vs splash 36.9, XLA attention 35.6);
+           - 256 tokens, remat "dots": "short" is ahead of splash (FiTv2-XL/2 on v5e-256 32.7
+             vs 35.2 ms, FiTv2-B/2 on v6e-64 8.2 vs 8.4; 4 XL blocks on v5p-64 4.85 vs 5.69);
+             with the norms and RoPE outside the kernels splash was ahead in those two steps
+             (35.9, 9.0 ms), which is why "auto" took splash with "dots" until then;
+           - "projections" and "dots_no_batch" were not compiled with "short": splash;
            - 1024 tokens: splash is faster than XLA attention (HR FiTv2-XL/2, 4 unrolled
              blocks: 17.9 vs 20.9 ms). Between 512 and 1024 tokens nothing was measured.
            (Sampling with such a config picks the same backend.)
@@ -55,7 +56,7 @@ from fitv2_jax.parallel.platform import compiling_for_tpu
 BACKENDS = ("xla", "einsum", "splash", "short", "auto")
 SPLASH_MIN_TOKENS = 1024  # "auto" picks splash on TPU from this sequence length (module doc)
 SPLASH_MIN_TOKENS_RECOMPUTED = 256  # ... and from this one when the blocks are rematerialised
-SHORT_REMAT_POLICIES = ("none", "full")  # "auto" takes "short" with these (module doc)
+SHORT_REMAT_POLICIES = ("none", "dots", "full")  # "auto" takes "short" with these (module doc)
 SAVE_PROBS_MAX_TOKENS = 256  # the "xla" backend keeps its probabilities up to here (saves_probs)
 
 
