@@ -8,11 +8,14 @@ Hardware: paper trained 1000K steps at batch 256; needs FSDP (params + Adam stat
 Reproduces: FID-50K 2.15 at 256x256 (cfg 1.5), 6.72 at 160x320, 13.73 at 128x384; 3.22 / 4.87 / 12.15
   at 320x320 / 224x448 / 160x480.
 TPU defaults (remat none, all 40 blocks unrolled; attention auto = the "short" kernels at 256
-  tokens, `models.short_attention`, 2026-12-05: v5p-64 135.6 ms, 51.3% MFU, 11.25 of 95 GiB per
-  chip, against 139 ms, 50.0% with XLA attention; v5e-256 scanned with full remat, its preset
-  now (auto takes the short kernels with full remat too): 150.9 ms, 13.4% MFU, 0.59 of 16 GiB,
-  against 164 ms with "dots" and splash, its preset until then; the rows below are from before
-  them)
+  tokens, `models.short_attention`, 2026-12-05, with the q/k norms and RoPE inside them since
+  later that day: v5p-64 130.2 ms, 53.4% MFU, 10.17 of 95 GiB per chip (with the norms and RoPE
+  in XLA 135.6 ms, 51.3%, 11.25 GiB), against 139 ms, 50.0% with XLA attention; v6e-64 78.5 ms,
+  22.1% MFU, 5.79 of 32 GiB (88.2 ms with them in XLA); v5e-256 scanned with full remat, its
+  preset (auto takes the short kernels with full remat too): 152.8 ms, 13.2% MFU, 0.59 of
+  16 GiB (150.9 ms with the norms and RoPE in XLA, compiled side by side: the one slice where moving
+  them in did not help; README, TPU section), against 164 ms with "dots" and splash, its preset until then; the rows below are from
+  before them)
   and the presets for other slices (`--config configs/fitv2_3b.py:SLICE`, `config.slices`)
   from the README's TPU table (`python -m fitv2_jax.bench --suite tpu` and `train --dry_run`,
   compiler estimates, global batch 256, FSDP over every chip, 2026-12-03/04):

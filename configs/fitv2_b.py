@@ -5,13 +5,15 @@ Command (one TPU v4-8 host or 8 GPUs):
 Hardware: a single 8-chip host; the paper's ablation model.
 Reproduces: FID-50K 26.03 at 256x256 after 400K steps without CFG (FiT-B/2: 36.36); 16.52 at 2000K.
 TPU defaults (remat none, all 15 blocks unrolled; attention auto = the "short" kernels at 256
-  tokens, `models.short_attention`: on v5p-64 10.5 ms, 28.5% MFU, 1.3 of 95 GiB per chip,
-  against 11.7 ms with XLA attention, 2026-12-05; v6e-64 8.1 ms, 9.3% MFU, 0.8 of 32 GiB, ahead
-  of its earlier preset, remat "dots" with splash, 8.4 ms (with "dots" the short kernels give
-  9.0), so the defaults are now its v6e-64 preset too; v5e-256, scanned with full remat (its
-  preset now; auto takes the short kernels with full remat too): 6.0 ms, 14.6% MFU, 0.03 of
-  16 GiB, against 6.56 ms with "dots" and splash, its preset until then) and, from before those
-  kernels, from the README's TPU table
+  tokens, `models.short_attention`, with the q/k norms and RoPE inside them (later on
+  2026-12-05): on v5p-64 9.0 ms, 33.3% MFU, 1.16 of 95 GiB per chip; v6e-64 7.3 ms, 10.3% MFU,
+  0.70 of 32 GiB (remat "dots" 8.2); v5e-256, scanned with full remat (its preset): 5.7 ms,
+  15.4% MFU, 0.03 of 16 GiB. With the norms and RoPE still in XLA (earlier that day): v5p-64
+  10.5 ms, 28.5% MFU, 1.3 GiB, against 11.7 ms with XLA attention; v6e-64 8.1 ms, 9.3% MFU, 0.8
+  of 32 GiB, ahead of its earlier preset, remat "dots" with splash, 8.4 ms (with "dots" the
+  short kernels gave 9.0), so the defaults are now its v6e-64 preset too; v5e-256, scanned
+  with full remat (its preset since): 6.0 ms, 14.6% MFU, against 6.56 ms with "dots" and
+  splash, its preset until then) and, from before those kernels, from the README's TPU table
   (`python -m fitv2_jax.bench --suite tpu` and `train --dry_run`, compiler estimates, v5p-64,
   global batch 256, 2026-12-03): unrolled without remat 13.4 ms (22.4% MFU, 1.6 of 95 GiB per
   chip) vs 24.1 ms with the blocks scanned (the earlier default, which stacks every block's

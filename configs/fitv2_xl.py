@@ -12,8 +12,10 @@ TPU settings by slice, the presets (`--config configs/fitv2_xl.py:SLICE`, `confi
   --topology T`; compiler estimates, not measurements; global batch 256; the attention kernels
   stored flat, 2026-12-05):
   v5p-64   the defaults: all 36 blocks unrolled, no remat, attention auto (the "short" kernels
-           at 256 tokens, `models.short_attention`, 2026-12-05): 44.6 ms, 35.7% MFU, 5.05 of
-           95 GiB per chip, against 48.1 ms (33.1%, 5.46 GiB) with XLA attention keeping its
+           at 256 tokens, `models.short_attention`, 2026-12-05, with the q/k norms and RoPE
+           inside them since later that day): 41.0 ms, 38.9% MFU, 4.56 of 95 GiB per chip;
+           with the norms and RoPE in XLA 44.6 ms, 35.7% MFU, 5.05 GiB; against 48.1 ms
+           (33.1%, 5.46 GiB) with XLA attention keeping its
            probabilities, the default until then, and 52.8 with splash (the table's row);
            with XLA attention, data 2 x FSDP 16 (`--config.mesh.ici='(2,-1,1)'`) is even, 48.2 ms.
            Before the flat kernels (2026-12-03/04, 53.2 ms for the defaults then): splash 52.8 ms
@@ -21,15 +23,18 @@ TPU settings by slice, the presets (`--config configs/fitv2_xl.py:SLICE`, `confi
            "dots" 56.3 ms (splash 54.7). `--config.model.gather_attention_once=True` no longer
            helps (4 blocks 5.54 vs 5.46 ms).
   v6e-64   preset: `--config.mesh.ici='(2,-1,1)'` (data 2 x FSDP 32), blocks unrolled without
-           remat: 30.5 ms, 13.1% MFU, 2.5 of 32 GiB with the "short" kernels (2026-12-05; 33.6
-           ms, 2.7 GiB with XLA attention), vs 39.8 ms with FSDP over all 64 chips (XLA attention),
+           remat: 28.6 ms, 13.9% MFU, 2.25 of 32 GiB with the "short" kernels and the norms and
+           RoPE inside (2026-12-05; with them in XLA 30.5 ms; 33.6 ms, 2.7 GiB with XLA
+           attention), vs 39.8 ms with FSDP over all 64 chips (XLA attention),
            where libtpu gathers the weights by all-reduces of zero-padded buffers (README, TPU
            table).
   v5e-256  (one image per chip) preset: `--config.mesh.ici='(2,-1,1)'
            --config.model.remat_policy=full --config.model.scan_unroll=1` (auto picks the
-           "short" kernels): 33.2 ms, 14.0% MFU, 0.14 of 16 GiB (2026-12-05), against 35.2 ms
-           (13.2%, 0.4 GiB) with remat "dots" and splash, its preset until then; with "dots"
-           the short kernels give 35.9; full remat with splash 36.9, with XLA attention 35.6.
+           "short" kernels): 31.1 ms, 14.9% MFU, 0.13 of 16 GiB with the norms and RoPE
+           inside them (2026-12-05; 33.2 ms with them in XLA), against 35.2 ms (13.2%, 0.4 GiB)
+           with remat "dots" and splash, its preset until then; with "dots" the short kernels
+           give 32.7 (35.9 with the norms and RoPE in XLA); full remat with splash 36.9, with
+           XLA attention 35.6.
            FSDP over all 256 chips divides neither attention kernel (1152 x 3456, 1152 x 1152),
            so the default mesh replicates them (a warning says so): scanned with full remat and
            splash 84.9 ms, unrolled without remat 69 ms.
@@ -42,7 +47,8 @@ MFU ceiling (`python -m fitv2_jax.bench --suite tpu_matmuls`, 2026-12-04): at 8 
   matmuls' cycles" line, 2026-12-05). Larger batches per chip (`--global_batch` of the TPU bench
   suite, v5p-64, 2026-12-05, XLA attention): 512 84.2 ms (37.9%, before the flat kernels), 1024
   131 ms (48.8%, 18.2 GiB); with the "short" kernels 1024 gives 124.5 ms, 51.2%, 16.6 GiB
-  (`train --dry_run --topology v5p-64 --dry_run_batch 1024`).
+  (`train --dry_run --topology v5p-64 --dry_run_batch 1024`), and with the q/k norms and RoPE
+  inside them 112.6 ms, 56.6%, 14.7 GiB.
 """
 
 from fitv2_jax.config.defaults import base_config, fitv2_model
