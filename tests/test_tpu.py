@@ -510,6 +510,31 @@ def _attention_errors(dtype, norm, rope, weight=False, rope_on_v=False, mesh=Non
     return jax.tree.leaves(jax.tree.map(rel, results["short"], results["xla"]))
 
 
+def _norm_outside_kernels(norm, weight=False, rope_on_v=False) -> bool:
+    """Whether the traced "short" FiT attention computes a q/k norm (its rsqrt) outside the
+    Pallas kernels."""
+
+    def primitives(jaxpr, found):
+        for eqn in jaxpr.eqns:
+            found.add(eqn.primitive.name)
+            if eqn.primitive.name != "pallas_call":  # what a kernel runs is not outside it
+                for value in eqn.params.values():
+                    for sub in value if isinstance(value, list | tuple) else [value]:
+                        sub = getattr(sub, "jaxpr", sub)
+                        if hasattr(sub, "eqns"):
+                            primitives(sub, found)
+        return found
+
+    x, seg, table = jnp.ones((2, 40, 16)), jnp.ones((2, 40), jnp.int32), jnp.ones((2, 40, 4))
+    module = Attention(num_heads=2, q_norm=norm, k_norm=norm, qk_norm_weight=weight,
+                       rope_on_v=rope_on_v, backend="short")  # fmt: skip
+    params = module.init(jax.random.key(0), x, seg, table, table)
+    traced = jax.make_jaxpr(lambda p: module.apply(p, x, seg, table, table))(params)
+    found = primitives(traced.jaxpr, set())
+    assert "pallas_call" in found
+    return "rsqrt" in found
+
+
 @pytest.mark.parametrize("norm,rope", [("layernorm", True), ("rmsnorm", True),
                                        ("layernorm", False), (None, True)])  # fmt: skip
 def test_short_kernels_apply_the_qk_norms_and_rope_as_the_xla_path_does(norm, rope):
@@ -517,6 +542,8 @@ def test_short_kernels_apply_the_qk_norms_and_rope_as_the_xla_path_does(norm, ro
     raw and apply both themselves (`short_attention.Prologue`): the output and the gradients of
     the parameters and of the input equal the unfused path with XLA attention."""
     assert fuses_into_short(norm or "none", norm or "none", rope_on_v=False)
+    if norm:
+        assert not _norm_outside_kernels(norm)
     errors = _attention_errors(jnp.float32, norm, rope)
     assert max(errors) < 1e-5, errors
     errors = _attention_errors(jnp.bfloat16, norm, rope)
@@ -532,6 +559,7 @@ def test_short_kernels_with_the_norms_and_rope_inside_under_shard_map_equal_xla_
 def test_weighted_qk_norms_or_rope_on_v_stay_outside_the_short_kernels(weight, rope_on_v):
     kind = "w_layernorm" if weight else "layernorm"
     assert not fuses_into_short(kind, kind, rope_on_v)
+    assert _norm_outside_kernels("layernorm", weight, rope_on_v)
     errors = _attention_errors(jnp.float32, "layernorm", True, weight, rope_on_v)
     assert max(errors) < 1e-5, errors
 
