@@ -309,9 +309,14 @@ def _rotate_by_permutation(x, cos, sin):
     partner = jnp.einsum("bnhd,de->bnhe", x, jnp.asarray(swap, dtype),
                          precision=jax.lax.Precision.HIGHEST,
                          preferred_element_type=jnp.float32)  # fmt: skip
-    c = jnp.concatenate([cos, cos], axis=-1)[:, :, None, :]
-    s = jnp.concatenate([-sin, sin], axis=-1)[:, :, None, :]
+    c, s = (t[:, :, None, :] for t in full_width_tables(cos, sin))
     return (x.astype(jnp.float32) * c + partner * s).astype(dtype)
+
+
+def full_width_tables(cos, sin):
+    """cos, sin (..., head_dim/2) -> c' = [cos, cos], s' = [-sin, sin] (..., head_dim): the
+    rotation as x c' + swap(x) s', swap exchanging a head's halves."""
+    return jnp.concatenate([cos, cos], axis=-1), jnp.concatenate([-sin, sin], axis=-1)
 
 
 @jax.custom_vjp

@@ -74,6 +74,8 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from fitv2_jax.models.layers import normalize_grad, normalize_with_stats
+from fitv2_jax.models.rope import full_width_tables
 from fitv2_jax.parallel.shard_attention import per_shard
 
 LANES = 128  # rows are padded to a multiple of this
@@ -119,14 +121,6 @@ class Prologue(NamedTuple):
     eps: float = 1e-6
 
 
-def _normalized(x, kind: str, eps: float):
-    """x (Dh, L) float32 -> x's channels (sublanes) normalised, and 1/std (1, L)."""
-    if kind == "layernorm":
-        x = x - jnp.mean(x, axis=0, keepdims=True)
-    rstd = jax.lax.rsqrt(jnp.mean(x * x, axis=0, keepdims=True) + eps)
-    return x * rstd, rstd
-
-
 def _swap_halves(x):
     """x (Dh, L): channel j gets channel (j + Dh/2) % Dh, a rotation of the sublanes (its own
     inverse)."""
@@ -137,7 +131,9 @@ def _prepared(x, norm, prologue: Prologue, cos, sin, scale: float):
     """One head's q or k (Dh, L) in its dtype -> the kernel's operand (`Prologue`)."""
     dtype, f32 = x.dtype, jnp.float32
     if norm:
-        x = _normalized(x.astype(f32), norm, prologue.eps)[0].astype(dtype)
+        x = normalize_with_stats(x.astype(f32), norm == "layernorm", prologue.eps, axis=0)[
+            0
+        ].astype(dtype)
     if prologue.rope:
         x32 = x.astype(f32)
         x = (x32 * cos + _swap_halves(x32) * sin).astype(dtype)
@@ -149,11 +145,10 @@ def _prepared_grad(x, d, norm, prologue: Prologue, cos, sin, scale: float):
     d = d * scale
     if prologue.rope:  # the rotation's transpose: the same swap, with -sin
         d = d * cos + _swap_halves(d * sin)
-    if norm:
-        y, rstd = _normalized(x.astype(jnp.float32), norm, prologue.eps)
-        d = rstd * (d - y * jnp.mean(d * y, axis=0, keepdims=True))
-        if norm == "layernorm":
-            d = d - jnp.mean(d, axis=0, keepdims=True)
+    if norm:  # over the channels, the sublanes
+        centered = norm == "layernorm"
+        y, _, rstd = normalize_with_stats(x.astype(jnp.float32), centered, prologue.eps, axis=0)
+        d = normalize_grad(y, rstd, d, centered, axis=0)
     return d
 
 
@@ -318,9 +313,8 @@ def _local_attend(q, k, v, segment_ids, *rope, prologue: Prologue, interpret: bo
     seg = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, pad)), constant_values=PAD_SEGMENT)
     tables = ()
     if prologue.rope:  # c' = [cos, cos], s' = [-sin, sin]: (b, Dh, L) float32
-        cos, sin = (t.astype(jnp.float32) for t in rope)
-        table = lambda t: jnp.pad(t, ((0, 0), (0, pad), (0, 0))).transpose(0, 2, 1)
-        tables = (table(jnp.concatenate([cos, cos], -1)), table(jnp.concatenate([-sin, sin], -1)))
+        full = full_width_tables(*(t.astype(jnp.float32) for t in rope))
+        tables = tuple(jnp.pad(t, ((0, 0), (0, pad), (0, 0))).transpose(0, 2, 1) for t in full)
     out = _attention(to_kernel(q), to_kernel(k), to_kernel(v), seg[:, None, :], seg[:, :, None],
                      tables, prologue, interpret)  # fmt: skip
     return out.transpose(0, 3, 1, 2)[:, :n]
