@@ -271,7 +271,7 @@ def test_on_tpu_without_remat_the_blocks_keep_the_attention_probabilities(monkey
     b, n = inputs[0].shape[:2]
     probs, lse = (base.depth, b, base.num_heads, n, n), (base.depth, b, base.num_heads, n, 1)
     cpu, cpu_grads = kept_and_grads(base)
-    monkeypatch.setattr(fit_lib, "compiling_for_tpu", lambda: True)
+    monkeypatch.setattr(fit_lib, "tpu_device_kind", lambda: "TPU v5")
     tpu, tpu_grads = kept_and_grads(base)
     tpu_remat, _ = kept_and_grads(base.clone(remat_policy="projections"))
     assert probs in tpu and lse not in tpu, tpu

@@ -51,8 +51,8 @@ def _qkv_and_segments(dtype, n=40, heads=4, dh=72):
     return q, k, v, jnp.asarray(seg)
 
 
-def _relative_errors(dtype, backend="splash"):
-    q, k, v, seg = _qkv_and_segments(dtype)
+def _relative_errors(dtype, backend="splash", n=40):
+    q, k, v, seg = _qkv_and_segments(dtype, n)
     real = (seg != 0)[:, :, None, None]
 
     def loss(backend):
@@ -83,6 +83,15 @@ def test_pallas_kernels_equal_xla_attention_in_bfloat16_within_its_rounding(back
     out, grads = _relative_errors(jnp.bfloat16, backend)
     assert out < 1.6e-2
     assert max(grads) < 1.6e-2, grads
+
+
+def test_short_kernels_take_rows_of_up_to_1024_tokens_as_xla_attention_does():
+    # 1000 tokens padded to 1024 (the high-resolution post-training's rows), one of them whole,
+    # the others ragged or packed; the kernels alone, then with the q/k norms and RoPE inside
+    out, grads = _relative_errors(jnp.float32, "short", n=1000)
+    assert out < 1e-5 and max(grads) < 1e-5, (out, grads)
+    errors = _attention_errors(jnp.float32, "layernorm", True, n=1000)
+    assert max(errors) < 1e-5, errors
 
 
 def test_splash_equals_xla_attention_over_several_query_blocks():
@@ -125,10 +134,14 @@ def _kernel_in(text: str) -> str:
     return names[0] if names else "xla"
 
 
-@pytest.mark.parametrize("tokens,kernel", [(256, "short_attention"), (512, "short_attention"),
-                                           (768, "xla"), (1024, "splash_mha")])  # fmt: skip
-def test_auto_backend_on_tpu_by_row_length(tokens, kernel):
-    devices, _, _ = topology_devices("v5p:2x2x1")
+@pytest.mark.parametrize("topology,tokens,kernel", [
+    ("v5p:2x2x1", 256, "short_attention"), ("v5p:2x2x1", 768, "short_attention"),
+    ("v5p:2x2x1", 1024, "short_attention"), ("v5p:2x2x1", 1152, "splash_mha"),
+    # 16 MiB of VMEM a core: the short kernels up to 512 tokens
+    ("v4:2x2x1", 512, "short_attention"), ("v4:2x2x1", 768, "xla"), ("v4:2x2x1", 1024, "splash_mha"),
+])  # fmt: skip
+def test_auto_backend_on_tpu_by_row_length(topology, tokens, kernel):
+    devices, _, _ = topology_devices(topology)
     mesh = create_mesh((1, 4, 1), devices=devices)
     x = jax.ShapeDtypeStruct((4, tokens, 2, 72), jnp.bfloat16)
     seg = jax.ShapeDtypeStruct((4, tokens), jnp.int32)
@@ -137,19 +150,21 @@ def test_auto_backend_on_tpu_by_row_length(tokens, kernel):
     assert _kernel_in(text) == kernel
 
 
-@pytest.mark.parametrize("tokens,remat,kernel", [(256, "none", "short_attention"),
-                                                 (256, "dots", "short_attention"),
-                                                 (256, "full", "short_attention"),
-                                                 (256, "projections", "splash_mha"),
-                                                 (640, "none", "xla"), (640, "dots", "splash_mha")])  # fmt: skip
-def test_auto_backend_in_fit_knows_the_remat_policy(tokens, remat, kernel):
-    # FiT resolves "auto" knowing the remat policy: the "short" kernels up to 512 tokens with
-    # no remat, "dots" or full remat; other recomputed blocks take splash from 256 tokens,
-    # others from 1024
+@pytest.mark.parametrize("topology,tokens,remat,kernel", [
+    ("v5p:2x2x1", 256, "none", "short_attention"), ("v5p:2x2x1", 256, "dots", "short_attention"),
+    ("v5p:2x2x1", 256, "full", "short_attention"),
+    ("v5p:2x2x1", 256, "projections", "short_attention"),
+    ("v5p:2x2x1", 640, "dots_no_batch", "short_attention"),
+    ("v4:2x2x1", 640, "none", "xla"), ("v4:2x2x1", 640, "dots", "splash_mha"),
+])  # fmt: skip
+def test_auto_backend_in_fit_knows_the_remat_policy(topology, tokens, remat, kernel):
+    # FiT resolves "auto" knowing the chip and the remat policy: the "short" kernels as long as
+    # the chip's VMEM takes the rows, with any remat policy; beyond, recomputed blocks take
+    # splash from 256 tokens, others from 1024
     config = load_config(os.path.join(ROOT, "configs", "tiny.py"))
     config.model.attention_backend, config.model.remat_policy = "auto", remat
     config.model.dtype, config.model.context_size = "bfloat16", tokens
-    devices, _, _ = topology_devices("v5p:2x2x1")
+    devices, _, _ = topology_devices(topology)
     setup = build_setup(config, 8, mesh=create_mesh(config.mesh.ici, devices=devices))
     state, batch = setup.abstract_state_sharded(), setup.abstract_batch(tokens)
     with setup.context(), jax.default_matmul_precision("default"):
@@ -420,17 +435,21 @@ def test_splash_kernels_are_priced_from_their_work():
 
 @pytest.mark.parametrize("topology", ["v5p:2x2x1", "v5e:2x2", "v6e:2x2"])
 @pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("tokens", [256, 400, 1024])
 def test_short_rows_kernels_compile_for_each_tpu_and_the_compiler_prices_their_work(
-        topology, fused):  # fmt: skip
+        topology, fused, tokens):  # fmt: skip
     """Mosaic lowers both kernels for every chip generation of the table, with and without the
-    q/k norms and RoPE inside, and the compiler's cost analysis counts the work their
-    `pl.CostEstimate` states (forward 2 products of L x L x Dh per head, backward 5, and their
-    vector work as FLOPs, at most 5% more), so the estimate prices them where they run."""
+    q/k norms and RoPE inside, at the 256 tokens of training, a row padded to 512 (400 tokens,
+    e.g. sampling at 320x320) and the longest row they take (1024 tokens, the high-resolution
+    post-training, with a raised scoped VMEM limit), and the compiler's cost analysis
+    counts the work their `pl.CostEstimate` states (forward 2 products of L x L x Dh per head,
+    backward 5, and their vector work as FLOPs, at most 5% more; L padded to 128s), so the
+    estimate prices them where they run."""
     devices, _, _ = topology_devices(topology)
     mesh = create_mesh((1, 4, 1), devices=devices)
-    x = jax.ShapeDtypeStruct((4, 256, 2, 72), jnp.bfloat16)
-    seg = jax.ShapeDtypeStruct((4, 256), jnp.int32)
-    table = jax.ShapeDtypeStruct((4, 256, 36), jnp.float32)
+    x = jax.ShapeDtypeStruct((4, tokens, 2, 72), jnp.bfloat16)
+    seg = jax.ShapeDtypeStruct((4, tokens), jnp.int32)
+    table = jax.ShapeDtypeStruct((4, tokens, 36), jnp.float32)
     if fused:
         attention = lambda q, k, v, s, c, n: short_attend(
             q, k, v, s, c, n, "layernorm", "layernorm"
@@ -444,7 +463,8 @@ def test_short_rows_kernels_compile_for_each_tpu_and_the_compiler_prices_their_w
     text = compiled.as_text()
     assert len(re.findall(r"%short_attention_fwd\S* = ", text)) == 1
     assert len(re.findall(r"%short_attention_bwd\S* = ", text)) == 1
-    per_matmul = 2.0 * 1 * 2 * 256 * 256 * 72  # per device: 1 row, 2 heads, 256 x 256 x 72
+    length = short_padded_length(tokens)
+    per_matmul = 2.0 * 1 * 2 * length * length * 72  # per device: 1 row, 2 heads, L x L x 72
     fwd, bwd = sorted(float(f) for f in re.findall(r'cost_estimate":\{"flops":"(\d+)"', text))
     assert 2 * per_matmul < fwd < 2.2 * per_matmul and 5 * per_matmul < bwd < 5.3 * per_matmul
     ca = compiled.cost_analysis()
@@ -482,13 +502,13 @@ def test_the_compiler_prices_elementwise_work_as_flops_at_its_matmul_rate():
     assert seconds > 10 * flops / 394e12  # bytes-bound
 
 
-def _attention_errors(dtype, norm, rope, weight=False, rope_on_v=False, mesh=None):
+def _attention_errors(dtype, norm, rope, weight=False, rope_on_v=False, mesh=None, n=40):
     """Relative max errors of the FiT attention (output, then every gradient: parameters and
     input) with the "short" backend against "xla", ragged and packed rows."""
     rng = np.random.default_rng(0)
-    q, _, _, seg = _qkv_and_segments(dtype, heads=2, dh=8)
-    x = jnp.asarray(rng.standard_normal((4, 40, 16)), dtype)
-    angles = jnp.asarray(rng.uniform(0, 6, (4, 40, 4)), jnp.float32)
+    q, _, _, seg = _qkv_and_segments(dtype, n, heads=2, dh=8)
+    x = jnp.asarray(rng.standard_normal((4, n, 16)), dtype)
+    angles = jnp.asarray(rng.uniform(0, 6, (4, n, 4)), jnp.float32)
     cos, sin = 1.1 * jnp.cos(angles), 1.1 * jnp.sin(angles)  # a magnitude factor, as yarn's
     real = (seg != 0)[:, :, None]
     results = {}
@@ -565,13 +585,24 @@ def test_weighted_qk_norms_or_rope_on_v_stay_outside_the_short_kernels(weight, r
 
 
 def test_short_rows_kernel_refuses_long_rows_naming_splash():
-    x = jnp.zeros((1, 513, 1, 8), jnp.float32)
-    with pytest.raises(ValueError, match="at most 512 tokens.*'splash'"):
-        attend(x, x, x, jnp.ones((1, 513), jnp.int32), "short")
+    x = jnp.zeros((1, 1025, 1, 8), jnp.float32)
+    with pytest.raises(ValueError, match="at most 1024 tokens, got 1025.*'splash'"):
+        attend(x, x, x, jnp.ones((1, 1025), jnp.int32), "short")
+
+
+def test_short_rows_kernel_refuses_rows_a_small_vmem_chip_cannot_hold_naming_it():
+    devices, _, _ = topology_devices("v4:2x2x1")
+    x = jax.ShapeDtypeStruct((4, 640, 1, 8), jnp.bfloat16)
+    seg = jax.ShapeDtypeStruct((4, 640), jnp.int32)
+    with jax.set_mesh(create_mesh((1, 4, 1), devices=devices)):
+        with pytest.raises(ValueError, match="at most 512 tokens on TPU v4, got 640.*'splash'"):
+            jax.jit(lambda q, k, v, s: attend(q, k, v, s, "short")).lower(x, x, x, seg)
 
 
 @pytest.mark.parametrize("heads,head_dim,length,step", [(16, 72, 256, 16), (16, 72, 512, 4),
-                                                         (24, 96, 256, 12), (5, 72, 256, 5)])  # fmt: skip
+                                                         (24, 96, 256, 12), (5, 72, 256, 5),
+                                                         (16, 72, 768, 8), (16, 72, 1024, 4),
+                                                         (24, 96, 1024, 4)])  # fmt: skip
 def test_short_rows_kernel_takes_as_many_heads_per_step_as_its_vmem_budget_allows(
         heads, head_dim, length, step):  # fmt: skip
     assert heads_per_step(heads, head_dim, length) == step

@@ -38,7 +38,8 @@ from fitv2_jax.config.defaults import mesh_defaults
 from fitv2_jax.config.files import load_config
 from fitv2_jax.config.slices import canonical
 from fitv2_jax.models.attention import resolve_backend
-from fitv2_jax.models.short_attention import MAX_TOKENS as SHORT_MAX_TOKENS
+from fitv2_jax.models.short_attention import max_tokens as short_max_tokens
+from fitv2_jax.parallel.topology import parse_topology
 from fitv2_jax.training.dry_run import dry_run
 from fitv2_jax.utils.errors import UserError
 
@@ -101,10 +102,12 @@ def _unroll(config_path: str, value: str) -> int:
     return int(value)
 
 
-def _backends(config_path: str, attentions: list[str]) -> list[str]:
-    """The backends a config's rows can run ("short" only up to its 512 tokens)."""
+def _backends(config_path: str, topology: str, attentions: list[str]) -> list[str]:
+    """The backends a config's rows can run on a slice ("short" only up to the tokens it takes
+    on that chip, `short_attention.max_tokens`)."""
     tokens = int(load_config(config_path).model.context_size)
-    return [a for a in attentions if a != "short" or tokens <= SHORT_MAX_TOKENS]
+    most = short_max_tokens(parse_topology(topology)[0].device_kind)
+    return [a for a in attentions if a != "short" or tokens <= most]
 
 
 def _name(config_path: str) -> str:
@@ -124,7 +127,8 @@ def preset_plan(config_paths: list[str]) -> list[tuple]:
             config = load_config(f"{path}:{preset}")
             model = config.model
             remat = str(model.remat_policy)
-            attention = resolve_backend(model.attention_backend, int(model.context_size), True,
+            tpu = parse_topology(preset)[0].device_kind
+            attention = resolve_backend(model.attention_backend, int(model.context_size), tpu,
                                         remat)  # fmt: skip
             ici = tuple(config.mesh.ici)
             plan.append((f"{path}:{preset}", preset, remat, attention, int(model.scan_unroll),
@@ -217,9 +221,9 @@ def main() -> None:
     else:
         unrolls = {c: sorted({_unroll(c, u) for u in FLAGS.scan_unroll}) for c in FLAGS.configs}
         icis = [parse_ici(v) for v in FLAGS.ici]
-        backends = {c: _backends(c, FLAGS.attention) for c in FLAGS.configs}
         plan = [(c, t, m, a, u, i) for c in FLAGS.configs for t in FLAGS.topologies
-                for m in FLAGS.remat for a in backends[c] for u in unrolls[c] for i in icis]  # fmt: skip
+                for m in FLAGS.remat for a in _backends(c, t, FLAGS.attention)
+                for u in unrolls[c] for i in icis]  # fmt: skip
     for n, (c, t, m, a, u, ici) in enumerate(plan, 1):
         name = _name(c)
         if (name, t, m, a, u, ici) in done:

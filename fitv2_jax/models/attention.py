@@ -12,28 +12,32 @@ Backends (`attention_backend`):
   "einsum" explicit einsum + float32 softmax (a reference, and the most portable)
   "splash" Pallas TPU splash attention with segment ids, per shard (`models.splash`); Pallas
            interpret mode off TPU
-  "short"  our Pallas TPU kernels for rows of at most 512 tokens, whole rows in VMEM and every
-           array with the tokens on the lanes (`models.short_attention`); interpret mode off TPU
-  "auto"   on TPU: "short" for rows of at most SHORT_MAX_TOKENS (512) tokens when the blocks are
-           not rematerialised, or with remat "dots" or full (SHORT_REMAT_POLICIES); else splash
-           from SPLASH_MIN_TOKENS tokens, or from SPLASH_MIN_TOKENS_RECOMPUTED when the blocks
-           are rematerialised (any `remat_policy` but "none": FiT resolves it with that
-           knowledge); XLA attention otherwise, and off TPU (the pod configs' default). By the
-           TPU compiler's estimate (README, TPU section, 2026-12-05; the kernels of both Pallas
-           backends priced from the work they state, as the compiler prices XLA's fusions),
-           global batch 256, with the q/k norms and RoPE inside the "short" kernels:
+  "short"  our Pallas TPU kernels for rows of up to 1024 tokens (512 on v4, whose cores have 16
+           MiB of VMEM: `short_attention.max_tokens`), whole rows in VMEM and every array with
+           the tokens on the lanes (`models.short_attention`); interpret mode off TPU
+  "auto"   on TPU: "short" for rows the chip's kernels take, with any remat policy; beyond
+           them splash from SPLASH_MIN_TOKENS tokens, or from SPLASH_MIN_TOKENS_RECOMPUTED when
+           the blocks are rematerialised (any `remat_policy` but "none": FiT resolves it with
+           that knowledge); XLA attention otherwise, and off TPU (the pod configs' default). By
+           the TPU compiler's estimate (README, TPU section, 2026-12-05; the kernels of both
+           Pallas backends priced from the work they state, as the compiler prices XLA's
+           fusions), global batch 256, with the q/k norms and RoPE inside the "short" kernels:
            - 256 tokens, no remat: "short" is ahead of XLA attention and splash (FiTv2-XL/2's
              step on v5p-64 41.0 ms against 48.1 with XLA attention and 52.8 with splash; 4
              unrolled blocks 4.61 vs 5.46 and 5.76);
            - 256 tokens, full remat: "short" is ahead (FiTv2-XL/2 on v5e-256, data 2 x FSDP
              128, scanned: 31.1 ms vs splash 36.9, XLA attention 35.6);
-           - 256 tokens, remat "dots": "short" is ahead of splash (FiTv2-XL/2 on v5e-256 32.7
-             vs 35.2 ms, FiTv2-B/2 on v6e-64 8.2 vs 8.4; 4 XL blocks on v5p-64 4.85 vs 5.69);
-             with the norms and RoPE outside the kernels splash was ahead in those two steps
-             (35.9, 9.0 ms), which is why "auto" took splash with "dots" until then;
-           - "projections" and "dots_no_batch" were not compiled with "short": splash;
-           - 1024 tokens: splash is faster than XLA attention (HR FiTv2-XL/2, 4 unrolled
-             blocks: 17.9 vs 20.9 ms). Between 512 and 1024 tokens nothing was measured.
+           - 256 tokens, remat "dots", "dots_no_batch" or "projections": "short" is ahead of
+             splash (FiTv2-XL/2 on v5e-256 32.7 vs 35.2 ms with "dots", FiTv2-B/2 on v6e-64 8.2
+             vs 8.4; 4 XL blocks on v5p-64 4.85 vs 5.69 with each of the three, which give the
+             same program here);
+           - 640 to 1024 tokens: "short" is ahead (4 unrolled HR FiTv2-XL/2 blocks on v5p-64,
+             no remat: 1024 tokens 13.97 ms vs splash 16.78; 768 tokens 10.82 vs XLA
+             attention 14.03 and splash 14.55; full remat at 1024 16.55 vs splash 18.72);
+           - beyond the "short" kernels (v4 above 512 tokens, any chip above 1024), without
+             remat: XLA attention up to 1023 tokens (ahead of splash at 640 and 768 on v5p:
+             12.03 vs 13.06 and 14.03 vs 14.55 ms), splash from 1024 (HR FiTv2-XL/2, 4 unrolled
+             blocks: 17.9 vs 20.9 ms).
            (Sampling with such a config picks the same backend.)
 """
 
@@ -47,16 +51,15 @@ import jax.numpy as jnp
 
 from fitv2_jax.models.layers import DenseND, Norm
 from fitv2_jax.models.rope import apply_rope
-from fitv2_jax.models.short_attention import MAX_TOKENS as SHORT_MAX_TOKENS
+from fitv2_jax.models.short_attention import max_tokens as short_max_tokens
 from fitv2_jax.models.short_attention import short_attend
 from fitv2_jax.models.softmax_attention import softmax_attention
 from fitv2_jax.models.splash import splash_attend
-from fitv2_jax.parallel.platform import compiling_for_tpu
+from fitv2_jax.parallel.platform import tpu_device_kind
 
 BACKENDS = ("xla", "einsum", "splash", "short", "auto")
 SPLASH_MIN_TOKENS = 1024  # "auto" picks splash on TPU from this sequence length (module doc)
 SPLASH_MIN_TOKENS_RECOMPUTED = 256  # ... and from this one when the blocks are rematerialised
-SHORT_REMAT_POLICIES = ("none", "dots", "full")  # "auto" takes "short" with these (module doc)
 SAVE_PROBS_MAX_TOKENS = 256  # the "xla" backend keeps its probabilities up to here (saves_probs)
 
 
@@ -79,14 +82,17 @@ def fuses_into_short(q_kind: str, k_kind: str, rope_on_v: bool) -> bool:
     return {q_kind, k_kind} <= {"layernorm", "rmsnorm", "none"} and not rope_on_v
 
 
-def resolve_backend(backend: str, tokens: int, on_tpu: bool, remat_policy: str = "none") -> str:
-    """The backend `attend` runs: "auto" resolved for a sequence length and platform, and for
-    the blocks' remat policy (any but "none" recomputes the attention in the backward)."""
+def resolve_backend(backend: str, tokens: int, tpu: str | None, remat_policy: str = "none") -> str:
+    """The backend `attend` runs: "auto" resolved for a sequence length, the TPU compiled for
+    (its device kind, `parallel.platform.tpu_device_kind`; None off TPU) and the blocks' remat
+    policy (any but "none" recomputes the attention in the backward)."""
     if backend == "auto":
-        if on_tpu and tokens <= SHORT_MAX_TOKENS and remat_policy in SHORT_REMAT_POLICIES:
+        if tpu is None:
+            return "xla"
+        if tokens <= short_max_tokens(tpu):
             return "short"
         least = SPLASH_MIN_TOKENS if remat_policy == "none" else SPLASH_MIN_TOKENS_RECOMPUTED
-        return "splash" if on_tpu and tokens >= least else "xla"
+        return "splash" if tokens >= least else "xla"
     return backend
 
 
@@ -125,7 +131,7 @@ def attend(q, k, v, segment_ids, backend: str = "xla", bound: float | None = Non
     """q, k, v: (B, N, H, Dh); segment_ids: (B, N) int; bound: the logits' bound (`logit_bound`)
     if known, which spares the "xla" backend its row maxima; save_probs: the "xla" backend's
     backward reuses the probabilities (`saves_probs`). Returns (B, N, H, Dh)."""
-    backend = resolve_backend(backend, q.shape[1], compiling_for_tpu())
+    backend = resolve_backend(backend, q.shape[1], tpu_device_kind())
     if backend == "splash":
         return splash_attend(q, k, v, segment_ids)
     if backend == "short":

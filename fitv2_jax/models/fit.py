@@ -45,7 +45,7 @@ from fitv2_jax.models.layers import (
     per_token,
 )
 from fitv2_jax.models.rope import RopeConfig, rope_cos_sin
-from fitv2_jax.parallel.platform import compiling_for_tpu
+from fitv2_jax.parallel.platform import tpu_device_kind
 
 # "projections": the backward recomputes only elementwise work (norms, modulation, q/k norm,
 # RoPE, gating) from the saved projection outputs and the attention's output and log-sum-exp
@@ -285,9 +285,9 @@ class FiT(nn.Module):
     def _blocks(self, tokens: int):
         """The `depth` blocks as one scanned (and, per remat_policy, rematerialised) module;
         attention "auto" is resolved here, where remat is known (`attention.resolve_backend`)."""
-        on_tpu = compiling_for_tpu()
-        backend = resolve_backend(self.attention_backend, tokens, on_tpu, self.remat_policy)
-        save_probs = saves_probs(backend, tokens, on_tpu, self.remat_policy)
+        tpu = tpu_device_kind()
+        backend = resolve_backend(self.attention_backend, tokens, tpu, self.remat_policy)
+        save_probs = saves_probs(backend, tokens, tpu is not None, self.remat_policy)
         block = FiTBlock
         if self.remat_policy != "none":
             block = nn.remat(block, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=False)

@@ -1,5 +1,5 @@
-"""Attention for short rows (up to 512 tokens): Pallas TPU kernels (forward, backward) whose grid
-steps hold whole rows, for FiT's masked attention.
+"""Attention for rows that fit VMEM whole (up to 1024 tokens; 512 on v4): Pallas TPU kernels
+(forward, backward) whose grid steps hold whole rows, for FiT's masked attention.
 
     out = short_attend(q, k, v, segment_ids)   # (B, N, H, Dh) x3, (B, N) -> (B, N, H, Dh)
     out = short_attend(q_raw, k_raw, v, segment_ids, cos, sin, "layernorm", "layernorm")
@@ -32,7 +32,7 @@ the step uses. This kernel keeps everything in that layout:
 - the segment ids enter as a row (B, 1, L) and a column (B, L, 1).
 
 The softmax is exact, not online: a row's scores for one head are (L, L) float32 in VMEM (256 KiB
-at 256 tokens, 1 MiB at 512), computed once in the forward and once in the backward (recomputed
+at 256 tokens, 1 MiB at 512, 4 MiB at 1024), computed once in the forward and once in the backward (recomputed
 from the log-sum-exp, as flash attention does). Probabilities are normalised in float32 and cast
 to v's dtype before the value product, as the "xla" backend does. The softmax scale 1/sqrt(Dh) is
 applied to q inside the kernels, in q's dtype.
@@ -50,12 +50,19 @@ By the TPU compiler's estimate, 4 unrolled FiTv2-XL/2 blocks on v5p-64, global b
 by side (`bench --suite tpu_blocks`, 2026-12-05): 4.61 ms without remat (XLA attention 5.46,
 splash 5.76; these kernels with the norms and RoPE outside 5.15), 4.85 with remat "dots"
 (5.95, 5.69), 5.42 with full remat (6.75, 6.41); the whole FiTv2-XL/2 step 41.0 ms against
-44.6 with the norms and RoPE outside and 48.1 with XLA attention.
+44.6 with the norms and RoPE outside and 48.1 with XLA attention. Longer rows, 4 unrolled HR
+FiTv2-XL/2 blocks on v5p-64, global batch 256: at 1024 tokens 13.97 ms against splash's 16.78
+without remat, 16.55 against 18.72 with full remat; at 768 tokens 10.82 against XLA
+attention's 14.03 (splash 14.55), at 640 9.27 against 12.03 (13.06).
 
 Each grid step takes one batch element and `heads_per_step` heads (at 256 tokens all 16 of
-FiTv2-XL/2's, 12 of FiTv2-3B/2's 24; at 512 tokens 4), within Mosaic's default scoped VMEM; the
-grid's steps are independent ("parallel"), so a megacore chip (v4, v5p) splits them over its two
-cores. The kernels carry a `pl.CostEstimate` of their work (2 products of L x L x Dh forward, 5
+FiTv2-XL/2's, 12 of FiTv2-3B/2's 24; at 512 tokens 4), within Mosaic's default scoped VMEM (16
+MiB) up to 512 tokens. Longer rows raise the scoped limit to 48 MiB (at 768 tokens 8 of XL's
+heads a step, at 1024 4 of XL's or 3B's): Mosaic compiles that for v5e, v5p and v6e, whose cores
+have far more VMEM, and refuses it for v4 (16 MiB a core: 768 tokens would need 23 MiB), so on
+v4 (`max_tokens`) the rows stop at 512 and "auto" takes splash or XLA attention beyond. The
+grid's steps are independent ("parallel"), so a megacore chip (v4, v5p) splits them over its
+two cores. The kernels carry a `pl.CostEstimate` of their work (2 products of L x L x Dh forward, 5
 backward, their vector work as FLOPs (`vector_ops`), one exp per score, their bytes), which the
 TPU compiler prices in place as it prices XLA's own fusions: it counts an elementwise operation
 as one FLOP at the rate it gives matmuls (tests/test_tpu.py), so vector work weighs little in
@@ -76,30 +83,57 @@ from jax.experimental.pallas import tpu as pltpu
 
 from fitv2_jax.models.layers import normalize_grad, normalize_with_stats
 from fitv2_jax.models.rope import full_width_tables
+from fitv2_jax.parallel.platform import tpu_device_kind
 from fitv2_jax.parallel.shard_attention import per_shard
 
 LANES = 128  # rows are padded to a multiple of this
-MAX_TOKENS = 512  # longer rows: use splash (models.attention)
+MAX_TOKENS = 1024  # longer rows: use splash (models.attention); on a 16 MiB VMEM chip 512
+SMALL_VMEM_MAX_TOKENS = 512
+SMALL_VMEM_KINDS = ("TPU v2", "TPU v3", "TPU v4")  # 16 MiB of VMEM a TensorCore (measured, v4)
 PAD_SEGMENT = -1
-VMEM_BUDGET = 14 * 2**20  # bytes a grid step may hold, under Mosaic's default 16 MiB scoped VMEM
+# bytes a grid step may hold: under Mosaic's default 16 MiB scoped VMEM up to 512 tokens; longer
+# rows raise the scoped limit (LONG_ROWS_VMEM_LIMIT, which v5e, v5p and v6e compile and v4 lacks)
+VMEM_BUDGET = 14 * 2**20
+LONG_ROWS_VMEM_BUDGET = 40 * 2**20
+LONG_ROWS_VMEM_LIMIT = 48 * 2**20
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # a finite "minus infinity", as splash uses
 _TN = (((0,), (0,)), ((), ()))  # contract the sublane (head-dim) axes: a^T b
 _NT = (((1,), (1,)), ((), ()))  # contract the lane (token) axes: a b^T
-# every grid step is independent: a megacore chip (v4, v5p) splits the grid over its 2 cores
-_PARALLEL = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"))
 
 
 def padded_length(n: int) -> int:
     return -(-n // LANES) * LANES
 
 
+def max_tokens(device_kind: str | None) -> int:
+    """The longest row the kernels take on a TPU of this `device_kind` (`parallel.platform`;
+    None: off TPU, interpret mode): MAX_TOKENS, or 512 on chips of 16 MiB of VMEM a core, where
+    Mosaic refuses longer rows (measured on v4: 768 tokens need 23 MiB)."""
+    small = device_kind is not None and device_kind.startswith(SMALL_VMEM_KINDS)
+    return SMALL_VMEM_MAX_TOKENS if small else MAX_TOKENS
+
+
+def _vmem(length: int) -> tuple[int, int | None]:
+    """(budget of a grid step, scoped VMEM limit or None for Mosaic's default) for rows of
+    `length` (padded) tokens."""
+    if length <= SMALL_VMEM_MAX_TOKENS:
+        return VMEM_BUDGET, None
+    return LONG_ROWS_VMEM_BUDGET, LONG_ROWS_VMEM_LIMIT
+
+
+def _compiler_params(length: int):
+    # every grid step is independent: a megacore chip (v4, v5p) splits the grid over its 2 cores
+    return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"),
+                                vmem_limit_bytes=_vmem(length)[1])  # fmt: skip
+
+
 def heads_per_step(heads: int, head_dim: int, length: int, itemsize: int = 2) -> int:
-    """The most heads (a divisor of `heads`) a grid step takes within VMEM_BUDGET: the backward
-    holds 8 (h, Dh, L) blocks and the two (Dh, L) float32 RoPE tables, each double-buffered, and
-    about 6 (L, L) float32 arrays."""
+    """The most heads (a divisor of `heads`) a grid step takes within its VMEM budget (`_vmem`):
+    the backward holds 8 (h, Dh, L) blocks and the two (Dh, L) float32 RoPE tables, each
+    double-buffered, and about 6 (L, L) float32 arrays."""
     padded = -(-head_dim // 16) * 16  # Dh padded to 16 sublanes
     per_head, tables = itemsize * padded * length, 2 * 2 * 4 * padded * length
-    fit = max(1, (VMEM_BUDGET - 6 * 4 * length * length - tables) // (16 * per_head))
+    fit = max(1, (_vmem(length)[0] - 6 * 4 * length * length - tables) // (16 * per_head))
     return max(h for h in range(1, heads + 1) if heads % h == 0 and h <= fit)
 
 
@@ -260,7 +294,7 @@ def _forward(q, k, v, seg_row, seg_col, tables, prologue, interpret):
             jax.ShapeDtypeStruct((b, heads, 1, length), jnp.float32),
         ],
         cost_estimate=_work(q.shape, q.dtype.itemsize, 2, 4, prologue, backward=False),
-        compiler_params=_PARALLEL,
+        compiler_params=_compiler_params(length),
         interpret=interpret,
         name="short_attention_fwd",
     )(seg_row, seg_col, q, k, v, *tables)
@@ -283,6 +317,7 @@ def _attention_bwd(prologue, interpret, residuals, d_out):
     grid, block, lse_spec, row, col, table = _specs(
         q.shape, heads_per_step(*q.shape[1:], q.dtype.itemsize)
     )
+    length = q.shape[-1]
     dq, dk, dv = pl.pallas_call(
         functools.partial(_backward_kernel, prologue),
         grid=grid,
@@ -290,7 +325,7 @@ def _attention_bwd(prologue, interpret, residuals, d_out):
         out_specs=[block, block, block],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype) for _ in range(3)],
         cost_estimate=_work(q.shape, q.dtype.itemsize, 5, 8, prologue, backward=True),
-        compiler_params=_PARALLEL,
+        compiler_params=_compiler_params(length),
         interpret=interpret,
         name="short_attention_bwd",
     )(seg_row, seg_col, q, k, v, *tables, out, d_out.astype(q.dtype), lse)
@@ -303,10 +338,11 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 def _local_attend(q, k, v, segment_ids, *rope, prologue: Prologue, interpret: bool):
     """One shard: q, k, v (b, N, h, Dh), segment_ids (b, N) [, cos, sin (b, N, Dh/2)] ->
     (b, N, h, Dh)."""
-    n = q.shape[1]
-    if n > MAX_TOKENS:
-        raise ValueError(f"attention_backend='short' takes rows of at most {MAX_TOKENS} tokens, "
-                         f"got {n}: use 'splash' (or 'auto') for longer rows")  # fmt: skip
+    n, kind = q.shape[1], tpu_device_kind()
+    if n > max_tokens(kind):
+        raise ValueError(f"attention_backend='short' takes rows of at most {max_tokens(kind)} "
+                         f"tokens{' on ' + kind if kind else ''}, got {n}: use 'splash' (or "
+                         "'auto') for longer rows")  # fmt: skip
     pad = padded_length(n) - n
     # (b, N, h, Dh) -> (b, h, Dh, L): tokens on the lanes
     to_kernel = lambda x: jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 3, 1)
@@ -322,7 +358,7 @@ def _local_attend(q, k, v, segment_ids, *rope, prologue: Prologue, interpret: bo
 
 def short_attend(q, k, v, segment_ids, cos=None, sin=None, norm_q=None, norm_k=None,
                  eps: float = 1e-6):  # fmt: skip
-    """q, k, v: (B, N, H, Dh), N <= MAX_TOKENS; segment_ids: (B, N) int. Returns (B, N, H, Dh).
+    """q, k, v: (B, N, H, Dh), N <= max_tokens(the chip); segment_ids: (B, N) int. Returns (B, N, H, Dh).
 
     With `norm_q`/`norm_k` ("layernorm", "rmsnorm") and/or `cos`, `sin` (B, N, Dh/2) the kernels
     apply the q/k norms and RoPE themselves (`Prologue`): q and k are then the projection's raw

@@ -33,13 +33,14 @@ class Chip:
     bf16_tflops: float  # dense peak per chip
     cores_in_name: int  # how many units of a pod name ("v5p-64") one chip is
     dims: int  # chip grid dimensions (3D torus or 2D)
+    device_kind: str  # jax's `device_kind` of its devices
 
 
 CHIPS = {
-    "v4": Chip("v4", 32.0, 275.0, 2, 3),
-    "v5p": Chip("v5p", 95.0, 459.0, 2, 3),
-    "v5e": Chip("v5e", 16.0, 197.0, 1, 2),
-    "v6e": Chip("v6e", 32.0, 918.0, 1, 2),
+    "v4": Chip("v4", 32.0, 275.0, 2, 3, "TPU v4"),
+    "v5p": Chip("v5p", 95.0, 459.0, 2, 3, "TPU v5"),
+    "v5e": Chip("v5e", 16.0, 197.0, 1, 2, "TPU v5 lite"),
+    "v6e": Chip("v6e", 32.0, 918.0, 1, 2, "TPU v6 lite"),
 }
 
 

@@ -118,7 +118,7 @@ def dry_run(config, global_batch: int | None = None, topology: str | None = None
         if oom is None:
             raise
         report = dict(head, **_chip_report(chip, chips, head["devices"]), fits=False,
-                      out_of_hbm=oom, to_fit=_ways_to_fit(config.model, n),
+                      out_of_hbm=oom, to_fit=_ways_to_fit(config.model, n, chip.device_kind),
                       compile_seconds=round(time.perf_counter() - start, 1))  # fmt: skip
         if verbose:
             print_report(report)
@@ -132,7 +132,7 @@ def dry_run(config, global_batch: int | None = None, topology: str | None = None
         report.update(_chip_report(chip, chips, report["devices"]))
         report["fits"] = report["peak_bytes"] <= report["hbm_bytes_per_device"]
         model = config.model
-        backend = resolve_backend(model.attention_backend, n, True, model.remat_policy)
+        backend = resolve_backend(model.attention_backend, n, chip.device_kind, model.remat_policy)
         report["attention_kernels"] = backend if backend in ("splash", "short") else None
         if estimate:
             try:
@@ -152,13 +152,13 @@ def dry_run(config, global_batch: int | None = None, topology: str | None = None
     return report
 
 
-def _ways_to_fit(model, tokens: int) -> list[str]:
+def _ways_to_fit(model, tokens: int, tpu: str) -> list[str]:
     """What may make a step that ran out of HBM fit, starting from the config's own settings."""
     ways = []
     if model.remat_policy != "full":
         more = "dots or full" if model.remat_policy == "none" else "full"
         ways.append(f"rematerialise more (--config.model.remat_policy={more})")
-    backend = resolve_backend(model.attention_backend, tokens, True, model.remat_policy)
+    backend = resolve_backend(model.attention_backend, tokens, tpu, model.remat_policy)
     if backend in ("xla", "einsum"):  # the Pallas kernels keep no (B, H, N, N) array either
         ways.append("splash attention, which keeps tiles, not (B, H, N, N) scores "
                     "(--config.model.attention_backend=splash)")  # fmt: skip
