@@ -6,7 +6,8 @@ Command (v5p-64; on v6e-64 or v5e-256 append its preset: configs/fitv2_hr_3b.py:
       --config.train.init_from=/path/to/fitv2_3B.safetensors
 Hardware: paper: 200K steps at batch 256, constant LR 1e-4.
 Reproduces: FID-50K 2.41 at 512x512 (cfg 1.6), 4.54 at 320x640, 16.08 at 256x768.
-TPU defaults (remat none, all 40 blocks unrolled; attention auto = splash at 1024 tokens on TPU)
+TPU defaults (remat none, all 40 blocks unrolled; attention auto = the short kernels at 1024
+  tokens on v5e/v5p/v6e, splash on v4)
   from the README's TPU table (compiler estimates, v5p-64, global batch 256 x 1024 tokens,
   2026-12-03, the splash kernels priced by their work): `train --dry_run --topology v5p-64`
   unrolled without remat 473.6 ms (61.9% MFU, 44.7 of 95 GiB per chip) vs the scanned blocks with
@@ -21,9 +22,15 @@ TPU defaults (remat none, all 40 blocks unrolled; attention auto = splash at 102
   table's rows are without it).
   On v5e (16 GiB) the preset is `--config.model.remat_policy=full --config.model.scan_unroll=1`:
   v5e-256 433 ms, 10.5 of 16 GiB per chip (with "dots" 447 ms, 14.0 GiB; README, TPU table).
-  Keep splash (auto) on v5e and v6e: with XLA attention and "dots" the step does not fit either
-  chip (temporaries 15.77 of the 15.75 GiB libtpu can use on v5e, 34.92 of 31.25 on v6e), nor
-  scanned without remat on v5e with either attention (2026-12-04).
+  Keep the Pallas kernels on v5e and v6e: with XLA attention and "dots" the step does not fit
+  either chip (temporaries 15.77 of the 15.75 GiB libtpu can use on v5e, 34.92 of 31.25 on v6e),
+  nor scanned without remat on v5e with either attention (2026-12-04).
+  With the short kernels at 1024 tokens ("auto" since the end of 2026-12-05; `bench --suite tpu
+  --presets`): v5p-64 422 ms (69.5% MFU, 39.5 GiB), v6e-64 preset 198 ms (37.0%, 20.9 GiB). On
+  v5e-256 they lose: 421 ms against splash's 357 with the preset's full remat (side by side, the
+  estimate's programs of 1 and 2 scanned blocks: a block 9.83 vs 8.17 ms; XLA converts whole
+  gathered MLP kernel gradients to float32 in the blocks' backward with them, not with splash),
+  so that preset names splash.
 """
 
 from fitv2_jax.config.defaults import base_config, fitv2_model, post_training
@@ -33,7 +40,12 @@ from fitv2_jax.config.slices import with_preset
 PRESETS = {
     "v5p-64": {},
     "v6e-64": {"mesh.ici": (2, -1, 1)},
-    "v5e-256": {"model.remat_policy": "full", "model.scan_unroll": 1},
+    # splash, not "auto": with the short kernels XLA fuses the blocks' backward worse here
+    "v5e-256": {
+        "model.remat_policy": "full",
+        "model.scan_unroll": 1,
+        "model.attention_backend": "splash",
+    },
 }
 
 

@@ -7,7 +7,8 @@ Command (v5p-64 and v6e-64; on v5e-256 append its preset: configs/fitv2_hr_xl.py
       --config.train.init_from=/path/to/fitv2_xl.safetensors
 Hardware: paper: 400K steps at batch 256, constant LR 1e-4, no warmup.
 Reproduces: FID-50K 2.90 at 512x512 (cfg 1.65), 4.87 at 320x640, 18.55 at 256x768 (VisionNTK).
-TPU defaults (remat none, all 36 blocks unrolled; attention auto = splash at 1024 tokens on TPU)
+TPU defaults (remat none, all 36 blocks unrolled; attention auto = the short kernels at 1024
+  tokens on v5e/v5p/v6e, splash on v4; the splash figures below are from before them)
   from the README's TPU table (`python -m fitv2_jax.bench --suite tpu` and `train --dry_run`,
   compiler estimates, v5p-64, global batch 256 x 1024 tokens, 2026-12-03, the splash kernels
   priced by their work): unrolled without remat 149.1 ms (47.3% MFU, 20.2 GiB per chip), and
@@ -28,6 +29,11 @@ TPU defaults (remat none, all 36 blocks unrolled; attention auto = splash at 102
   chips cannot shard the attention kernels there and says so in a warning; here that is cheap,
   the kernels being frozen (no Adam moments, their gradient unused): data 2 x FSDP 128, which shards
   them, is slower (`--config.mesh.ici='(2,-1,1)'`: 99.6 ms with "dots", 102 full; README, TPU table).
+  With the short kernels at 1024 tokens ("auto" since the end of 2026-12-05): v5p-64 120.7 ms
+  (58.4% MFU, 15.4 GiB; `train --dry_run --topology v5p-64`, 10 minutes) against 142 with
+  splash; v6e-64 85.9 ms (20.5%, 7.6 GiB) against 95.3; v5e-256 preset 73.6 ms (27.9%, 6.1 GiB)
+  against 84.2 (`bench --suite tpu --presets`). A 4-block program on v5p-64: 13.97 ms against
+  splash's 16.78.
 """
 
 from fitv2_jax.config.defaults import base_config, fitv2_model, post_training
