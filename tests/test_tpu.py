@@ -138,7 +138,8 @@ def _kernel_in(text: str) -> str:
     ("v5p:2x2x1", 256, "short_attention"), ("v5p:2x2x1", 768, "short_attention"),
     ("v5p:2x2x1", 1024, "short_attention"), ("v5p:2x2x1", 1152, "splash_mha"),
     # 16 MiB of VMEM a core: the short kernels up to 512 tokens
-    ("v4:2x2x1", 512, "short_attention"), ("v4:2x2x1", 768, "xla"), ("v4:2x2x1", 1024, "splash_mha"),
+    ("v4:2x2x1", 512, "short_attention"), ("v4:2x2x1", 768, "xla"),
+    ("v4:2x2x1", 1024, "splash_mha"),
 ])  # fmt: skip
 def test_auto_backend_on_tpu_by_row_length(topology, tokens, kernel):
     devices, _, _ = topology_devices(topology)

@@ -57,7 +57,8 @@ def define_flags(module_name: str) -> None:
                       "train --topology)", module_name=m)  # fmt: skip
     flags.DEFINE_list("remat", ["none", "dots", "full"], "remat policies", module_name=m)
     flags.DEFINE_list("attention", ["xla", "splash", "short"], "attention backends ('short' "
-                      "only where the chip takes the rows: 1024 tokens, 512 on v4)", module_name=m)  # fmt: skip
+                      "only where the chip takes the rows: 1024 tokens, 512 on v4)",
+                      module_name=m)  # fmt: skip
     flags.DEFINE_list("scan_unroll", ["config"], "blocks per scan iteration: 'config' keeps the "
                       "config's (the pod configs unroll every block), 1 scans them (faster to "
                       "compile; the estimate scales the loop body by its trip count)",

@@ -32,10 +32,10 @@ the step uses. This kernel keeps everything in that layout:
 - the segment ids enter as a row (B, 1, L) and a column (B, L, 1).
 
 The softmax is exact, not online: a row's scores for one head are (L, L) float32 in VMEM (256 KiB
-at 256 tokens, 1 MiB at 512, 4 MiB at 1024), computed once in the forward and once in the backward (recomputed
-from the log-sum-exp, as flash attention does). Probabilities are normalised in float32 and cast
-to v's dtype before the value product, as the "xla" backend does. The softmax scale 1/sqrt(Dh) is
-applied to q inside the kernels, in q's dtype.
+at 256 tokens, 1 MiB at 512, 4 MiB at 1024), computed once in the forward and once in the
+backward (recomputed from the log-sum-exp, as flash attention does). Probabilities are
+normalised in float32 and cast to v's dtype before the value product, as the "xla" backend
+does. The softmax scale 1/sqrt(Dh) is applied to q inside the kernels, in q's dtype.
 
 FiTv2's q/k norms and RoPE run inside the kernels too (`Prologue`; `models.attention` passes
 the projection's raw q and k when the norms are unweighted and v is not rotated). In XLA those

@@ -1,7 +1,7 @@
 """Which platform the program being traced will be compiled for.
 
     compiling_for_tpu()   # True under a TPU mesh (a TPU VM, or `--dry_run --topology` on any host)
-    tpu_device_kind()     # "TPU v5" (v5p), "TPU v5 lite" (v5e), ...; None when not compiling for TPU
+    tpu_device_kind()     # "TPU v5" (v5p), "TPU v5 lite" (v5e), ...; None when not for a TPU
 
 Traced code reads it to pick a TPU-tuned form (splash attention; autodiff for the norms, whose
 hand-written backward serves CPU and GPU; RoPE's partner channels by a permutation matmul); a
