@@ -103,10 +103,9 @@ def _unroll(config_path: str, value: str) -> int:
     return int(value)
 
 
-def _backends(config_path: str, topology: str, attentions: list[str]) -> list[str]:
-    """The backends a config's rows can run on a slice ("short" only up to the tokens it takes
-    on that chip, `short_attention.max_tokens`)."""
-    tokens = int(load_config(config_path).model.context_size)
+def _backends(tokens: int, topology: str, attentions: list[str]) -> list[str]:
+    """The backends a config of `tokens` tokens can run on a slice ("short" only up to the
+    tokens it takes on that chip, `short_attention.max_tokens`)."""
     most = short_max_tokens(parse_topology(topology)[0].device_kind)
     return [a for a in attentions if a != "short" or tokens <= most]
 
@@ -222,8 +221,9 @@ def main() -> None:
     else:
         unrolls = {c: sorted({_unroll(c, u) for u in FLAGS.scan_unroll}) for c in FLAGS.configs}
         icis = [parse_ici(v) for v in FLAGS.ici]
+        tokens = {c: int(load_config(c).model.context_size) for c in FLAGS.configs}
         plan = [(c, t, m, a, u, i) for c in FLAGS.configs for t in FLAGS.topologies
-                for m in FLAGS.remat for a in _backends(c, t, FLAGS.attention)
+                for m in FLAGS.remat for a in _backends(tokens[c], t, FLAGS.attention)
                 for u in unrolls[c] for i in icis]  # fmt: skip
     for n, (c, t, m, a, u, ici) in enumerate(plan, 1):
         name = _name(c)

@@ -102,6 +102,6 @@ def live_slice(devices) -> tuple[str, int] | None:
     return kind, len(devices) // max(len(slices), 1)
 
 
-# jax's device_kind of each chip kind
-_KINDS = {"tpu v4": "v4", "tpu v5": "v5p", "tpu v5p": "v5p", "tpu v5 lite": "v5e",
-          "tpu v5e": "v5e", "tpu v6 lite": "v6e", "tpu v6e": "v6e"}  # fmt: skip
+# jax's device_kind of each chip kind (`Chip.device_kind`), and the other names runtimes give
+_KINDS = {chip.device_kind.lower(): name for name, chip in CHIPS.items()} | {
+    "tpu v5p": "v5p", "tpu v5e": "v5e", "tpu v6e": "v6e"}  # fmt: skip
