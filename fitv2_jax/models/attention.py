@@ -52,7 +52,7 @@ import jax.numpy as jnp
 from fitv2_jax.models.layers import DenseND, Norm
 from fitv2_jax.models.rope import apply_rope
 from fitv2_jax.models.short_attention import max_tokens as short_max_tokens
-from fitv2_jax.models.short_attention import short_attend
+from fitv2_jax.models.short_attention import short_attend, short_attend_qkv
 from fitv2_jax.models.softmax_attention import softmax_attention
 from fitv2_jax.models.splash import splash_attend
 from fitv2_jax.parallel.platform import tpu_device_kind
@@ -176,17 +176,22 @@ class Attention(nn.Module):
     def __call__(self, x, segment_ids, cos=None, sin=None):
         dim = x.shape[-1]
         heads, head_dim = self.num_heads, dim // self.num_heads
-        qkv = DenseND(features=(3, heads, head_dim), axes=("embed", "qkv", "heads", "kv"),
-                      stored_axes=("embed", "qkv_heads"), n_in=1, use_bias=self.qkv_bias,
-                      gather_once=self.gather_once, dtype=self.dtype, name="qkv")(x)  # fmt: skip
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, H, Dh)
         q_kind = _qk_norm_kind(self.q_norm, self.qk_norm_weight)
         k_kind = _qk_norm_kind(self.k_norm, self.qk_norm_weight)
-        if self.backend == "short" and fuses_into_short(q_kind, k_kind, self.rope_on_v):
+        fused = self.backend == "short" and fuses_into_short(q_kind, k_kind, self.rope_on_v)
+        qkv = DenseND(features=(3, heads, head_dim), axes=("embed", "qkv", "heads", "kv"),
+                      stored_axes=("embed", "qkv_heads"), n_in=1, use_bias=self.qkv_bias,
+                      gather_once=self.gather_once, bias_outside=fused and self.qkv_bias,
+                      dtype=self.dtype, name="qkv")(x)  # fmt: skip
+        if fused:
+            # the kernels read q, k and v from the projection's output, add its bias and zero
+            # the padding's outputs themselves: no slicing, no extra passes (README, TPU section)
+            qkv, bias = qkv if self.qkv_bias else (qkv, None)
             rope = (cos, sin) if self.use_rope else (None, None)
-            out = short_attend(q, k, v, segment_ids, *rope, norm_q=_unweighted(q_kind),
-                               norm_k=_unweighted(k_kind))  # fmt: skip
+            out = short_attend_qkv(qkv, segment_ids, *rope, norm_q=_unweighted(q_kind),
+                                   norm_k=_unweighted(k_kind), bias=bias, zero_padding=True)  # fmt: skip
         else:
+            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, H, Dh)
             q = Norm(q_kind, "kv", name="q_norm")(q)
             k = Norm(k_kind, "kv", name="k_norm")(k)
             if self.use_rope:
@@ -201,7 +206,7 @@ class Attention(nn.Module):
             )
             bound = logit_bound(q_kind, k_kind, head_dim)
             out = attend(q, k, v, segment_ids, self.backend, bound, self.save_probs)
-        out = out * (segment_ids != 0)[:, :, None, None].astype(out.dtype)
+            out = out * (segment_ids != 0)[:, :, None, None].astype(out.dtype)
         return DenseND(features=(dim,), axes=("heads", "kv", "embed_out"),
                        stored_axes=("qkv_heads", "embed_out"), n_in=2, use_bias=True,
                        gather_once=self.gather_once, dtype=self.dtype, name="proj")(out)  # fmt: skip

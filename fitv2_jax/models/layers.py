@@ -91,6 +91,8 @@ class DenseND(nn.Module):
     Initialised as the 4D view would be (fan-avg xavier over the groups; same values).
     `gather_once`: the compute-dtype kernel is all-gathered over FSDP here and the backward reuses
     that copy (`parallel.rules.gathered`).
+    `bias_outside`: returns (x @ kernel, bias in the compute dtype) and leaves the sum to the
+    caller (the "short" attention kernels add the q/k/v bias themselves).
     """
 
     features: tuple[int, ...]
@@ -99,6 +101,7 @@ class DenseND(nn.Module):
     n_in: int = 1
     use_bias: bool = True
     gather_once: bool = False
+    bias_outside: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -122,6 +125,8 @@ class DenseND(nn.Module):
             bias = self.param(
                 "bias", logical(zeros, self.axes[self.n_in :]), self.features, self.param_dtype
             )
+            if self.bias_outside:
+                return y, bias.astype(self.dtype)
             y = y + bias.astype(self.dtype)
         return y
 

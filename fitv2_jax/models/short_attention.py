@@ -37,7 +37,7 @@ backward (recomputed from the log-sum-exp, as flash attention does). Probabiliti
 normalised in float32 and cast to v's dtype before the value product, as the "xla" backend
 does. The softmax scale 1/sqrt(Dh) is applied to q inside the kernels, in q's dtype.
 
-FiTv2's q/k norms and RoPE run inside the kernels too (`Prologue`; `models.attention` passes
+FiTv2's q/k norms and RoPE run inside the kernels too (`Fused`; `models.attention` passes
 the projection's raw q and k when the norms are unweighted and v is not rotated). In XLA those
 passes read q and k from HBM and wrote them back, forward and backward, and RoPE's swap of a
 head's halves was a (Dh, Dh) permutation matmul (`models.rope`). Here each head's (Dh, L) block
@@ -137,22 +137,46 @@ def heads_per_step(heads: int, head_dim: int, length: int, itemsize: int = 2) ->
     return max(h for h in range(1, heads + 1) if heads % h == 0 and h <= fit)
 
 
+def _tiles(head_dim: int) -> tuple[int, int]:
+    """(g, r): the forward's output holds a head's Dh channels as g tiles of r rows (8 if Dh is
+    a multiple of 8) with the batch between them, (H, g, B, r, L): the layout the TPU compiler
+    gives the output projection's operand, so that it is not copied into it (README, TPU
+    section)."""
+    return (head_dim // 8, 8) if head_dim % 8 == 0 else (1, head_dim)
+
+
+def _to_tiles(x):
+    """(Dh, L) -> (g, r, L) (`_tiles`)."""
+    return x.reshape(*_tiles(x.shape[0]), x.shape[1])
+
+
+def _untiled(out):
+    """The forward's (H, g, B, r, L) output -> (B, L, H, Dh)."""
+    heads, g, b, r, length = out.shape
+    return out.transpose(2, 4, 0, 1, 3).reshape(b, length, heads, g * r)
+
+
 def _mask(seg_col, seg_row):
     return seg_col == seg_row  # (L, 1) == (1, L) -> (keys, queries)
 
 
-class Prologue(NamedTuple):
-    """What the kernels do to q and k before the scores (static), in the order and dtypes of
-    `models.attention.Attention`'s unfused path: each head's q/k norm over its channels
-    (`norm_q`, `norm_k`: "layernorm", "rmsnorm" or None; unweighted, eps `eps`) in float32, cast
-    to the input dtype; RoPE (`rope`): x c' + swap(x) s' in float32 (`models.rope`: the halves
-    swapped, c' = [cos, cos], s' = [-sin, sin], both (Dh, L) per image), cast again; then q times
-    1/sqrt(Dh) in the input dtype. The default is the scale alone."""
+class Fused(NamedTuple):
+    """What the kernels do around the attention itself (static), in the order and dtypes of
+    `models.attention.Attention`'s unfused path. Before the scores: the q/k/v projection's bias
+    (`bias`: added to each of q, k and v in their dtype; its gradient comes out of the backward);
+    each head's q/k norm over its channels (`norm_q`, `norm_k`: "layernorm", "rmsnorm" or None;
+    unweighted, eps `eps`) in float32, cast to the input dtype; RoPE (`rope`): x c' + swap(x) s'
+    in float32 (`models.rope`: the halves swapped, c' = [cos, cos], s' = [-sin, sin], both (Dh, L)
+    per image), cast again; then q times 1/sqrt(Dh) in the input dtype. After: the outputs of
+    padding (segment 0) zeroed (`zero_padding`), as FiT's attention does before its output
+    projection. The default is the scale alone."""
 
     norm_q: str | None = None
     norm_k: str | None = None
     rope: bool = False
     eps: float = 1e-6
+    bias: bool = False
+    zero_padding: bool = False
 
 
 def _swap_halves(x):
@@ -161,47 +185,69 @@ def _swap_halves(x):
     return pltpu.roll(x, x.shape[0] // 2, 0)
 
 
-def _prepared(x, norm, prologue: Prologue, cos, sin, scale: float):
-    """One head's q or k (Dh, L) in its dtype -> the kernel's operand (`Prologue`)."""
+def _prepared(x, norm, fused: Fused, cos, sin, scale: float):
+    """One head's q or k (Dh, L) in its dtype, bias added -> the kernel's operand (`Fused`)."""
     dtype, f32 = x.dtype, jnp.float32
     if norm:
-        x = normalize_with_stats(x.astype(f32), norm == "layernorm", prologue.eps, axis=0)[
-            0
-        ].astype(dtype)
-    if prologue.rope:
+        x = normalize_with_stats(x.astype(f32), norm == "layernorm", fused.eps, axis=0)[0]
+        x = x.astype(dtype)
+    if fused.rope:
         x32 = x.astype(f32)
         x = (x32 * cos + _swap_halves(x32) * sin).astype(dtype)
     return x * jnp.asarray(scale, dtype) if scale != 1.0 else x
 
 
-def _prepared_grad(x, d, norm, prologue: Prologue, cos, sin, scale: float):
-    """The gradient (float32) at the raw q or k `x` (Dh, L) of `_prepared`'s output's `d`."""
+def _prepared_grad(x, d, norm, fused: Fused, cos, sin, scale: float):
+    """The gradient (float32) at `x` (Dh, L), q or k with its bias, of `_prepared`'s output's
+    `d`."""
     d = d * scale
-    if prologue.rope:  # the rotation's transpose: the same swap, with -sin
+    if fused.rope:  # the rotation's transpose: the same swap, with -sin
         d = d * cos + _swap_halves(d * sin)
     if norm:  # over the channels, the sublanes
         centered = norm == "layernorm"
-        y, _, rstd = normalize_with_stats(x.astype(jnp.float32), centered, prologue.eps, axis=0)
+        y, _, rstd = normalize_with_stats(x.astype(jnp.float32), centered, fused.eps, axis=0)
         d = normalize_grad(y, rstd, d, centered, axis=0)
     return d
 
 
-def _rope_tables(prologue, refs):
-    """(cos, sin) (Dh, L) float32 of this grid step's image, or (None, None) without RoPE."""
-    return (refs[0][0], refs[1][0]) if prologue.rope else (None, None)
+class _Refs(NamedTuple):
+    """A grid step's inputs: q, k, v (1, h, Dh, L) blocks [, their biases (h, Dh, 1)] [, the
+    image's RoPE tables (Dh, L) float32]."""
+
+    qkv: tuple
+    biases: tuple | None
+    cos: object
+    sin: object
+
+    def head(self, t: int, h: int):
+        """Head h of q (t = 0), k (1) or v (2), (Dh, L), its bias added."""
+        x = self.qkv[t][0, h]
+        return x + self.biases[t][h] if self.biases is not None else x
 
 
-def _forward_kernel(prologue: Prologue, seg_row_ref, seg_col_ref, q_ref, k_ref, v_ref, *refs):
-    """One batch element, `h` heads: q, k, v (1, h, Dh, L) [, cos, sin (1, Dh, L)] -> o (1, h,
-    Dh, L), lse (1, h, 1, L)."""
-    o_ref, lse_ref = refs[-2:]
-    cos, sin = _rope_tables(prologue, refs)
+def _split_refs(fused: Fused, refs) -> tuple[_Refs, tuple]:
+    """(the step's inputs after the segment ids, the remaining refs)."""
+    qkv, refs = refs[:3], refs[3:]
+    biases = None
+    if fused.bias:
+        biases, refs = refs[:3], refs[3:]
+    cos = sin = None
+    if fused.rope:
+        cos, sin, refs = refs[0][0], refs[1][0], refs[2:]
+    return _Refs(qkv, biases, cos, sin), refs
+
+
+def _forward_kernel(fused: Fused, seg_row_ref, seg_col_ref, *refs):
+    """One batch element, `h` heads: q, k, v (1, h, Dh, L) [, biases] [, cos, sin] (`_Refs`) ->
+    o (1, h, Dh, L), lse (1, h, 1, L)."""
+    inputs, (o_ref, lse_ref) = _split_refs(fused, refs)
     same = _mask(seg_col_ref[0], seg_row_ref[0])
-    scale = q_ref.shape[2] ** -0.5
-    for h in range(q_ref.shape[1]):
-        q = _prepared(q_ref[0, h], prologue.norm_q, prologue, cos, sin, scale)
-        k = _prepared(k_ref[0, h], prologue.norm_k, prologue, cos, sin, 1.0)
-        v = v_ref[0, h]
+    real = seg_row_ref[0] != 0  # (1, Lq)
+    scale = inputs.qkv[0].shape[2] ** -0.5
+    for h in range(inputs.qkv[0].shape[1]):
+        q = _prepared(inputs.head(0, h), fused.norm_q, fused, inputs.cos, inputs.sin, scale)
+        k = _prepared(inputs.head(1, h), fused.norm_k, fused, inputs.cos, inputs.sin, 1.0)
+        v = inputs.head(2, h)
         s = jax.lax.dot_general(k, q, _TN, preferred_element_type=jnp.float32)  # (Lk, Lq)
         s = jnp.where(same, s, _MASKED)
         peak = jnp.max(s, axis=0, keepdims=True)  # (1, Lq)
@@ -209,23 +255,31 @@ def _forward_kernel(prologue: Prologue, seg_row_ref, seg_col_ref, q_ref, k_ref, 
         total = jnp.sum(weights, axis=0, keepdims=True)
         probs = (weights * (1.0 / total)).astype(v.dtype)
         o = jnp.dot(v, probs, preferred_element_type=jnp.float32)  # (Dh, Lq)
-        o_ref[0, h] = o.astype(o_ref.dtype)
+        if fused.zero_padding:
+            o = jnp.where(real, o, 0.0)
+        o_ref[h, :, 0] = _to_tiles(o).astype(o_ref.dtype)
         lse_ref[0, h] = peak + jnp.log(total)
 
 
-def _backward_kernel(prologue: Prologue, seg_row_ref, seg_col_ref, q_ref, k_ref, v_ref, *refs):
-    """One batch element, `h` heads: the forward's inputs and outputs and do -> dq, dk, dv (at
-    the raw q and k: through the prologue)."""
-    o_ref, do_ref, lse_ref, dq_ref, dk_ref, dv_ref = refs[-6:]
-    cos, sin = _rope_tables(prologue, refs)
+def _backward_kernel(fused: Fused, seg_row_ref, seg_col_ref, *refs):
+    """One batch element, `h` heads: the forward's inputs and outputs and do -> dqkv (3, 1, h,
+    Dh, L), the gradients at q, k and v with their biases (through the norms and RoPE) [, their
+    sums over the tokens, the biases' gradients (1, 3, h, 1, Dh) float32]."""
+    inputs, refs = _split_refs(fused, refs)
+    o_ref, do_ref, lse_ref, dqkv_ref = refs[:4]
     same = _mask(seg_col_ref[0], seg_row_ref[0])
+    real = seg_row_ref[0] != 0  # (1, Lq)
     f32 = jnp.float32
-    scale = q_ref.shape[2] ** -0.5
-    for h in range(q_ref.shape[1]):
-        q_raw, k_raw = q_ref[0, h], k_ref[0, h]
-        q = _prepared(q_raw, prologue.norm_q, prologue, cos, sin, scale)
-        k = _prepared(k_raw, prologue.norm_k, prologue, cos, sin, 1.0)
-        v, o, do = v_ref[0, h], o_ref[0, h], do_ref[0, h]
+    cos, sin = inputs.cos, inputs.sin
+    scale = inputs.qkv[0].shape[2] ** -0.5
+    for h in range(inputs.qkv[0].shape[1]):
+        q_in, k_in = inputs.head(0, h), inputs.head(1, h)
+        q = _prepared(q_in, fused.norm_q, fused, cos, sin, scale)
+        k = _prepared(k_in, fused.norm_k, fused, cos, sin, 1.0)
+        o = o_ref[h, :, 0].reshape(-1, o_ref.shape[-1])  # (Dh, L)
+        v, do = inputs.head(2, h), do_ref[0, h]
+        if fused.zero_padding:  # the forward's outputs there were zeros: no gradient flows back
+            do = jnp.where(real, do, jnp.zeros_like(do))
         s = jax.lax.dot_general(k, q, _TN, preferred_element_type=f32)  # (Lk, Lq)
         probs = jnp.where(same, jnp.exp(s - lse_ref[0, h]), 0.0)
         dv = jax.lax.dot_general(do, probs.astype(do.dtype), _NT, preferred_element_type=f32)
@@ -234,24 +288,62 @@ def _backward_kernel(prologue: Prologue, seg_row_ref, seg_col_ref, q_ref, k_ref,
         ds = (probs * (dp - delta)).astype(q.dtype)
         dq = jnp.dot(k, ds, preferred_element_type=f32)  # (Dh, Lq)
         dk = jax.lax.dot_general(q, ds, _NT, preferred_element_type=f32)  # (Dh, Lk)
-        dq = _prepared_grad(q_raw, dq, prologue.norm_q, prologue, cos, sin, scale)
-        dk = _prepared_grad(k_raw, dk, prologue.norm_k, prologue, cos, sin, 1.0)
-        dq_ref[0, h] = dq.astype(dq_ref.dtype)
-        dk_ref[0, h] = dk.astype(dk_ref.dtype)
-        dv_ref[0, h] = dv.astype(dv_ref.dtype)
+        dq = _prepared_grad(q_in, dq, fused.norm_q, fused, cos, sin, scale)
+        dk = _prepared_grad(k_in, dk, fused.norm_k, fused, cos, sin, 1.0)
+        for t, d in enumerate((dq, dk, dv)):
+            dqkv_ref[t, 0, h] = d.astype(dqkv_ref.dtype)
+            if fused.bias:  # the sum over the tokens (lanes) as a row: a (1, L) x (L, Dh) product
+                ones = jnp.ones((1, d.shape[1]), f32)
+                refs[4][0, t, h] = jax.lax.dot_general(
+                    ones, d, _NT, precision=jax.lax.Precision.HIGHEST, preferred_element_type=f32
+                )
 
 
-def _specs(shape, hb):
-    b, heads, dh, length = shape
-    block = pl.BlockSpec((1, hb, dh, length), lambda i, j: (i, j, 0, 0))
-    lse = pl.BlockSpec((1, hb, 1, length), lambda i, j: (i, j, 0, 0))
-    row = pl.BlockSpec((1, 1, length), lambda i, j: (i, 0, 0))
-    col = pl.BlockSpec((1, length, 1), lambda i, j: (i, 0, 0))
-    table = pl.BlockSpec((1, dh, length), lambda i, j: (i, 0, 0))
-    return (b, heads // hb), block, lse, row, col, table
+class _Specs(NamedTuple):
+    grid: tuple
+    qkv: tuple  # q, k and v: blocks of the (3, B, H, Dh, L) slab, its index 0, 1, 2
+    biases: tuple  # their biases: (h, Dh, 1) blocks of the (3, H, Dh, 1) biases
+    dqkv: pl.BlockSpec  # the backward's (3, 1, h, Dh, L) block of the slab's gradient
+    dbias: pl.BlockSpec  # (1, 3, h, 1, Dh) of the biases' gradients per image (B, 3, H, 1, Dh)
+    heads: pl.BlockSpec  # (1, h, Dh, L) of a (B, H, Dh, L) array: the output's gradient
+    out: pl.BlockSpec  # (h, g, 1, r, L) of the (H, g, B, r, L) output (`_tiles`)
+    lse: pl.BlockSpec
+    row: pl.BlockSpec
+    col: pl.BlockSpec
+    table: pl.BlockSpec
 
 
-def vector_ops(prologue: Prologue, backward: bool) -> tuple[int, int]:
+def _specs(slab) -> _Specs:
+    """Grid (batch, head groups) and blocks for the (3, B, H, Dh, L) slab of q, k and v."""
+    _, b, heads, dh, length = slab.shape
+    hb = heads_per_step(heads, dh, length, slab.dtype.itemsize)
+    g, r = _tiles(dh)
+    qkv = tuple(pl.BlockSpec((None, 1, hb, dh, length), lambda i, j, t=t: (t, i, j, 0, 0))
+                for t in range(3))  # fmt: skip
+    biases = tuple(pl.BlockSpec((None, hb, dh, 1), lambda i, j, t=t: (t, j, 0, 0))
+                   for t in range(3))  # fmt: skip
+    return _Specs(
+        grid=(b, heads // hb),
+        qkv=qkv,
+        biases=biases,
+        dqkv=pl.BlockSpec((3, 1, hb, dh, length), lambda i, j: (0, i, j, 0, 0)),
+        dbias=pl.BlockSpec((1, 3, hb, 1, dh), lambda i, j: (i, 0, j, 0, 0)),
+        heads=pl.BlockSpec((1, hb, dh, length), lambda i, j: (i, j, 0, 0)),
+        out=pl.BlockSpec((hb, g, 1, r, length), lambda i, j: (j, 0, i, 0, 0)),
+        lse=pl.BlockSpec((1, hb, 1, length), lambda i, j: (i, j, 0, 0)),
+        row=pl.BlockSpec((1, 1, length), lambda i, j: (i, 0, 0)),
+        col=pl.BlockSpec((1, length, 1), lambda i, j: (i, 0, 0)),
+        table=pl.BlockSpec((1, dh, length), lambda i, j: (i, 0, 0)),
+    )
+
+
+def _in_specs(specs: _Specs, fused: Fused, tables) -> list:
+    """The kernels' inputs up to the RoPE tables: segment ids, q, k, v [, biases] [, tables]."""
+    return [specs.row, specs.col, *specs.qkv, *(specs.biases if fused.bias else ()),
+            *[specs.table] * len(tables)]  # fmt: skip
+
+
+def vector_ops(fused: Fused, backward: bool) -> tuple[int, int]:
     """The kernels' vector (VPU) operations as (per score, per q/k/v element), counted as the TPU
     compiler counts XLA's elementwise work: one FLOP per operation and element. Per score: mask,
     max, subtract, exp's argument, sum, normalise, cast (forward); recomputed probabilities, mask,
@@ -259,111 +351,134 @@ def vector_ops(prologue: Prologue, backward: bool) -> tuple[int, int]:
     prologue's norm (about 8), RoPE (4), casts and scale; its gradient about twice that; the
     backward's rowsum(o * do) (3)."""
     per_element = 0
-    for norm in (prologue.norm_q, prologue.norm_k):
-        per_element += (8 if norm else 0) + (4 if prologue.rope else 0) + 1
+    for norm in (fused.norm_q, fused.norm_k):
+        per_element += (8 if norm else 0) + (4 if fused.rope else 0) + 1
     if backward:
         per_element = 3 * per_element + 3
     return (9 if backward else 7), per_element
 
 
-def _work(shape, itemsize, products, arrays, prologue: Prologue, backward: bool):
+def _work(shape, itemsize, products, arrays, fused: Fused, backward: bool):
     """The kernel's `pl.CostEstimate`: `products` matmuls of L x L x Dh per head and the vector
     work (`vector_ops`) as FLOPs, one exp per score, `arrays` (B, H, Dh, L) arrays read or
     written (plus the RoPE tables)."""
     b, heads, dh, length = shape
-    per_score, per_element = vector_ops(prologue, backward)
+    per_score, per_element = vector_ops(fused, backward)
     scores, elements = b * heads * length * length, b * heads * dh * length
-    tables = 2 * b * dh * length * 4 if prologue.rope else 0
+    tables = 2 * b * dh * length * 4 if fused.rope else 0
     return pl.CostEstimate(flops=(2 * products * dh + per_score) * scores + per_element * elements,
                            transcendentals=scores,
                            bytes_accessed=arrays * elements * itemsize + tables)  # fmt: skip
 
 
-def _forward(q, k, v, seg_row, seg_col, tables, prologue, interpret):
-    grid, block, lse, row, col, table = _specs(
-        q.shape, heads_per_step(*q.shape[1:], q.dtype.itemsize)
-    )
-    b, heads, _, length = q.shape
+def _forward(slab, biases, seg_row, seg_col, tables, fused: Fused, interpret):
+    specs = _specs(slab)
+    _, b, heads, dh, length = slab.shape
     return pl.pallas_call(
-        functools.partial(_forward_kernel, prologue),
-        grid=grid,
-        in_specs=[row, col, block, block, block] + [table] * len(tables),
-        out_specs=[block, lse],
+        functools.partial(_forward_kernel, fused),
+        grid=specs.grid,
+        in_specs=_in_specs(specs, fused, tables),
+        out_specs=[specs.out, specs.lse],
         out_shape=[
-            jax.ShapeDtypeStruct(q.shape, q.dtype),
+            jax.ShapeDtypeStruct((heads, _tiles(dh)[0], b, _tiles(dh)[1], length), slab.dtype),
             jax.ShapeDtypeStruct((b, heads, 1, length), jnp.float32),
         ],
-        cost_estimate=_work(q.shape, q.dtype.itemsize, 2, 4, prologue, backward=False),
+        cost_estimate=_work(slab.shape[1:], slab.dtype.itemsize, 2, 4, fused, backward=False),
         compiler_params=_compiler_params(length),
         interpret=interpret,
         name="short_attention_fwd",
-    )(seg_row, seg_col, q, k, v, *tables)
+    )(seg_row, seg_col, slab, slab, slab, *((biases,) * 3 if fused.bias else ()), *tables)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _attention(q, k, v, seg_row, seg_col, tables, prologue, interpret):
-    return _forward(q, k, v, seg_row, seg_col, tables, prologue, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _attention(slab, biases, seg_row, seg_col, tables, fused, interpret):
+    return _untiled(_forward(slab, biases, seg_row, seg_col, tables, fused, interpret)[0])
 
 
-def _attention_fwd(q, k, v, seg_row, seg_col, tables, prologue, interpret):
-    out, lse = _forward(q, k, v, seg_row, seg_col, tables, prologue, interpret)
+def _attention_fwd(slab, biases, seg_row, seg_col, tables, fused, interpret):
+    out, lse = _forward(slab, biases, seg_row, seg_col, tables, fused, interpret)
     # named as the "xla" backend names them, for the "projections" remat policy (models.fit)
     out, lse = checkpoint_name(out, "attention_out"), checkpoint_name(lse, "attention_lse")
-    return out, (q, k, v, seg_row, seg_col, tables, out, lse)
+    return _untiled(out), (slab, biases, seg_row, seg_col, tables, out, lse)
 
 
-def _attention_bwd(prologue, interpret, residuals, d_out):
-    q, k, v, seg_row, seg_col, tables, out, lse = residuals
-    grid, block, lse_spec, row, col, table = _specs(
-        q.shape, heads_per_step(*q.shape[1:], q.dtype.itemsize)
-    )
-    length = q.shape[-1]
-    dq, dk, dv = pl.pallas_call(
-        functools.partial(_backward_kernel, prologue),
-        grid=grid,
-        in_specs=[row, col, block, block, block] + [table] * len(tables) + [block, block, lse_spec],
-        out_specs=[block, block, block],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype) for _ in range(3)],
-        cost_estimate=_work(q.shape, q.dtype.itemsize, 5, 8, prologue, backward=True),
-        compiler_params=_compiler_params(length),
+def _attention_bwd(fused, interpret, residuals, d_out):
+    slab, biases, seg_row, seg_col, tables, out, lse = residuals
+    specs = _specs(slab)
+    _, b, heads, dh, _ = slab.shape
+    out_specs, out_shape = [specs.dqkv], [jax.ShapeDtypeStruct(slab.shape, slab.dtype)]
+    if fused.bias:
+        out_specs.append(specs.dbias)
+        out_shape.append(jax.ShapeDtypeStruct((b, 3, heads, 1, dh), jnp.float32))
+    grads = pl.pallas_call(
+        functools.partial(_backward_kernel, fused),
+        grid=specs.grid,
+        in_specs=_in_specs(specs, fused, tables) + [specs.out, specs.heads, specs.lse],
+        out_specs=out_specs,
+        out_shape=out_shape,
+        cost_estimate=_work(slab.shape[1:], slab.dtype.itemsize, 5, 8, fused, backward=True),
+        compiler_params=_compiler_params(slab.shape[-1]),
         interpret=interpret,
         name="short_attention_bwd",
-    )(seg_row, seg_col, q, k, v, *tables, out, d_out.astype(q.dtype), lse)
-    return dq, dk, dv, None, None, tuple(jnp.zeros_like(t) for t in tables)
+    )(seg_row, seg_col, slab, slab, slab, *((biases,) * 3 if fused.bias else ()), *tables, out,
+      d_out.astype(slab.dtype).transpose(0, 2, 3, 1), lse)  # fmt: skip
+    d_biases = None
+    if fused.bias:  # (B, 3, H, 1, Dh) -> (3, H, Dh, 1)
+        d_biases = grads[1].sum(axis=0).transpose(0, 1, 3, 2).astype(biases.dtype)
+    return grads[0], d_biases, None, None, tuple(jnp.zeros_like(t) for t in tables)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def _local_attend(q, k, v, segment_ids, *rope, prologue: Prologue, interpret: bool):
-    """One shard: q, k, v (b, N, h, Dh), segment_ids (b, N) [, cos, sin (b, N, Dh/2)] ->
-    (b, N, h, Dh)."""
-    n, kind = q.shape[1], tpu_device_kind()
+def _local_attend(qkv, *args, fused: Fused, interpret: bool):
+    """One shard: qkv (b, N, 3, h, Dh) [, its biases broadcast (b, 1, 3, h, Dh)], segment_ids
+    (b, N) [, cos, sin (b, N, Dh/2)] -> (b, N, h, Dh)."""
+    biases = None
+    if fused.bias:  # one image's copy: the gradient lands there, and the sum over images is XLA's
+        rows, args = args[0], args[1:]
+        biases = rows[0, 0][..., None]  # (3, h, Dh, 1)
+    segment_ids, rope = args[0], args[1:]
+    n, kind = qkv.shape[1], tpu_device_kind()
     if n > max_tokens(kind):
         raise ValueError(f"attention_backend='short' takes rows of at most {max_tokens(kind)} "
                          f"tokens{' on ' + kind if kind else ''}, got {n}: use 'splash' (or "
                          "'auto') for longer rows")  # fmt: skip
     pad = padded_length(n) - n
-    # (b, N, h, Dh) -> (b, h, Dh, L): tokens on the lanes
-    to_kernel = lambda x: jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 3, 1)
+    # (b, N, 3, h, Dh) -> (3, b, h, Dh, L): tokens on the lanes; the q/k/v projection's own
+    # layout on TPU, so no copy (README, TPU section)
+    slab = jnp.pad(qkv, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0))).transpose(2, 0, 3, 4, 1)
     seg = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, pad)), constant_values=PAD_SEGMENT)
     tables = ()
-    if prologue.rope:  # c' = [cos, cos], s' = [-sin, sin]: (b, Dh, L) float32
+    if fused.rope:  # c' = [cos, cos], s' = [-sin, sin]: (b, Dh, L) float32
         full = full_width_tables(*(t.astype(jnp.float32) for t in rope))
         tables = tuple(jnp.pad(t, ((0, 0), (0, pad), (0, 0))).transpose(0, 2, 1) for t in full)
-    out = _attention(to_kernel(q), to_kernel(k), to_kernel(v), seg[:, None, :], seg[:, :, None],
-                     tables, prologue, interpret)  # fmt: skip
-    return out.transpose(0, 3, 1, 2)[:, :n]
+    out = _attention(slab, biases, seg[:, None, :], seg[:, :, None], tables, fused, interpret)
+    return out[:, :n]  # (b, L, h, Dh)
+
+
+def short_attend_qkv(qkv, segment_ids, cos=None, sin=None, norm_q=None, norm_k=None,
+                     eps: float = 1e-6, bias=None, zero_padding: bool = False):  # fmt: skip
+    """qkv: (B, N, 3, H, Dh), q, k and v as the projection gives them, N <= max_tokens(the
+    chip); segment_ids: (B, N) int. Returns (B, N, H, Dh).
+
+    The kernels do what `Fused` lists: with `bias` (3, H, Dh), the projection's bias, they add it
+    to q, k and v themselves (and give its gradient, summed over the tokens); with
+    `norm_q`/`norm_k` ("layernorm", "rmsnorm") and/or `cos`, `sin` (B, N, Dh/2) they apply the
+    q/k norms and RoPE (q and k are then the projection's raw output, and their gradients are
+    taken through the norms and the rotation); with `zero_padding` the outputs of padding tokens
+    (segment 0) are zeros, as FiT's attention multiplies them before its output projection."""
+    fused = Fused(norm_q, norm_k, cos is not None, eps, bias is not None, zero_padding)
+    heads = (qkv,)
+    if bias is not None:  # one copy per image, so that shard_map splits it as the batch
+        heads += (jnp.broadcast_to(bias.astype(qkv.dtype), (qkv.shape[0], 1, *bias.shape)),)
+    rope = () if cos is None else (cos, sin)
+    local = functools.partial(_local_attend, fused=fused)
+    return per_shard(local, heads, segment_ids, *rope)
 
 
 def short_attend(q, k, v, segment_ids, cos=None, sin=None, norm_q=None, norm_k=None,
                  eps: float = 1e-6):  # fmt: skip
-    """q, k, v: (B, N, H, Dh), N <= max_tokens(the chip); segment_ids: (B, N) int. Returns (B, N, H, Dh).
-
-    With `norm_q`/`norm_k` ("layernorm", "rmsnorm") and/or `cos`, `sin` (B, N, Dh/2) the kernels
-    apply the q/k norms and RoPE themselves (`Prologue`): q and k are then the projection's raw
-    output, and their gradients are taken through the norms and the rotation."""
-    prologue = Prologue(norm_q, norm_k, cos is not None, eps)
-    rope = () if cos is None else (cos, sin)
-    local = functools.partial(_local_attend, prologue=prologue)
-    return per_shard(local, q, k, v, segment_ids, *rope)
+    """q, k, v: (B, N, H, Dh) each; the rest as `short_attend_qkv`, which takes them stacked."""
+    qkv = jnp.stack([q, k, v], axis=2)
+    return short_attend_qkv(qkv, segment_ids, cos, sin, norm_q, norm_k, eps)

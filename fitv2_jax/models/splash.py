@@ -87,4 +87,4 @@ def _local_attend(q, k, v, segment_ids, interpret: bool):
 
 def splash_attend(q, k, v, segment_ids):
     """q, k, v: (B, N, H, Dh); segment_ids: (B, N) int. Returns (B, N, H, Dh)."""
-    return per_shard(_local_attend, q, k, v, segment_ids)
+    return per_shard(_local_attend, (q, k, v), segment_ids)
