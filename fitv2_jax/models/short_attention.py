@@ -129,11 +129,13 @@ def _compiler_params(length: int):
 
 def heads_per_step(heads: int, head_dim: int, length: int, itemsize: int = 2) -> int:
     """The most heads (a divisor of `heads`) a grid step takes within its VMEM budget (`_vmem`):
-    the backward holds 8 (h, Dh, L) blocks and the two (Dh, L) float32 RoPE tables, each
-    double-buffered, and about 6 (L, L) float32 arrays."""
+    the backward holds 8 (h, Dh, L) blocks, the q/k/v biases as 3 (h, Dh, 1) columns (a lane
+    tile each) and the two (Dh, L) float32 RoPE tables, each double-buffered, and about 6 (L, L)
+    float32 arrays."""
     padded = -(-head_dim // 16) * 16  # Dh padded to 16 sublanes
-    per_head, tables = itemsize * padded * length, 2 * 2 * 4 * padded * length
-    fit = max(1, (_vmem(length)[0] - 6 * 4 * length * length - tables) // (16 * per_head))
+    per_head = 2 * (8 * length + 3 * LANES) * itemsize * padded
+    tables = 2 * 2 * 4 * padded * length
+    fit = max(1, (_vmem(length)[0] - 6 * 4 * length * length - tables) // per_head)
     return max(h for h in range(1, heads + 1) if heads % h == 0 and h <= fit)
 
 
