@@ -14,6 +14,8 @@ TPU settings by slice, the presets (`--config configs/fitv2_xl.py:SLICE`, `confi
   v5p-64   the defaults: all 36 blocks unrolled, no remat, attention auto (the "short" kernels
            at 256 tokens, `models.short_attention`, 2026-12-05, with the q/k norms and RoPE
            inside them since later that day): 41.0 ms, 38.9% MFU, 4.56 of 95 GiB per chip;
+           37.0 ms, 43.0% MFU, 4.36 GiB since the kernels also take the q/k/v projection's
+           output and bias (2026-12-06);
            with the norms and RoPE in XLA 44.6 ms, 35.7% MFU, 5.05 GiB; against 48.1 ms
            (33.1%, 5.46 GiB) with XLA attention keeping its
            probabilities, the default until then, and 52.8 with splash (the table's row);

@@ -560,7 +560,7 @@ def _norm_outside_kernels(norm, weight=False, rope_on_v=False) -> bool:
                                        ("layernorm", False), (None, True)])  # fmt: skip
 def test_short_kernels_apply_the_qk_norms_and_rope_as_the_xla_path_does(norm, rope):
     """With unweighted q/k norms and RoPE (FiTv2's attention), the "short" kernels take q and k
-    raw and apply both themselves (`short_attention.Prologue`): the output and the gradients of
+    raw and apply both themselves (`short_attention.Fused`): the output and the gradients of
     the parameters and of the input equal the unfused path with XLA attention."""
     assert fuses_into_short(norm or "none", norm or "none", rope_on_v=False)
     if norm:

@@ -24,7 +24,8 @@ Backends (`attention_backend`):
            fusions), global batch 256, with the q/k norms and RoPE inside the "short" kernels:
            - 256 tokens, no remat: "short" is ahead of XLA attention and splash (FiTv2-XL/2's
              step on v5p-64 41.0 ms against 48.1 with XLA attention and 52.8 with splash; 4
-             unrolled blocks 4.61 vs 5.46 and 5.76);
+             unrolled blocks 4.61 vs 5.46 and 5.76; 37.0 ms and 4.40 since the kernels take
+             the projection's output and bias, 2026-12-06);
            - 256 tokens, full remat: "short" is ahead (FiTv2-XL/2 on v5e-256, data 2 x FSDP
              128, scanned: 31.1 ms vs splash 36.9, XLA attention 35.6);
            - 256 tokens, remat "dots", "dots_no_batch" or "projections": "short" is ahead of
@@ -76,7 +77,7 @@ def _unweighted(kind: str) -> str | None:
 
 def fuses_into_short(q_kind: str, k_kind: str, rope_on_v: bool) -> bool:
     """Whether the "short" kernels take q and k raw and apply the q/k norms and RoPE themselves
-    (`short_attention.Prologue`): unweighted norms (kinds as `_qk_norm_kind` gives them) and
+    (`short_attention.Fused`): unweighted norms (kinds as `_qk_norm_kind` gives them) and
     RoPE on q and k only, FiTv2's attention. Why (README, TPU section): in XLA those passes
     read and write q and k in HBM around the kernels, and RoPE's channel swap is a matmul."""
     return {q_kind, k_kind} <= {"layernorm", "rmsnorm", "none"} and not rope_on_v
@@ -156,8 +157,9 @@ class Attention(nn.Module):
     kernel (H Dh, D), viewed as (H, Dh, D), + bias (D,). The kernels are stored flat (why:
     `layers.DenseND`).
     Each head's Dh channels are in `rope.head_channel_order` (official evens, then odds).
-    With the "short" backend the q/k norms and RoPE run inside its kernels when they can
-    (`fuses_into_short`); the parameters are the same either way.
+    With the "short" backend the q/k/v bias, the q/k norms, RoPE and the padding's zeros run
+    inside its kernels when they can (`fuses_into_short`); the parameters are the same either
+    way.
     """
 
     num_heads: int

@@ -302,7 +302,7 @@ def _rotate_by_permutation(x, cos, sin):
     the whole XL step (`train --dry_run --topology v5p-64`) only 51.8 vs 51.9 ms, its elementwise
     cycles coming back as matmul ones. Off TPU the matmul is real work (head_dim multiply-adds per
     channel), so the halves stay. With the "short" attention kernels FiTv2's q and k are rotated
-    inside them instead, by a rotation of the sublanes (`models.short_attention.Prologue`)."""
+    inside them instead, by a rotation of the sublanes (`models.short_attention.Fused`)."""
     dtype, dim = x.dtype, x.shape[-1]
     # (x @ swap)[j] = x[(j + dim/2) % dim]
     swap = np.roll(np.eye(dim, dtype=np.float32), dim // 2, axis=1)

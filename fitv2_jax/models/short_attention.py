@@ -2,7 +2,8 @@
 (forward, backward) whose grid steps hold whole rows, for FiT's masked attention.
 
     out = short_attend(q, k, v, segment_ids)   # (B, N, H, Dh) x3, (B, N) -> (B, N, H, Dh)
-    out = short_attend(q_raw, k_raw, v, segment_ids, cos, sin, "layernorm", "layernorm")
+    out = short_attend_qkv(qkv, segment_ids, cos, sin, "layernorm", "layernorm", bias=b,
+                           zero_padding=True)   # (B, N, 3, H, Dh) before its bias: FiTv2's
 
 Mask (official): query i sees key j iff segment[i] == segment[j] (0 = padding). Rows are padded
 to a multiple of 128 tokens with segment id -1 (pads see only pads; their outputs are cut off).
@@ -18,8 +19,11 @@ it the same way, widens the segment ids to (L, 128) and (8, L), and writes dq, d
 the head dim on the lanes, which XLA then copies into the tokens-on-the-lanes layout the rest of
 the step uses. This kernel keeps everything in that layout:
 
-- q, k, v, the output and dq, dk, dv are (B, H, Dh, L): tokens on the lanes, as the q/k/v
-  projection produces them and XLA attention uses them;
+- q, k and v are read from the q/k/v projection's output as the TPU compiler lays it out,
+  (3, B, H, Dh, L) with the tokens on the lanes (a transpose of (B, L, 3, H, Dh) that is a
+  bitcast), and dq, dk, dv written into one array of that layout; the forward's output is
+  (H, Dh/8, B, 8, L), the layout the compiler gives the output projection's operand (`_tiles`),
+  and its gradient (B, H, Dh, L);
 - the log-sum-exp is (B, H, 1, L) float32, one row per head;
 - the kernel works on the transposed scores s^T = k^T q (keys on the sublanes, queries on the
   lanes), so that every per-query vector (max, sum, log-sum-exp, rowsum(o * do)) is a row that
@@ -37,8 +41,12 @@ backward (recomputed from the log-sum-exp, as flash attention does). Probabiliti
 normalised in float32 and cast to v's dtype before the value product, as the "xla" backend
 does. The softmax scale 1/sqrt(Dh) is applied to q inside the kernels, in q's dtype.
 
-FiTv2's q/k norms and RoPE run inside the kernels too (`Fused`; `models.attention` passes
-the projection's raw q and k when the norms are unweighted and v is not rotated). In XLA those
+What the kernels fuse around the attention (`Fused`): for FiTv2's attention `models.attention`
+passes the q/k/v projection's output before its bias, when the norms are unweighted and v is not
+rotated. The kernels add the bias (and give its gradient, summed over the tokens by a (1, L) x
+(L, Dh) product, where XLA's sum over the lanes of the whole gradient cost 0.6% of a block's
+cycles), apply the q/k norms and RoPE, and zero the outputs of padding (FiT's mask multiply
+before the output projection, which was its own pass). In XLA the norms' and RoPE's
 passes read q and k from HBM and wrote them back, forward and backward, and RoPE's swap of a
 head's halves was a (Dh, Dh) permutation matmul (`models.rope`). Here each head's (Dh, L) block
 is already in VMEM: the norm is a reduction over the sublanes and the swap a rotation of them
@@ -50,7 +58,9 @@ By the TPU compiler's estimate, 4 unrolled FiTv2-XL/2 blocks on v5p-64, global b
 by side (`bench --suite tpu_blocks`, 2026-12-05): 4.61 ms without remat (XLA attention 5.46,
 splash 5.76; these kernels with the norms and RoPE outside 5.15), 4.85 with remat "dots"
 (5.95, 5.69), 5.42 with full remat (6.75, 6.41); the whole FiTv2-XL/2 step 41.0 ms against
-44.6 with the norms and RoPE outside and 48.1 with XLA attention. Longer rows, 4 unrolled HR
+44.6 with the norms and RoPE outside and 48.1 with XLA attention. Reading q, k, v from the
+projection's output, the bias, the padding's zeros and the output's layout inside (2026-12-06):
+4 blocks 4.606 -> 4.403 ms, the whole step 41.0 -> 37.0 ms (43.0% MFU). Longer rows, 4 unrolled HR
 FiTv2-XL/2 blocks on v5p-64, global batch 256: at 1024 tokens 13.97 ms against splash's 16.78
 without remat, 16.55 against 18.72 with full remat; at 768 tokens 10.82 against XLA
 attention's 14.03 (splash 14.55), at 640 9.27 against 12.03 (13.06).
