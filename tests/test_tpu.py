@@ -576,6 +576,38 @@ def test_short_kernels_with_the_norms_and_rope_inside_under_shard_map_equal_xla_
     assert max(errors) < 1e-5, errors
 
 
+def _kernel_operands(qkv_bias: bool) -> list[int]:
+    """The operand counts of the Pallas calls in the traced forward of FiTv2's attention with
+    the "short" backend."""
+
+    def calls(jaxpr, found):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "pallas_call":
+                found.append(len(eqn.invars))
+                continue
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, list | tuple) else [value]:
+                    sub = getattr(sub, "jaxpr", sub)
+                    if hasattr(sub, "eqns"):
+                        calls(sub, found)
+        return found
+
+    x, seg, table = jnp.ones((2, 40, 16)), jnp.ones((2, 40), jnp.int32), jnp.ones((2, 40, 4))
+    module = Attention(num_heads=2, q_norm="layernorm", k_norm="layernorm", qkv_bias=qkv_bias,
+                       backend="short")  # fmt: skip
+    params = module.init(jax.random.key(0), x, seg, table, table)
+    return calls(jax.make_jaxpr(lambda p: module.apply(p, x, seg, table, table))(params).jaxpr, [])
+
+
+def test_short_kernels_take_the_qkv_bias_and_read_q_k_v_from_one_array():
+    """FiTv2's attention hands the kernels the projection's output before its bias: the forward
+    kernel reads q, k and v as three blocks of that one array (segment ids 2, q/k/v 3, RoPE
+    tables 2) and, with a bias, its three parts (3 more); the numerics (bias gradient included)
+    are `test_short_kernels_apply_the_qk_norms_and_rope_as_the_xla_path_does`."""
+    assert _kernel_operands(qkv_bias=False) == [7]
+    assert _kernel_operands(qkv_bias=True) == [10]
+
+
 @pytest.mark.parametrize("weight,rope_on_v", [(True, False), (False, True)])
 def test_weighted_qk_norms_or_rope_on_v_stay_outside_the_short_kernels(weight, rope_on_v):
     kind = "w_layernorm" if weight else "layernorm"
