@@ -6,7 +6,8 @@ Hardware: a single 8-chip host; the paper's ablation model.
 Reproduces: FID-50K 26.03 at 256x256 after 400K steps without CFG (FiT-B/2: 36.36); 16.52 at 2000K.
 TPU defaults (remat none, all 15 blocks unrolled; attention auto = the "short" kernels at 256
   tokens, `models.short_attention`, with the q/k norms and RoPE inside them (later on
-  2026-12-05): on v5p-64 9.0 ms, 33.3% MFU, 1.16 of 95 GiB per chip; v6e-64 7.3 ms, 10.3% MFU,
+  2026-12-05): on v5p-64 9.0 ms, 33.3% MFU, 1.16 of 95 GiB per chip (8.5 ms, 35.5%, 1.14 GiB
+  since they also take the q/k/v projection's output and bias, 2026-12-06); v6e-64 7.3 ms, 10.3% MFU,
   0.70 of 32 GiB (remat "dots" 8.2); v5e-256, scanned with full remat (its preset): 5.7 ms,
   15.4% MFU, 0.03 of 16 GiB. With the norms and RoPE still in XLA (earlier that day): v5p-64
   10.5 ms, 28.5% MFU, 1.3 GiB, against 11.7 ms with XLA attention; v6e-64 8.1 ms, 9.3% MFU, 0.8

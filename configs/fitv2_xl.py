@@ -32,7 +32,8 @@ TPU settings by slice, the presets (`--config configs/fitv2_xl.py:SLICE`, `confi
            table).
   v5e-256  (one image per chip) preset: `--config.mesh.ici='(2,-1,1)'
            --config.model.remat_policy=full --config.model.scan_unroll=1` (auto picks the
-           "short" kernels): 31.1 ms, 14.9% MFU, 0.13 of 16 GiB with the norms and RoPE
+           "short" kernels): 30.2 ms, 15.4% MFU, 0.13 of 16 GiB since they take the q/k/v
+           projection's output and bias (2026-12-06); 31.1 ms, 14.9% with the norms and RoPE
            inside them (2026-12-05; 33.2 ms with them in XLA), against 35.2 ms (13.2%, 0.4 GiB)
            with remat "dots" and splash, its preset until then; with "dots" the short kernels
            give 32.7 (35.9 with the norms and RoPE in XLA); full remat with splash 36.9, with
