@@ -16,7 +16,8 @@ TPU defaults (remat none, all 40 blocks unrolled; attention auto = the "short" k
   16 GiB (150.9 ms with the norms and RoPE in XLA, compiled side by side: the one slice where moving
   them in did not help; README, TPU section), against 164 ms with "dots" and splash, its preset until then; the rows below are from
   before them). Since the kernels also take the q/k/v projection's output and bias (2026-12-06):
-  v5p-64 122.9 ms, 56.6% MFU, 10.23 GiB; v5e-256 preset 123.8 ms, 16.4%, 0.60 GiB.
+  v5p-64 122.9 ms, 56.6% MFU, 10.23 GiB; v5e-256 preset 123.8 ms, 16.4%, 0.60 GiB; v6e-64
+  79.7 ms, 21.8%, 5.86 GiB, the one slice slower than before (78.5 ms).
   and the presets for other slices (`--config configs/fitv2_3b.py:SLICE`, `config.slices`)
   from the README's TPU table (`python -m fitv2_jax.bench --suite tpu` and `train --dry_run`,
   compiler estimates, global batch 256, FSDP over every chip, 2026-12-03/04):

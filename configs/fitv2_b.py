@@ -8,7 +8,7 @@ TPU defaults (remat none, all 15 blocks unrolled; attention auto = the "short" k
   tokens, `models.short_attention`, with the q/k norms and RoPE inside them (later on
   2026-12-05): on v5p-64 9.0 ms, 33.3% MFU, 1.16 of 95 GiB per chip (8.5 ms, 35.5%, 1.14 GiB
   since they also take the q/k/v projection's output and bias, 2026-12-06); v6e-64 7.3 ms, 10.3% MFU,
-  0.70 of 32 GiB (remat "dots" 8.2); v5e-256, scanned with full remat (its preset): 5.7 ms,
+  0.70 of 32 GiB (7.1 ms, 10.6%, 0.71 GiB since; remat "dots" 8.2); v5e-256, scanned with full remat (its preset): 5.7 ms,
   15.4% MFU, 0.03 of 16 GiB. With the norms and RoPE still in XLA (earlier that day): v5p-64
   10.5 ms, 28.5% MFU, 1.3 GiB, against 11.7 ms with XLA attention; v6e-64 8.1 ms, 9.3% MFU, 0.8
   of 32 GiB, ahead of its earlier preset, remat "dots" with splash, 8.4 ms (with "dots" the

@@ -25,7 +25,8 @@ TPU settings by slice, the presets (`--config configs/fitv2_xl.py:SLICE`, `confi
            "dots" 56.3 ms (splash 54.7). `--config.model.gather_attention_once=True` no longer
            helps (4 blocks 5.54 vs 5.46 ms).
   v6e-64   preset: `--config.mesh.ici='(2,-1,1)'` (data 2 x FSDP 32), blocks unrolled without
-           remat: 28.6 ms, 13.9% MFU, 2.25 of 32 GiB with the "short" kernels and the norms and
+           remat: 27.5 ms, 14.5% MFU, 2.27 of 32 GiB since the "short" kernels take the q/k/v
+           projection's output and bias (2026-12-06); 28.6 ms, 13.9% MFU, 2.25 GiB with the norms and
            RoPE inside (2026-12-05; with them in XLA 30.5 ms; 33.6 ms, 2.7 GiB with XLA
            attention), vs 39.8 ms with FSDP over all 64 chips (XLA attention),
            where libtpu gathers the weights by all-reduces of zero-padded buffers (README, TPU
