@@ -531,27 +531,28 @@ def _attention_errors(dtype, norm, rope, weight=False, rope_on_v=False, mesh=Non
     return jax.tree.leaves(jax.tree.map(rel, results["short"], results["xla"]))
 
 
+def _outside_kernels(jaxpr):
+    """Every equation of a traced program, nested ones included, but not those inside Pallas
+    kernels (a pallas_call is yielded, its body is not)."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        if eqn.primitive.name != "pallas_call":
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, list | tuple) else [value]:
+                    sub = getattr(sub, "jaxpr", sub)
+                    if hasattr(sub, "eqns"):
+                        yield from _outside_kernels(sub)
+
+
 def _norm_outside_kernels(norm, weight=False, rope_on_v=False) -> bool:
     """Whether the traced "short" FiT attention computes a q/k norm (its rsqrt) outside the
     Pallas kernels."""
-
-    def primitives(jaxpr, found):
-        for eqn in jaxpr.eqns:
-            found.add(eqn.primitive.name)
-            if eqn.primitive.name != "pallas_call":  # what a kernel runs is not outside it
-                for value in eqn.params.values():
-                    for sub in value if isinstance(value, list | tuple) else [value]:
-                        sub = getattr(sub, "jaxpr", sub)
-                        if hasattr(sub, "eqns"):
-                            primitives(sub, found)
-        return found
-
     x, seg, table = jnp.ones((2, 40, 16)), jnp.ones((2, 40), jnp.int32), jnp.ones((2, 40, 4))
     module = Attention(num_heads=2, q_norm=norm, k_norm=norm, qk_norm_weight=weight,
                        rope_on_v=rope_on_v, backend="short")  # fmt: skip
     params = module.init(jax.random.key(0), x, seg, table, table)
     traced = jax.make_jaxpr(lambda p: module.apply(p, x, seg, table, table))(params)
-    found = primitives(traced.jaxpr, set())
+    found = {eqn.primitive.name for eqn in _outside_kernels(traced.jaxpr)}
     assert "pallas_call" in found
     return "rsqrt" in found
 
@@ -579,24 +580,14 @@ def test_short_kernels_with_the_norms_and_rope_inside_under_shard_map_equal_xla_
 def _kernel_operands(qkv_bias: bool) -> list[int]:
     """The operand counts of the Pallas calls in the traced forward of FiTv2's attention with
     the "short" backend."""
-
-    def calls(jaxpr, found):
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "pallas_call":
-                found.append(len(eqn.invars))
-                continue
-            for value in eqn.params.values():
-                for sub in value if isinstance(value, list | tuple) else [value]:
-                    sub = getattr(sub, "jaxpr", sub)
-                    if hasattr(sub, "eqns"):
-                        calls(sub, found)
-        return found
-
     x, seg, table = jnp.ones((2, 40, 16)), jnp.ones((2, 40), jnp.int32), jnp.ones((2, 40, 4))
     module = Attention(num_heads=2, q_norm="layernorm", k_norm="layernorm", qkv_bias=qkv_bias,
                        backend="short")  # fmt: skip
     params = module.init(jax.random.key(0), x, seg, table, table)
-    return calls(jax.make_jaxpr(lambda p: module.apply(p, x, seg, table, table))(params).jaxpr, [])
+    traced = jax.make_jaxpr(lambda p: module.apply(p, x, seg, table, table))(params)
+    return [
+        len(e.invars) for e in _outside_kernels(traced.jaxpr) if e.primitive.name == "pallas_call"
+    ]
 
 
 def test_short_kernels_take_the_qkv_bias_and_read_q_k_v_from_one_array():

@@ -162,6 +162,11 @@ def _to_tiles(x):
     return x.reshape(*_tiles(x.shape[0]), x.shape[1])
 
 
+def _from_tiles(x):
+    """(g, r, L) -> (Dh, L), `_to_tiles` undone."""
+    return x.reshape(-1, x.shape[-1])
+
+
 def _untiled(out):
     """The forward's (H, g, B, r, L) output -> (B, L, H, Dh)."""
     heads, g, b, r, length = out.shape
@@ -251,7 +256,7 @@ def _split_refs(fused: Fused, refs) -> tuple[_Refs, tuple]:
 
 def _forward_kernel(fused: Fused, seg_row_ref, seg_col_ref, *refs):
     """One batch element, `h` heads: q, k, v (1, h, Dh, L) [, biases] [, cos, sin] (`_Refs`) ->
-    o (1, h, Dh, L), lse (1, h, 1, L)."""
+    o (h, g, 1, r, L) (`_tiles`), lse (1, h, 1, L)."""
     inputs, (o_ref, lse_ref) = _split_refs(fused, refs)
     same = _mask(seg_col_ref[0], seg_row_ref[0])
     real = seg_row_ref[0] != 0  # (1, Lq)
@@ -279,16 +284,18 @@ def _backward_kernel(fused: Fused, seg_row_ref, seg_col_ref, *refs):
     sums over the tokens, the biases' gradients (1, 3, h, 1, Dh) float32]."""
     inputs, refs = _split_refs(fused, refs)
     o_ref, do_ref, lse_ref, dqkv_ref = refs[:4]
+    dbias_ref = refs[4] if fused.bias else None
     same = _mask(seg_col_ref[0], seg_row_ref[0])
     real = seg_row_ref[0] != 0  # (1, Lq)
     f32 = jnp.float32
     cos, sin = inputs.cos, inputs.sin
     scale = inputs.qkv[0].shape[2] ** -0.5
+    ones = jnp.ones((1, inputs.qkv[0].shape[3]), f32)
     for h in range(inputs.qkv[0].shape[1]):
         q_in, k_in = inputs.head(0, h), inputs.head(1, h)
         q = _prepared(q_in, fused.norm_q, fused, cos, sin, scale)
         k = _prepared(k_in, fused.norm_k, fused, cos, sin, 1.0)
-        o = o_ref[h, :, 0].reshape(-1, o_ref.shape[-1])  # (Dh, L)
+        o = _from_tiles(o_ref[h, :, 0])  # (Dh, L)
         v, do = inputs.head(2, h), do_ref[0, h]
         if fused.zero_padding:  # the forward's outputs there were zeros: no gradient flows back
             do = jnp.where(real, do, jnp.zeros_like(do))
@@ -304,9 +311,8 @@ def _backward_kernel(fused: Fused, seg_row_ref, seg_col_ref, *refs):
         dk = _prepared_grad(k_in, dk, fused.norm_k, fused, cos, sin, 1.0)
         for t, d in enumerate((dq, dk, dv)):
             dqkv_ref[t, 0, h] = d.astype(dqkv_ref.dtype)
-            if fused.bias:  # the sum over the tokens (lanes) as a row: a (1, L) x (L, Dh) product
-                ones = jnp.ones((1, d.shape[1]), f32)
-                refs[4][0, t, h] = jax.lax.dot_general(
+            if dbias_ref is not None:  # the sum over the tokens (lanes) as a row: (1, L) x (L, Dh)
+                dbias_ref[0, t, h] = jax.lax.dot_general(
                     ones, d, _NT, precision=jax.lax.Precision.HIGHEST, preferred_element_type=f32
                 )
 
@@ -355,6 +361,11 @@ def _in_specs(specs: _Specs, fused: Fused, tables) -> list:
             *[specs.table] * len(tables)]  # fmt: skip
 
 
+def _operands(seg_row, seg_col, slab, biases, tables, fused: Fused) -> list:
+    """The arrays `_in_specs` describes: the slab once per q, k, v block, the biases likewise."""
+    return [seg_row, seg_col, *(slab,) * 3, *((biases,) * 3 if fused.bias else ()), *tables]
+
+
 def vector_ops(fused: Fused, backward: bool) -> tuple[int, int]:
     """The kernels' vector (VPU) operations as (per score, per q/k/v element), counted as the TPU
     compiler counts XLA's elementwise work: one FLOP per operation and element. Per score: mask,
@@ -386,20 +397,21 @@ def _work(shape, itemsize, products, arrays, fused: Fused, backward: bool):
 def _forward(slab, biases, seg_row, seg_col, tables, fused: Fused, interpret):
     specs = _specs(slab)
     _, b, heads, dh, length = slab.shape
+    g, r = _tiles(dh)
     return pl.pallas_call(
         functools.partial(_forward_kernel, fused),
         grid=specs.grid,
         in_specs=_in_specs(specs, fused, tables),
         out_specs=[specs.out, specs.lse],
         out_shape=[
-            jax.ShapeDtypeStruct((heads, _tiles(dh)[0], b, _tiles(dh)[1], length), slab.dtype),
+            jax.ShapeDtypeStruct((heads, g, b, r, length), slab.dtype),
             jax.ShapeDtypeStruct((b, heads, 1, length), jnp.float32),
         ],
         cost_estimate=_work(slab.shape[1:], slab.dtype.itemsize, 2, 4, fused, backward=False),
         compiler_params=_compiler_params(length),
         interpret=interpret,
         name="short_attention_fwd",
-    )(seg_row, seg_col, slab, slab, slab, *((biases,) * 3 if fused.bias else ()), *tables)
+    )(*_operands(seg_row, seg_col, slab, biases, tables, fused))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
@@ -432,7 +444,7 @@ def _attention_bwd(fused, interpret, residuals, d_out):
         compiler_params=_compiler_params(slab.shape[-1]),
         interpret=interpret,
         name="short_attention_bwd",
-    )(seg_row, seg_col, slab, slab, slab, *((biases,) * 3 if fused.bias else ()), *tables, out,
+    )(*_operands(seg_row, seg_col, slab, biases, tables, fused), out,
       d_out.astype(slab.dtype).transpose(0, 2, 3, 1), lse)  # fmt: skip
     d_biases = None
     if fused.bias:  # (B, 3, H, 1, Dh) -> (3, H, Dh, 1)
