@@ -7,15 +7,17 @@ import os
 import re
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
 from fitv2_jax.benchmarks.tpu import _key, markdown, parse_ici
-from fitv2_jax.benchmarks.tpu_blocks import blocks_config
+from fitv2_jax.benchmarks.tpu_blocks import ablated, blocks_config
 from fitv2_jax.config.files import load_config
 from fitv2_jax.models.attention import Attention, attend, fuses_into_short
+from fitv2_jax.models.fit import FiT
 from fitv2_jax.models.short_attention import heads_per_step, short_attend
 from fitv2_jax.models.short_attention import padded_length as short_padded_length
 from fitv2_jax.models.splash import block_size, padded_length
@@ -715,6 +717,50 @@ def test_a_blocks_probe_variant_unrolls_its_blocks_then_applies_its_overrides():
     assert blocks_config("configs/fitv2_xl.py", 2, "").model.remat_policy == "none"
     with pytest.raises(UserError, match="unknown config field .no_such_field"):
         blocks_config("configs/fitv2_xl.py", 2, "model.no_such_field=1")
+
+
+def test_a_blocks_probe_ablation_leaves_out_exactly_its_parts_while_traced():
+    """`--ablate`: the block norms (and the final one), modulation, gates and adaLN modulations
+    are gone from the traced FiTv2 forward while `ablated` is open, the q/k norms stay (they are
+    the attention's), and everything is back afterwards."""
+    model = FiT(context_size=16, hidden_size=32, depth=2, num_heads=2, num_classes=10,
+                use_swiglu=True, q_norm="layernorm", k_norm="layernorm", adaln_type="lora",
+                adaln_lora_dim=8, learn_sigma=False, use_sit=True)  # fmt: skip
+    b, n = 2, 16
+    args = (jnp.zeros((b, n, 16)), jnp.full((b,), 0.5), jnp.zeros((b,), jnp.int32),
+            jnp.zeros((b, 2, n), jnp.int32), jnp.ones((b, n)))  # fmt: skip
+
+    def traced():
+        params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *args))["params"]
+        jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, *args))(params)
+        counts = {}
+        for eqn in _equations(jaxpr.jaxpr):
+            counts[eqn.primitive.name] = counts.get(eqn.primitive.name, 0) + 1
+        return params, counts
+
+    params, counts = traced()
+    # the scanned blocks' body once: norm1, norm2, the q and k norms; then the final norm
+    assert counts["rsqrt"] == 4 + 1
+    with ablated(["norms", "adaln"]):
+        lean, lean_counts = traced()
+    assert lean_counts["rsqrt"] == 2  # only the q/k norms
+    assert "adaLN_modulation" in params["blocks"] and "adaLN_modulation" not in lean["blocks"]
+    assert "adaLN_modulation" not in lean["final_layer"]
+    assert lean_counts["dot_general"] < counts["dot_general"]
+    with ablated(["modulation", "gates"]):
+        assert traced()[1]["mul"] < counts["mul"]
+    assert traced()[1] == counts
+    with pytest.raises(ValueError, match="expected some of norms, modulation, gates, adaln"):
+        with ablated(["norms", "attention"]):
+            pass
+
+
+def _equations(jaxpr):
+    """Every equation of a jaxpr, nested ones (scan bodies, custom_vjp calls) included."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            yield from _equations(sub)
 
 
 def test_out_of_hbm_reads_both_forms_of_libtpus_error_and_nothing_else():

@@ -17,16 +17,36 @@ as `--config.a.b=v` is. The program compiled is the estimate's (windowed einsums
 `parallel.cost`): its FLOPs are printed against the model's own count for those blocks. A
 block's cost here is not a whole step's: the embedder, final layer and optimizer are a larger
 share of 4 blocks than of 36. Compiler estimates, not measurements.
+
+What a part of the block costs in the estimate, by leaving it out (`--ablate`, repeatable: one
+more row each, the first variant without those parts; a measuring device, not a model):
+
+    python -m fitv2_jax.bench --suite tpu_blocks --config configs/fitv2_xl.py --blocks 36 \
+        --ablate norms,modulation,gates,adaln
+
+  norms       every `Norm` of models.fit an identity (the blocks' two LayerNorms, the final one)
+  modulation  `modulate(x, shift, scale)` returns x
+  gates       the residual branches' gates are 1 (`x + h`)
+  adaln       the blocks' and final layer's adaLN(-LoRA) modulations are zeros (no matmuls);
+              the shared global adaLN stays
+Why: the estimate is not the sum of the ops' `estimated_cycles` the profile lists (a 7 MB
+relayout copy beside a matmul, v5p: 103k cycles, 8 us more in the estimate; 4 unrolled XL
+blocks without their modulation estimate slower), so a part's price is read by difference.
+Differences are not additive: XLA fuses what is left differently.
 """
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 import time
+from unittest import mock
 
+import jax.numpy as jnp
 from absl import flags
 
 from fitv2_jax.config.files import load_config
+from fitv2_jax.models import fit
 from fitv2_jax.models.summary import train_step_flops
 from fitv2_jax.parallel.cost import ESTIMATE_OPTIONS, program_cost
 from fitv2_jax.parallel.mesh import create_mesh
@@ -46,6 +66,38 @@ def define_flags(module_name: str) -> None:
                               "variant (repeat the flag; the first is the baseline)",
                               module_name=m)  # fmt: skip
     flags.DEFINE_integer("top", 12, "cycle groups listed per variant", module_name=m)
+    flags.DEFINE_multi_string("ablate", [], "comma-separated parts left out of the first "
+                              f"variant, one more row per flag: {', '.join(ABLATIONS)} "
+                              "(module doc)", module_name=m)  # fmt: skip
+
+
+def _identity_norm(*args, **kwargs):
+    return lambda x: x
+
+
+def _zero_modulation(hidden_size, chunks, *args, **kwargs):
+    return lambda c: jnp.zeros((*c.shape[:-1], chunks * hidden_size), c.dtype)
+
+
+# part -> (name in models.fit, its stand-in)
+ABLATIONS = {
+    "norms": ("Norm", _identity_norm),
+    "modulation": ("modulate", lambda x, shift, scale: x),
+    "gates": ("per_token", lambda gate: 1.0),
+    "adaln": ("Modulation", _zero_modulation),
+}
+
+
+@contextlib.contextmanager
+def ablated(parts: list[str]):
+    """models.fit with these parts (`ABLATIONS`) replaced by their stand-ins, while traced."""
+    unknown = sorted(set(parts) - set(ABLATIONS))
+    if unknown:
+        raise ValueError(f"--ablate {','.join(unknown)}: expected some of {', '.join(ABLATIONS)}")
+    with contextlib.ExitStack() as stack:
+        for part in parts:
+            stack.enter_context(mock.patch.object(fit, *ABLATIONS[part]))
+        yield
 
 
 def blocks_config(path: str, blocks: int, variant: str):
@@ -54,16 +106,19 @@ def blocks_config(path: str, blocks: int, variant: str):
     return load_config(path, base + shlex.split(variant))
 
 
-def _variant(variant: str, devices, peak: float, baseline: float | None) -> float:
+def _variant(variant: str, devices, peak: float, baseline: float | None,
+             ablate: tuple[str, ...] = ()) -> float:  # fmt: skip
     config = blocks_config(FLAGS.config, FLAGS.blocks, variant)
     mesh = create_mesh(config.mesh.ici, config.mesh.dcn, devices=devices)
     start = time.perf_counter()
-    compiled = compile_step(config, FLAGS.global_batch, mesh, ESTIMATE_OPTIONS)[1]
+    with ablated(list(ablate)):
+        compiled = compile_step(config, FLAGS.global_batch, mesh, ESTIMATE_OPTIONS)[1]
     flops, seconds = program_cost(compiled)
     tokens = int(config.model.context_size)
     model_flops = train_step_flops(config.model, FLAGS.global_batch, tokens) / len(devices)
     ratio = f", {seconds / baseline:.3f}x the first" if baseline else ""
-    print(f"\n[{variant or 'baseline'}] {seconds * 1e3:.3f} ms{ratio} (MFU "
+    name = (variant or "baseline") + (f", without {', '.join(ablate)}" if ablate else "")
+    print(f"\n[{name}] {seconds * 1e3:.3f} ms{ratio} (MFU "
           f"{100 * model_flops / (seconds * peak):.1f}%; the compiler's FLOPs "
           f"{flops / model_flops:.3f}x the model's; compiled in "
           f"{time.perf_counter() - start:.0f} s)")  # fmt: skip
@@ -85,3 +140,5 @@ def main() -> None:
     for variant in FLAGS.variant:
         seconds = _variant(variant, devices, peak, baseline)
         baseline = baseline or seconds
+    for parts in FLAGS.ablate:  # the model's FLOPs stay the MFU's numerator
+        _variant(FLAGS.variant[0], devices, peak, baseline, tuple(parts.split(",")))
