@@ -22,8 +22,9 @@ TPU defaults (remat none, all 36 blocks unrolled; attention auto = the short ker
   (18.5% MFU, 9.5 GiB) vs 107 ms with data 2 x FSDP 32, so the v6e-64 preset is the defaults.
   `--config.model.gather_attention_once=True` (each block's attention kernels gathered once,
   kept for the backward) on v5p-64: 147.9 ms, 18.6 GiB
-  (2026-12-04; the table's rows are without it). On v5e-256 (one image per chip) its preset is
-  `--config.model.remat_policy=dots --config.model.scan_unroll=1`: scanned with "dots" and splash
+  (2026-12-04; the table's rows are without it). On v5e-256 (one image per chip) its preset was
+  `--config.model.remat_policy=dots --config.model.scan_unroll=1` (full remat since 2026-12-06,
+  below): scanned with "dots" and splash
   84.2 ms (6.7 of 16 GiB), with full remat 85.4 ms (4.4 GiB; both with the attention kernels
   stored flat, 2026-12-05; before them full 103, "dots" 107, without remat 197 ms). FSDP over 256
   chips cannot shard the attention kernels there and says so in a warning; here that is cheap,
@@ -35,7 +36,11 @@ TPU defaults (remat none, all 36 blocks unrolled; attention auto = the short ker
   against 84.2 (`bench --suite tpu --presets`), where full remat gives 77.3 ms (4.4 GiB), so
   "dots" stays its preset. A 4-block program on v5p-64: 13.97 ms against splash's 16.78.
   Since the short kernels also take the q/k/v projection's output and bias (2026-12-06): v5p-64
-  114.3 ms (61.7% MFU, 14.85 GiB); the other slices were not compiled again.
+  114.3 ms (61.7% MFU, 14.85 GiB); v6e-64 87 ms (20.3%, 9.2 GiB); on v5e-256 scanned with
+  "dots" 78.3 ms (26.2%, 6.1 GiB; the code before that change gives 73.6 ms compiled side by
+  side, README, TPU) and with full remat 73.6 ms (27.9%, 4.4 GiB; `bench --suite tpu --configs
+  configs/fitv2_hr_xl.py --topologies v5e-256 --remat full --attention short --scan_unroll 1`),
+  so full remat is its preset since.
 """
 
 from fitv2_jax.config.defaults import base_config, fitv2_model, post_training
@@ -45,7 +50,7 @@ from fitv2_jax.config.slices import with_preset
 PRESETS = {
     "v5p-64": {},
     "v6e-64": {},
-    "v5e-256": {"model.remat_policy": "dots", "model.scan_unroll": 1},
+    "v5e-256": {"model.remat_policy": "full", "model.scan_unroll": 1},
 }
 
 
