@@ -131,6 +131,10 @@ def _variant(variant: str, devices, peak: float, baseline: float | None,
 
 
 def main() -> None:
+    ablations = [tuple(parts.split(",")) for parts in FLAGS.ablate]
+    for parts in ablations:  # a misspelt part fails now, not after the first compile
+        with ablated(list(parts)):
+            pass
     print("compiler estimates (libtpu's cost model), not measurements")
     devices, chip, chips = topology_devices(FLAGS.topology, 1)
     peak = per_device(chip, len(devices), chips)[1]
@@ -140,5 +144,5 @@ def main() -> None:
     for variant in FLAGS.variant:
         seconds = _variant(variant, devices, peak, baseline)
         baseline = baseline or seconds
-    for parts in FLAGS.ablate:  # the model's FLOPs stay the MFU's numerator
-        _variant(FLAGS.variant[0], devices, peak, baseline, tuple(parts.split(",")))
+    for parts in ablations:  # the model's FLOPs stay the MFU's numerator
+        _variant(FLAGS.variant[0], devices, peak, baseline, parts)
