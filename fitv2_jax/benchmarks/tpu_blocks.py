@@ -88,14 +88,20 @@ ABLATIONS = {
 }
 
 
-@contextlib.contextmanager
-def ablated(parts: list[str]):
-    """models.fit with these parts (`ABLATIONS`) replaced by their stand-ins, while traced."""
+def ablation_parts(text: str) -> tuple[str, ...]:
+    """The parts an `--ablate` value names ("norms,gates"), checked against `ABLATIONS`."""
+    parts = tuple(text.split(",")) if text else ()
     unknown = sorted(set(parts) - set(ABLATIONS))
     if unknown:
         raise ValueError(f"--ablate {','.join(unknown)}: expected some of {', '.join(ABLATIONS)}")
+    return parts
+
+
+@contextlib.contextmanager
+def ablated(parts: list[str]):
+    """models.fit with these parts (`ABLATIONS`) replaced by their stand-ins, while traced."""
     with contextlib.ExitStack() as stack:
-        for part in parts:
+        for part in ablation_parts(",".join(parts)):
             stack.enter_context(mock.patch.object(fit, *ABLATIONS[part]))
         yield
 
@@ -131,10 +137,8 @@ def _variant(variant: str, devices, peak: float, baseline: float | None,
 
 
 def main() -> None:
-    ablations = [tuple(parts.split(",")) for parts in FLAGS.ablate]
-    for parts in ablations:  # a misspelt part fails now, not after the first compile
-        with ablated(list(parts)):
-            pass
+    # a misspelt part fails now, not after the first compile
+    ablations = [ablation_parts(text) for text in FLAGS.ablate]
     print("compiler estimates (libtpu's cost model), not measurements")
     devices, chip, chips = topology_devices(FLAGS.topology, 1)
     peak = per_device(chip, len(devices), chips)[1]
