@@ -34,6 +34,8 @@ from fitv2_jax.models.convert import (
 )
 from fitv2_jax.models.fit import FiT
 from fitv2_jax.models.rope import head_channel_order
+from fitv2_jax.models.summary import train_step_flops
+from fitv2_jax.parallel.matmuls import traced_dots
 from fitv2_jax.parallel.mesh import create_mesh
 from fitv2_jax.parallel.rules import LOGICAL_RULES
 from fitv2_jax.training.checkpoint import Checkpoints
@@ -145,6 +147,42 @@ def test_post_training_trains_only_the_official_subset(demo_px):
     assert moved and moved <= subset
     assert ("blocks", "attn", "qkv", "kernel") not in moved
     assert ("blocks", "attn", "qkv", "bias") in moved
+
+
+def test_post_training_step_skips_frozen_weight_gradients_and_updates_the_same(demo_px):
+    """The frozen kernels' weight gradients are never built (torch's requires_grad=False); the
+    update is the one that differentiates every parameter and lets the optimizer zero the frozen
+    ones (the step before this change), and grad_norm is the clipped, trainable one."""
+    post = tiny_config(demo_px, trainable="post_training")
+    mesh = create_mesh((1, 1, 1), devices=jax.devices()[:1])
+    before, after, metrics, _ = _run_step(post, mesh, _first_batch(post), randomize=True)
+
+    model = FiT(**post.model)
+    tx = make_optimizer(post.train, post.data.global_batch_size, before.params)
+    every = make_train_step(model, tiny_config(demo_px), tx)  # all gradients, frozen zeroed by tx
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+        reference, ref_metrics = jax.jit(every)(before, to_global_batch(_first_batch(post), mesh))
+    assert float(metrics["loss"]) == pytest.approx(float(ref_metrics["loss"]), rel=1e-6)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7),
+        after.params,
+        reference.params,
+    )
+    assert 0 < float(metrics["grad_norm"]) < float(ref_metrics["grad_norm"])
+
+    # the work left out is the frozen kernels' weight gradients: 2 FLOPs per MAC, as counted
+    def dot_flops(config):  # the same optimizer, so only the gradients differ
+        step = make_train_step(model, config, tx)
+        batch = dict(_first_batch(config))
+        dots = traced_dots(jax.make_jaxpr(step)(before, batch))
+        return sum(d.flops * n for d, n in dots.items())
+
+    b, n = post.data.global_batch_size, int(post.model.context_size)
+    skipped = dot_flops(tiny_config(demo_px)) - dot_flops(post)
+    expected = train_step_flops(post.model, b, n) - train_step_flops(
+        post.model, b, n, "post_training"
+    )
+    assert skipped == expected > 0, (skipped, expected)
 
 
 def test_restore_onto_fewer_devices(demo_px, tmp_path):

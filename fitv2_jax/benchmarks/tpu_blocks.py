@@ -121,7 +121,9 @@ def _variant(variant: str, devices, peak: float, baseline: float | None,
         compiled = compile_step(config, FLAGS.global_batch, mesh, ESTIMATE_OPTIONS)[1]
     flops, seconds = program_cost(compiled)
     tokens = int(config.model.context_size)
-    model_flops = train_step_flops(config.model, FLAGS.global_batch, tokens) / len(devices)
+    model_flops = train_step_flops(
+        config.model, FLAGS.global_batch, tokens, config.train.trainable
+    ) / len(devices)
     ratio = f", {seconds / baseline:.3f}x the first" if baseline else ""
     name = (variant or "baseline") + (f", without {', '.join(ablate)}" if ablate else "")
     print(f"\n[{name}] {seconds * 1e3:.3f} ms{ratio} (MFU "

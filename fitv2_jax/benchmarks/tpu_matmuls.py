@@ -67,7 +67,9 @@ def _row(config_path: str, topology: str, global_batch: int, remat: str) -> None
     per_chip, tokens = global_batch // len(devices), int(config.model.context_size)
     priced = price_dots(step_dots(config, per_chip), devices[0])
     peak = per_device(chip, len(devices), chips)[1]
-    model_flops = train_step_flops(config.model, global_batch, tokens) / len(devices)
+    model_flops = train_step_flops(
+        config.model, global_batch, tokens, config.train.trainable
+    ) / len(devices)
     name = os.path.basename(config_path).removesuffix(".py")
     print(
         f"\n{name} on {topology} ({len(devices)} chips, {peak / 1e12:.0f} TFLOP/s bf16 each), "

@@ -74,7 +74,7 @@ def worker(config_path: str) -> dict:
     with setup.context():
         seconds = median_seconds(step, repeats=FLAGS.repeats)
     s = summarize(config.model, tokens=tokens)
-    flops = train_step_flops(config.model, b, tokens)
+    flops = train_step_flops(config.model, b, tokens, config.train.trainable)
     peak = matmul_peak_flops(2048, repeats=7)
     return dict(
         config=config_path, devices=n, mesh=dict(mesh.shape), batch=b, tokens=tokens,

@@ -58,12 +58,15 @@ def summarize(model_config, tokens: int = 256) -> dict:
     flat = flax.traverse_util.flatten_dict(abstract_params(model_config))
     params = defaultdict(int)
     macs = defaultdict(float)
+    frozen = 0.0  # MACs of the kernels the post-training freezes
     for path, leaf in flat.items():
         count = math.prod(leaf.shape)
         comp = component_of(path)
         params[comp] += count
         if path[-1] == "kernel":
             macs[comp] += count * (tokens if _per_token(path) else 1)
+            if not is_post_training_param(path):
+                frozen += count * (tokens if _per_token(path) else 1)
     attn_map = 2 * model.depth * tokens * tokens * model.hidden_size  # QK^T and PV, per image
     return {
         "params": {c: params[c] for c in COMPONENTS},
@@ -71,6 +74,7 @@ def summarize(model_config, tokens: int = 256) -> dict:
         "gmacs": {c: macs[c] / 1e9 for c in COMPONENTS},
         "total_gmacs": sum(macs.values()) / 1e9,
         "attention_map_gmacs": attn_map / 1e9,
+        "post_training_frozen_gmacs": frozen / 1e9,
         "tokens": tokens,
     }
 
@@ -81,11 +85,18 @@ def trainable_subset_params(model_config) -> int:
     return sum(math.prod(v.shape) for p, v in flat.items() if is_post_training_param(p))
 
 
-def train_step_flops(model_config, batch: int, tokens: int) -> float:
+def train_step_flops(model_config, batch: int, tokens: int, trainable: str = "all") -> float:
     """Model FLOPs of one forward + backward step on `batch` rows of `tokens` tokens:
-    3 (fwd + 2x bwd) x 2 FLOPs per MAC x (linear-layer + attention-map MACs)."""
+    3 (fwd + 2x bwd) x 2 FLOPs per MAC x (linear-layer + attention-map MACs). With
+    trainable="post_training" the frozen kernels have no weight gradient (`training.step.
+    without_frozen_gradients`): 2 x 2 FLOPs per MAC for them, forward and input gradient."""
+    if trainable not in ("all", "post_training"):
+        raise ValueError(f"trainable={trainable!r}: 'all' or 'post_training'")
     s = summarize(model_config, tokens=tokens)
-    return 6.0 * (s["total_gmacs"] + s["attention_map_gmacs"]) * 1e9 * batch
+    macs = 3.0 * (s["total_gmacs"] + s["attention_map_gmacs"])
+    if trainable == "post_training":
+        macs -= s["post_training_frozen_gmacs"]
+    return 2.0 * macs * 1e9 * batch
 
 
 def format_summary(s: dict) -> str:

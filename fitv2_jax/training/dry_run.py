@@ -126,7 +126,10 @@ def dry_run(config, global_batch: int | None = None, topology: str | None = None
     hlo_text = compiled.as_text()
     report = dict(head, **_memory_report(compiled, hlo_text))
     report["compile_seconds"] = round(time.perf_counter() - start, 1)
-    model_flops = train_step_flops(config.model, setup.global_batch, n) / report["devices"]
+    model_flops = (
+        train_step_flops(config.model, setup.global_batch, n, config.train.trainable)
+        / report["devices"]
+    )
     report["model_flops_per_device"] = model_flops
     if chip:
         report.update(_chip_report(chip, chips, report["devices"]))

@@ -115,7 +115,10 @@ class MetricsWindow:
     def add(self, metrics: dict, length: int) -> None:
         if length not in self._flops_by_length:
             self._flops_by_length[length] = train_step_flops(
-                self.setup.config.model, self.setup.global_batch, length
+                self.setup.config.model,
+                self.setup.global_batch,
+                length,
+                self.setup.config.train.trainable,
             )
         self.pending.append(metrics)
         self.flops += self._flops_by_length[length]

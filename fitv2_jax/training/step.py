@@ -20,7 +20,7 @@ import optax
 from fitv2_jax.flow.ddpm import DDPMSchedule, ddpm_loss, make_schedule, q_sample
 from fitv2_jax.flow.transport import interpolate, masked_loss, sample_timesteps, velocity_target
 from fitv2_jax.models.fit import FiT
-from fitv2_jax.training.state import TrainState, ema_update
+from fitv2_jax.training.state import TrainState, ema_update, trainable_labels
 from fitv2_jax.utils.errors import UserError
 
 BATCH_KEYS = ("x", "grid", "mask", "y", "size", "segment_ids")
@@ -113,8 +113,25 @@ def loss_fn(model: FiT, params, batch: dict, key, train_cfg):
     return jnp.mean(per_sample), per_sample
 
 
+def without_frozen_gradients(objective, labels):
+    """objective(params, ...) differentiated only in the parameters labelled "train" (labels: a
+    tree like params of "train" / "freeze", `state.trainable_labels`). The frozen ones enter
+    through stop_gradient, so their weight-gradient matmuls are never built and their gradients
+    are zeros, as with torch's requires_grad=False; the input gradients through them, which the
+    trainable layers below need, stay."""
+
+    def wrapped(params, *args):
+        params = jax.tree.map(
+            lambda p, label: p if label == "train" else jax.lax.stop_gradient(p), params, labels
+        )
+        return objective(params, *args)
+
+    return wrapped
+
+
 def make_train_step(model: FiT, config, tx: optax.GradientTransformation):
     train_cfg = config.train
+    trainable = train_cfg.get("trainable", "all")
     accum = int(train_cfg.grad_accum_steps)
     diffusion = config.get("diffusion", {})
     if diffusion.get("kind", "rectified_flow") == "ddpm":
@@ -130,7 +147,11 @@ def make_train_step(model: FiT, config, tx: optax.GradientTransformation):
         batch = {k: batch[k] for k in BATCH_KEYS if k in batch}
         batch["index"] = jnp.arange(batch["x"].shape[0])
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        grad_fn = jax.value_and_grad(objective)
+        if trainable == "all":
+            grad_fn = jax.value_and_grad(objective)
+        else:  # post-training: no weight gradients for the frozen kernels
+            labels = trainable_labels(state.params, trainable)
+            grad_fn = jax.value_and_grad(without_frozen_gradients(objective, labels))
 
         if accum == 1:
             loss, grads = grad_fn(state.params, batch, key)
