@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 from cli import run_cli
 from jax.sharding import PartitionSpec
@@ -41,8 +42,13 @@ from fitv2_jax.parallel.rules import LOGICAL_RULES
 from fitv2_jax.training.checkpoint import Checkpoints
 from fitv2_jax.training.dry_run import dry_run
 from fitv2_jax.training.loop import NonFiniteLossError, train
-from fitv2_jax.training.state import init_state, make_optimizer, state_shardings
-from fitv2_jax.training.step import BATCH_KEYS, make_train_step, segment_losses
+from fitv2_jax.training.state import (
+    init_state,
+    make_optimizer,
+    state_shardings,
+    trainable_labels,
+)
+from fitv2_jax.training.step import BATCH_KEYS, loss_fn, make_train_step, segment_losses
 from fitv2_jax.utils.errors import UserError
 from fitv2_jax.weights import checkpoint_format
 from fitv2_jax.weights.checkpoints import restore_run_params
@@ -168,7 +174,15 @@ def test_post_training_step_skips_frozen_weight_gradients_and_updates_the_same(d
         after.params,
         reference.params,
     )
-    assert 0 < float(metrics["grad_norm"]) < float(ref_metrics["grad_norm"])
+    # grad_norm: the trainable gradients' norm, which clipping uses (the reference's is all of them)
+    batch = dict(_first_batch(post), index=jnp.arange(post.data.global_batch_size))
+    key = jax.random.fold_in(jax.random.wrap_key_data(before.rng), before.step)
+    grads = jax.grad(lambda p: loss_fn(model, p, batch, key, post.train)[0])(before.params)
+    labels = trainable_labels(before.params, "post_training")
+    trained = jax.tree.map(lambda g, label: g if label == "train" else 0 * g, grads, labels)
+    assert float(metrics["grad_norm"]) == pytest.approx(float(optax.tree.norm(trained)), rel=1e-5)
+    assert float(ref_metrics["grad_norm"]) == pytest.approx(float(optax.tree.norm(grads)), rel=1e-5)
+    assert float(metrics["grad_norm"]) < float(ref_metrics["grad_norm"])
 
     # the work left out is the frozen kernels' weight gradients: 2 FLOPs per MAC, as counted
     def dot_flops(config):  # the same optimizer, so only the gradients differ
