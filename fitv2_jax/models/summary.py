@@ -64,9 +64,10 @@ def summarize(model_config, tokens: int = 256) -> dict:
         comp = component_of(path)
         params[comp] += count
         if path[-1] == "kernel":
-            macs[comp] += count * (tokens if _per_token(path) else 1)
+            kernel_macs = count * (tokens if _per_token(path) else 1)
+            macs[comp] += kernel_macs
             if not is_post_training_param(path):
-                frozen += count * (tokens if _per_token(path) else 1)
+                frozen += kernel_macs
     attn_map = 2 * model.depth * tokens * tokens * model.hidden_size  # QK^T and PV, per image
     return {
         "params": {c: params[c] for c in COMPONENTS},
