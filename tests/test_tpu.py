@@ -31,7 +31,7 @@ from fitv2_jax.parallel.cost import (
     splash_kernel_work,
     unpriced_ops,
 )
-from fitv2_jax.parallel.hlo import collectives, cycle_profile, while_trip_counts
+from fitv2_jax.parallel.hlo import collectives, cycle_profile, group_size, while_trip_counts
 from fitv2_jax.parallel.matmuls import price_dots, traced_dots
 from fitv2_jax.parallel.mesh import create_mesh
 from fitv2_jax.parallel.topology import parse_topology, per_device, topology_devices
@@ -243,14 +243,16 @@ def test_an_fsdp_gradient_counts_as_a_reduce_scatter_of_the_whole_gradient():
     table = collectives(text)
     assert table["reduce-scatter"]["count"] == 1 and table["all-reduce"]["count"] == 0
     assert table["reduce-scatter"]["bytes"] == 512 * 1024 * 2  # its input: the bf16 gradient
-    assert table["all-gather"] == {"count": 1, "bytes": 512 * 1024 * 2}  # the bf16 weight
+    gathered = 512 * 1024 * 2  # the bf16 weight; each chip sends its quarter to 3 others
+    assert table["all-gather"] == {"count": 1, "bytes": gathered, "ici_bytes": gathered * 3 // 4}
+    assert table["reduce-scatter"]["ici_bytes"] == 512 * 1024 * 2 * 3 // 4
 
 
 def test_a_combined_collective_counts_the_bytes_of_every_buffer_it_moves():
     """The TPU compiler combines gradients' all-reduces (and, on v6e, weight gathers) into one op
     with a tuple result; its bytes are all of them, not the largest one."""
     text = "\n".join([
-        "HloModule m",
+        "HloModule m, num_partitions=8",
         "",
         "%add (a: bf16[], b: bf16[]) -> bf16[] {",
         "  %a = bf16[] parameter(0)",
@@ -270,8 +272,67 @@ def test_a_combined_collective_counts_the_bytes_of_every_buffer_it_moves():
         "}",
     ])  # fmt: skip
     table = collectives(text)
-    assert table["all-reduce"] == {"count": 1, "bytes": 2 * 1152 * 3072 * 2}
-    assert table["all-gather"] == {"count": 1, "bytes": 4096 * 2}  # an async start: its output
+    both = 2 * 1152 * 3072 * 2  # replica_groups={}: all 8 partitions; 2 x 7/8 of it sent
+    assert table["all-reduce"] == {"count": 1, "bytes": both, "ici_bytes": both * 2 * 7 // 8}
+    gathered = 4096 * 2  # an async start: its output
+    assert table["all-gather"] == {"count": 1, "bytes": gathered, "ici_bytes": gathered * 7 // 8}
+
+
+@pytest.mark.parametrize("groups, n", [
+    ("replica_groups={{0,1,2,3},{4,5,6,7}}", 4),
+    ("replica_groups=[4,2]<=[8]", 2),
+    ("replica_groups=mesh['axis_0'=4,'axis_1'=1,'axis_2'=2], device_ids=([2,4]T(1,0)) {'axis_0'}", 4),
+    ("replica_groups=mesh['axis_0'=4,'axis_1'=1,'axis_2'=2], device_ids=([2,4]T(1,0)) "
+     "{'axis_0','axis_2'}", 8),
+    ("replica_groups={}", 16),
+])  # fmt: skip
+def test_a_collectives_group_size_is_read_from_each_form_of_its_replica_groups(groups, n):
+    line = f"  %ar = f32[64]{{0}} all-reduce(%p), channel_id=1, {groups}, to_apply=%add"
+    assert group_size(line, partitions=16) == n
+
+
+def test_ici_bytes_follow_each_collectives_own_groups():
+    """FSDP over 4 chips and data parallelism over 2 (v5p:2x2x2): the weight is gathered and the
+    gradient reduce-scattered within the 4 (3/4 of each sent), the shard all-reduced between the 2
+    (2 x 1/2 of it sent)."""
+    devices, _, _ = topology_devices("v5p:2x2x2")
+    mesh = jax.sharding.Mesh(np.array(devices).reshape(2, 4), ("data", "fsdp"))
+    w_sharding = jax.NamedSharding(mesh, jax.P("fsdp", None))
+
+    def grad(w, x):
+        return jax.grad(lambda w: jnp.sum((x @ w.astype(jnp.bfloat16)).astype(jnp.float32) ** 2))(w)
+
+    w = jax.ShapeDtypeStruct((1024, 2048), jnp.float32, sharding=w_sharding)
+    x = jax.ShapeDtypeStruct((4096, 1024), jnp.bfloat16,
+                             sharding=jax.NamedSharding(mesh, jax.P(("data", "fsdp"))))  # fmt: skip
+    table = collectives(jax.jit(grad, out_shardings=w_sharding).lower(w, x).compile().as_text())
+    weight = 1024 * 2048
+    assert table["all-gather"]["ici_bytes"] == weight * 2 * 3 // 4  # bf16, within the 4
+    whole, shard = weight * 2, weight * 2 // 4  # the bf16 gradient and each chip's quarter
+    assert table["reduce-scatter"] == {"count": 1, "bytes": whole, "ici_bytes": whole * 3 // 4}
+    assert table["all-reduce"] == {"count": 1, "bytes": shard, "ici_bytes": shard}
+
+
+def test_the_compiler_prices_a_collective_as_a_pass_over_hbm_not_the_interconnect():
+    """Why the dry run adds the ICI time itself: libtpu's estimate of an all-reduce is that of an
+    elementwise pass over the same buffer, over 2 chips or 8 alike (v5p)."""
+    devices, _, _ = topology_devices("v5p:2x2x2")
+
+    def seconds(n, f):
+        mesh = jax.sharding.Mesh(np.array(devices).reshape(n, -1), ("g", "r"))
+        spec = jax.P(("g", "r"))
+        x = jax.ShapeDtypeStruct((len(devices) * 2**22,), jnp.bfloat16,
+                                 sharding=jax.NamedSharding(mesh, spec))  # fmt: skip
+        out = jax.P("r") if f == "all-reduce" else spec
+        body = (lambda x: jax.lax.psum(x, "g")) if f == "all-reduce" else (lambda x: x * 2 + 1)
+        g = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=spec, out_specs=out))
+        return program_cost(g.lower(x).compile(ESTIMATE_OPTIONS))[1]
+
+    passes = seconds(2, "elementwise")
+    assert seconds(2, "all-reduce") == pytest.approx(passes, rel=0.02)
+    assert seconds(8, "all-reduce") == pytest.approx(passes, rel=0.02)
+    # 8 MiB per chip: an all-reduce over 8 chips sends 14 MiB, 12 us at v5p's 1200 GB/s both ways
+    assert passes < 8e-6
 
 
 def test_ops_after_a_kernel_whose_metadata_spans_lines_are_counted():
@@ -298,7 +359,8 @@ def test_ops_after_a_kernel_whose_metadata_spans_lines_are_counted():
         'metadata={op_name="jit(f)/mlp/tanh"}, backend_config={"estimated_cycles":"300"}',
         "}",
     ])  # fmt: skip
-    assert collectives(text)["all-reduce"] == {"count": 1, "bytes": 8 * 128 * 4}
+    row = collectives(text)["all-reduce"]
+    assert (row["count"], row["bytes"]) == (1, 8 * 128 * 4)
     rows = cycle_profile(text)
     assert sum(r[1] for r in rows) == 450
     assert {r[2] for r in rows} == {"attn", "mlp"}
@@ -398,6 +460,11 @@ def test_dry_run_compiles_a_splash_train_step_for_a_tpu_topology(capsys):
     assert report["mode"] == "TPU v5e:2x2" and report["devices"] == 4 and report["chip"] == "v5e"
     assert report["fits"] and report["peak_bytes"] < report["hbm_bytes_per_device"]
     assert report["collectives"]["all-gather"]["count"] > 0  # FSDP over 4 chips
+    # ICI: what the collectives send, timed at v5e's 400 GB/s (200 each way), not in the estimate
+    sent = sum(v["ici_bytes"] for v in report["collectives"].values())
+    assert report["ici_bytes_per_device"] == sent > 0
+    assert report["ici_seconds_at_least"] == pytest.approx(sent / 200e9)
+    assert "over ICI each device sends" in out and "or more on the interconnect" in out
     # the corrected cost analysis counts every block, and the splash kernels are priced from
     # their work (the compiler alone counts them as free): FLOPs match the model's own count,
     # above it by the remat recomputation and the kernel backward's recomputed scores

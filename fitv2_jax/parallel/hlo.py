@@ -14,6 +14,12 @@ all of them for an op that combines several, which the TPU compiler does with gr
 gathers), which is what the interconnect moves up to the factor (n - 1) / n (twice that for an
 all-reduce); for an async `-start` op, whose result holds its operands too, the largest array;
 for a plain `reduce-scatter` op its output, the shard, n times less than it reduces.
+`ici_bytes` is what each device sends over the interconnect (and receives) for those ops, by the
+bandwidth-optimal algorithms with n the op's group size (its `replica_groups`): (n - 1) / n of an
+all-gather's output, of a reduce-scatter's or all-to-all's whole buffer, 2 (n - 1) / n of an
+all-reduce's buffer, and a collective-permute's whole buffer. The TPU compiler's cost model does
+not price this traffic (`parallel.cost`: it prices a collective as one pass over its buffers in
+HBM, whatever the group), so it is counted here.
 A TPU program writes a reduce-scatter as a fusion calling `%all-reduce-scatter...`: an all-reduce
 and the slice each device keeps, which runs as one reduce-scatter; its all-reduce counts as a
 reduce-scatter of the whole buffer. Across slices (config.mesh.dcn) the TPU program hands
@@ -43,6 +49,13 @@ _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _CONST = re.compile(r"%?([\w.\-]+) = [su]\d+\[\]\S* constant\((\d+)\)")
 _LT = re.compile(r"ROOT .*compare\(%?[\w.\-]+, %?([\w.\-]+)\), direction=LT")
+_PARTITIONS = re.compile(r"\bnum_partitions=(\d+)")
+_GROUP_LIST = re.compile(r"replica_groups=\{\{([\d,\s]*)\}")  # {{0,1,2,3},{4,5,6,7}}
+_GROUP_IOTA = re.compile(r"replica_groups=\[(\d+),(\d+)\]<=")  # [2,4]<=[8]: 2 groups of 4
+# mesh['axis_0'=4,'axis_1'=1,'axis_2'=2], device_ids=([2,4]T(1,0)) {'axis_0'}: groups over axis_0
+_GROUP_MESH = re.compile(r"replica_groups=mesh\[([^\]]*)\](?:[^{,]*(?:,\s*device_ids=[^{]*)?"
+                         r"\{([^}]*)\})?")  # fmt: skip
+_MESH_AXIS = re.compile(r"'([^']+)'=(\d+)")
 
 
 def _array_bytes(text: str) -> list[int]:
@@ -56,6 +69,34 @@ def _collective_bytes(line: str, match: re.Match) -> int:
     result = line[match.start() + 1 : match.start(1)]  # between "=" and the opcode
     sizes = _array_bytes(result)
     return max(sizes, default=0) if match.group(2) else sum(sizes)
+
+
+def group_size(line: str, partitions: int) -> int:
+    """How many devices a collective op's groups hold (`replica_groups={}`: all `partitions`)."""
+    m = _GROUP_LIST.search(line)
+    if m:
+        return len([d for d in m.group(1).split(",") if d.strip()])
+    m = _GROUP_IOTA.search(line)
+    if m:
+        return int(m.group(2))
+    m = _GROUP_MESH.search(line)
+    if m:
+        sizes = {name: int(n) for name, n in _MESH_AXIS.findall(m.group(1))}
+        named = re.findall(r"'([^']+)'", m.group(2) or "") or list(sizes)
+        return math.prod(sizes[a] for a in named)
+    return partitions
+
+
+def _ici_bytes(kind: str, nbytes: int, n: int, whole: bool) -> float:
+    """Bytes one device sends over the interconnect for a collective of `nbytes` (as counted in
+    the table) over groups of n devices; `whole`: a reduce-scatter counted by its whole buffer."""
+    if kind == "collective-permute":
+        return float(nbytes)
+    if n <= 1:
+        return 0.0
+    if kind == "reduce-scatter" and not whole:
+        return float(nbytes * (n - 1))  # its output is the shard
+    return nbytes * (n - 1) / n * (2 if kind == "all-reduce" else 1)
 
 
 def _largest_array_bytes(line: str) -> int:
@@ -86,6 +127,8 @@ def _parse(hlo_text: str):
     comps: dict[str, tuple[list, list]] = {}
     lines = _lines(hlo_text)
     bounds = _loop_bounds(lines)
+    m = _PARTITIONS.search(hlo_text[:4096])
+    partitions = int(m.group(1)) if m else 1
     entry, current = None, None
     for line in lines:
         if line and not line[0].isspace():
@@ -102,14 +145,15 @@ def _parse(hlo_text: str):
         lines.append(line)
         m = _OP.search(line)
         if m:
-            kind = m.group(1)
+            kind, whole = m.group(1), False
             if kind == "all-reduce" and _REDUCE_SCATTER_FUSION.match(current):
-                kind = "reduce-scatter"
-            ops.append((kind, _collective_bytes(line, m)))
+                kind, whole = "reduce-scatter", True
+            nbytes, n = _collective_bytes(line, m), group_size(line, partitions)
+            ops.append((kind, nbytes, _ici_bytes(kind, nbytes, n, whole)))
         m = _DCN.search(line) if "_xla_megascale_transfer_type" in line else None
         if m:
             kind = _DCN_PREFIX + m.group(1).lower().replace("_", "-")
-            ops.append((kind, _largest_array_bytes(line)))
+            ops.append((kind, _largest_array_bytes(line), 0.0))  # not over ICI
         trip = _TRIP.search(line)
         found = dict((role, name) for role, name in _CALLEE.findall(line))
         for role, name in found.items():
@@ -156,16 +200,23 @@ def _runs(comps, entry) -> collections.Counter:
 
 
 def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
-    """{kind: {"count": runs per step, "bytes": per-device bytes per step}} for every kind in
-    KINDS, and the DCN transfers ("dcn all-reduce", ...) a multi-slice program makes."""
+    """{kind: {"count": runs per step, "bytes": per-device bytes per step, "ici_bytes": what
+    each device sends over ICI per step}} for every kind in KINDS, and the DCN transfers
+    ("dcn all-reduce", ...) a multi-slice program makes (ici_bytes 0)."""
     comps, entry = _parse(hlo_text)
-    table = {k: {"count": 0, "bytes": 0} for k in KINDS}
+    table = {k: {"count": 0, "bytes": 0, "ici_bytes": 0} for k in KINDS}
     for name, times in _runs(comps, entry).items():
-        for kind, nbytes in comps[name][0]:
-            table.setdefault(kind, {"count": 0, "bytes": 0})
-            table[kind]["count"] += times
-            table[kind]["bytes"] += times * nbytes
+        for kind, nbytes, ici in comps[name][0]:
+            row = table.setdefault(kind, {"count": 0, "bytes": 0, "ici_bytes": 0})
+            row["count"] += times
+            row["bytes"] += times * nbytes
+            row["ici_bytes"] += round(times * ici)
     return table
+
+
+def ici_bytes(table: dict[str, dict[str, int]]) -> int:
+    """Per-device bytes per step sent over ICI, from a `collectives` table."""
+    return sum(v["ici_bytes"] for k, v in table.items() if not k.startswith(_DCN_PREFIX))
 
 
 def dcn_bytes(table: dict[str, dict[str, int]]) -> int:

@@ -7,8 +7,9 @@ libtpu (`pip install -e ".[tpu]"`) runs the real TPU compiler on any host: a jit
 Mesh of these devices and compiled gives the TPU program, its memory plan and its cost estimate.
 Names: Cloud TPU pod names ("v5p-64": the number counts TensorCores for v4 and v5p, two per chip,
 and chips for v5e and v6e) or libtpu's "<kind>:<chip grid>" ("v5p:4x4x2", "v6e:8x8").
-Chip facts are per chip from the Cloud TPU documentation (HBM; dense bf16 peak); per device they
-are divided by the devices each chip shows. v4 and v5p chips are asked for as megacore (one device
+Chip facts are per chip from the Cloud TPU documentation (HBM; dense bf16 peak; bidirectional ICI
+bandwidth, which its pages give for v5e 400, v5p 1200 and v6e 800 GB/s and not for v4); per device
+they are divided by the devices each chip shows. v4 and v5p chips are asked for as megacore (one device
 of two TensorCores per chip), as JAX runs them on a real slice; left to its default, libtpu shows
 a v4 chip as two one-core devices, and the dry run compiled a program for twice the devices that a
 v4 slice gives (v4-32: 32 instead of 16).
@@ -34,13 +35,14 @@ class Chip:
     cores_in_name: int  # how many units of a pod name ("v5p-64") one chip is
     dims: int  # chip grid dimensions (3D torus or 2D)
     device_kind: str  # jax's `device_kind` of its devices
+    ici_gbytes_per_s: float | None = None  # bidirectional, all links of a chip; None: undocumented
 
 
 CHIPS = {
     "v4": Chip("v4", 32.0, 275.0, 2, 3, "TPU v4"),
-    "v5p": Chip("v5p", 95.0, 459.0, 2, 3, "TPU v5"),
-    "v5e": Chip("v5e", 16.0, 197.0, 1, 2, "TPU v5 lite"),
-    "v6e": Chip("v6e", 32.0, 918.0, 1, 2, "TPU v6 lite"),
+    "v5p": Chip("v5p", 95.0, 459.0, 2, 3, "TPU v5", 1200.0),
+    "v5e": Chip("v5e", 16.0, 197.0, 1, 2, "TPU v5 lite", 400.0),
+    "v6e": Chip("v6e", 32.0, 918.0, 1, 2, "TPU v6 lite", 800.0),
 }
 
 
@@ -105,3 +107,12 @@ def per_device(chip: Chip, num_devices: int, num_chips: int) -> tuple[float, flo
     """(HBM bytes, bf16 FLOP/s) of one device: the chip's, divided by devices per chip."""
     share = num_chips / num_devices
     return chip.hbm_gib * 2.0**30 * share, chip.bf16_tflops * 1e12 * share
+
+
+def ici_send_rate(chip: Chip, num_devices: int, num_chips: int) -> float | None:
+    """Bytes per second one device can send over ICI with every link of its chip busy: half the
+    chip's bidirectional bandwidth (it receives as much as it sends), divided by devices per chip;
+    None where Cloud TPU documents no figure (v4)."""
+    if chip.ici_gbytes_per_s is None:
+        return None
+    return chip.ici_gbytes_per_s * 1e9 / 2 * num_chips / num_devices

@@ -10,7 +10,11 @@ the devices and compiled. With --topology the devices are compile-only TPU devic
 (`parallel.topology`; multi-slice when config.mesh.dcn asks for slices) and the compiler is the
 TPU one, so the memory plan is the TPU's; without it they are fake CPU devices and the memory is
 the CPU compiler's approximation. State bytes are exact either way (from the shardings).
-The TPU estimate (`parallel.cost`) is the compiler's cost model, not a measurement.
+The TPU estimate (`parallel.cost`) is the compiler's cost model, not a measurement. That model
+prices a collective as one pass over its buffers in HBM, not by the interconnect (measured: an
+all-reduce costs what an elementwise pass over the same buffer does, over 2 or 32 chips alike), so
+the report adds the ICI traffic of the compiled step's collectives and the least time it takes at
+the chip's documented ICI bandwidth: transfers the estimate assumes free.
 A step that does not fit is a result, not a crash: when the TPU compiler runs out of HBM the
 report says so (fits False) with the bytes it needed and had, read from its error (`out_of_hbm`).
 """
@@ -28,9 +32,9 @@ from fitv2_jax.config.slices import slice_note
 from fitv2_jax.models.attention import resolve_backend
 from fitv2_jax.models.summary import train_step_flops
 from fitv2_jax.parallel.cost import ESTIMATE_OPTIONS, configured_cost
-from fitv2_jax.parallel.hlo import collectives, cycle_profile, dcn_bytes
+from fitv2_jax.parallel.hlo import collectives, cycle_profile, dcn_bytes, ici_bytes
 from fitv2_jax.parallel.mesh import create_mesh
-from fitv2_jax.parallel.topology import per_device, topology_devices
+from fitv2_jax.parallel.topology import ici_send_rate, per_device, topology_devices
 from fitv2_jax.training.setup import build_setup
 
 GIB = 2.0**30
@@ -133,6 +137,7 @@ def dry_run(config, global_batch: int | None = None, topology: str | None = None
     report["model_flops_per_device"] = model_flops
     if chip:
         report.update(_chip_report(chip, chips, report["devices"]))
+        report.update(_ici_report(report))
         report["fits"] = report["peak_bytes"] <= report["hbm_bytes_per_device"]
         model = config.model
         backend = resolve_backend(model.attention_backend, n, chip.device_kind, model.remat_policy)
@@ -170,9 +175,22 @@ def _ways_to_fit(model, tokens: int, tpu: str) -> list[str]:
 
 
 def _chip_report(chip, chips: int, devices: int) -> dict:
-    """The chip kind and what each device of it offers (HBM bytes, bf16 FLOP/s)."""
+    """The chip kind and what each device of it offers (HBM bytes, bf16 FLOP/s, ICI bytes/s sent;
+    the last None where undocumented)."""
     hbm, peak = per_device(chip, devices, chips)
-    return dict(chip=chip.name, chips=chips, hbm_bytes_per_device=hbm, bf16_flops_per_device=peak)
+    return dict(chip=chip.name, chips=chips, hbm_bytes_per_device=hbm, bf16_flops_per_device=peak,
+                ici_send_bytes_per_second=ici_send_rate(chip, devices, chips))  # fmt: skip
+
+
+def _ici_report(report: dict) -> dict:
+    """The step's ICI traffic per device and, where the chip's bandwidth is documented, the
+    least time it takes (every link busy both ways, nothing waiting)."""
+    sent = ici_bytes(report["collectives"])
+    out = dict(ici_bytes_per_device=sent)
+    rate = report.get("ici_send_bytes_per_second")
+    if rate:
+        out["ici_seconds_at_least"] = sent / rate
+    return out
 
 
 def _estimate(config, global_batch, mesh, model_flops, peak_flops) -> dict:
@@ -284,6 +302,14 @@ def print_report(r: dict) -> None:
     coll = ", ".join(f"{k} {v['count']} ({v['bytes'] / GIB:.2f} GiB)"
                      for k, v in r["collectives"].items() if v["count"])  # fmt: skip
     print(f"collectives per step (per-device bytes): {coll or 'none'}")
+    if r.get("ici_bytes_per_device"):
+        sent = f"over ICI each device sends {r['ici_bytes_per_device'] / GIB:.2f} GiB per step"
+        if "ici_seconds_at_least" in r:
+            print(f"{sent}: at least {r['ici_seconds_at_least'] * 1e3:.1f} ms at "
+                  f"{r['ici_send_bytes_per_second'] / 1e9:.0f} GB/s each way ({r['chip']}'s "
+                  "bidirectional ICI bandwidth as Cloud TPU documents it, every link busy)")  # fmt: skip
+        else:
+            print(f"{sent} (Cloud TPU documents no ICI bandwidth for {r['chip']})")
     if "cycle_kinds" in r:
         kinds = ", ".join(f"{k} {100 * v:.0f}%" for k, v in r["cycle_kinds"].items() if v >= 0.01)
         kernels = r.get("attention_kernels")
@@ -312,6 +338,12 @@ def print_report(r: dict) -> None:
                   f"them) the same estimate would give MFU "
                   f"{100 * r['estimate_mfu_matmuls_only']:.1f}%: the most that removing the "
                   "other work (norms, softmax, copies, optimizer) can reach at these shapes")  # fmt: skip
+        if "ici_seconds_at_least" in r:
+            est, ms = r["estimate_step_seconds"] * 1e3, r["ici_seconds_at_least"] * 1e3
+            print(f"  not in it: the collectives' {ms:.1f} ms or more on the interconnect (the "
+                  "estimate prices a collective as a pass over its buffers in HBM): the step "
+                  f"takes {est:.1f} ms if they all overlap compute, at least {est + ms:.1f} ms "
+                  "if none does")  # fmt: skip
         dcn = dcn_bytes(r["collectives"])
         if dcn:
             print(f"  not in it: the transfers between slices over DCN ({dcn / GIB:.2f} GiB per "
