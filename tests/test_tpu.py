@@ -336,31 +336,35 @@ def test_the_compiler_prices_a_collective_as_a_pass_over_hbm_not_the_interconnec
 
 
 def test_the_parts_of_one_async_collective_count_once_and_shifted_transfers_each():
-    """libtpu writes one async all-gather as a start fusion and continuation fusions, each with
-    an op of the whole gather under one channel_id; collective-permutes sharing a channel but
-    shifting by different amounts move different data."""
+    """libtpu writes one async all-gather as a start fusion (into an AsyncCollectiveStart custom
+    call), continuation fusions (%async_collective_fusion...) and a done fusion (into an
+    AsyncCollectiveDone), each with an op of the whole gather under one channel_id; the
+    collective-permutes of a windowed einsum share a channel but move different data."""
     gather = ("bf16[1152,3072]{1,0} all-gather(%p), channel_id=7, "
               "replica_groups=[1,4]<=[4], dimensions={1}")  # fmt: skip
     permute = ("bf16[32,1152]{{1,0}} collective-permute(%q), channel_id=9, "
                "source_target_pairs={{{{0,{}}},{{1,{}}}}}").format  # fmt: skip
+    part = lambda name, target: [  # noqa: E731
+        f"%{name} (p: bf16[1152,768]) -> bf16[1152,3072] {{",
+        "  %p = bf16[1152,768]{1,0} parameter(0)",
+        f"  %ag = {gather}",
+        *([f'  ROOT %cc = bf16[1152,3072]{{1,0}} custom-call(%ag), custom_call_target="{target}"']
+          if target else ["  ROOT %t = bf16[1152,3072]{1,0} tanh(%ag)"]),
+        "}",
+        "",
+    ]  # fmt: skip
     text = "\n".join([
         "HloModule m, num_partitions=4",
         "",
-        "%start (p: bf16[1152,768]) -> bf16[1152,3072] {",
-        "  %p = bf16[1152,768]{1,0} parameter(0)",
-        f"  ROOT %ag.1 = {gather}",
-        "}",
-        "",
-        "%continuation (p: bf16[1152,768]) -> bf16[1152,3072] {",
-        "  %p = bf16[1152,768]{1,0} parameter(0)",
-        f"  ROOT %ag.2 = {gather}",
-        "}",
-        "",
+        *part("fused_computation.1", "AsyncCollectiveStart"),
+        *part("async_collective_fusion.2", None),
+        *part("fused_computation.3", "AsyncCollectiveDone"),
         "ENTRY %main (p: bf16[1152,768], q: bf16[32,1152]) -> bf16[32,1152] {",
         "  %p = bf16[1152,768]{1,0} parameter(0)",
         "  %q = bf16[32,1152]{1,0} parameter(1)",
-        "  %f1 = bf16[1152,3072]{1,0} fusion(%p), kind=kCustom, calls=%start",
-        "  %f2 = bf16[1152,3072]{1,0} fusion(%p), kind=kCustom, calls=%continuation",
+        "  %f1 = bf16[1152,3072]{1,0} fusion(%p), kind=kCustom, calls=%fused_computation.1",
+        "  %f2 = bf16[1152,3072]{1,0} fusion(%p), kind=kCustom, calls=%async_collective_fusion.2",
+        "  %f3 = bf16[1152,3072]{1,0} fusion(%p), kind=kCustom, calls=%fused_computation.3",
         f"  %cp.1 = {permute(1, 2)}",
         f"  %cp.2 = {permute(2, 3)}",
         f"  ROOT %cp.3 = {permute(2, 3)}",
@@ -369,8 +373,8 @@ def test_the_parts_of_one_async_collective_count_once_and_shifted_transfers_each
     table = collectives(text)
     gathered = 1152 * 3072 * 2
     assert table["all-gather"] == {"count": 1, "bytes": gathered, "ici_bytes": gathered * 3 // 4}
-    shard = 32 * 1152 * 2  # two shifts (the third op repeats the second's: one of its parts)
-    assert table["collective-permute"] == {"count": 2, "bytes": 2 * shard, "ici_bytes": 2 * shard}
+    shard = 32 * 1152 * 2  # three transfers, two of them alike (as a ring's steps are)
+    assert table["collective-permute"] == {"count": 3, "bytes": 3 * shard, "ici_bytes": 3 * shard}
 
 
 def test_ops_after_a_kernel_whose_metadata_spans_lines_are_counted():

@@ -20,12 +20,12 @@ all-gather's output, of a reduce-scatter's or all-to-all's whole buffer, 2 (n - 
 all-reduce's buffer, and a collective-permute's whole buffer. The TPU compiler's cost model does
 not price this traffic (`parallel.cost`: it prices a collective as one pass over its buffers in
 HBM, whatever the group), so it is counted here.
-One collective is counted once: libtpu splits an async collective into several fusions (a start
-and its continuations), each holding an op of the whole collective's shape, groups and
-`channel_id` (FiTv2-XL/2 on v5e-256: each block's fc1 kernel gathers written 3 to 4 times), so
-ops alike in all of these count as one, run as often as the computation holding them; ops that
-share a channel but not their source-target pairs (a transfer decomposed into shifts, 1 to 127
-places) are distinct transfers and each counts.
+One collective is counted once: libtpu writes an async collective as a start fusion (its op
+feeding an "AsyncCollectiveStart" custom call), continuation fusions (`%async_collective_fusion`,
+compute fused with the transfer's progress) and a done fusion ("AsyncCollectiveDone"), each
+holding an op of the whole collective; only the start's counts (FiTv2-XL/2 on v5e-256: each
+block's fc1 kernel gathers were read 3 to 4 times). Ops that share a channel elsewhere (the
+shifts of a windowed einsum's collective-permutes) are distinct transfers and each counts.
 A TPU program writes a reduce-scatter as a fusion calling `%all-reduce-scatter...`: an all-reduce
 and the slice each device keeps, which runs as one reduce-scatter; its all-reduce counts as a
 reduce-scatter of the whole buffer. Across slices (config.mesh.dcn) the TPU program hands
@@ -62,8 +62,8 @@ _GROUP_IOTA = re.compile(r"replica_groups=\[(\d+),(\d+)\]<=")  # [2,4]<=[8]: 2 g
 _GROUP_MESH = re.compile(r"replica_groups=mesh\[([^\]]*)\](?:[^{,]*(?:,\s*device_ids=[^{]*)?"
                          r"\{([^}]*)\})?")  # fmt: skip
 _MESH_AXIS = re.compile(r"'([^']+)'=(\d+)")
-_CHANNEL = re.compile(r"\bchannel_id=(\d+)")
-_PAIRS = re.compile(r"\bsource_target_pairs=\{((?:\{\d+,\d+\},?)*)\}")
+_CONTINUATION = re.compile(r"^async_collective_fusion")  # libtpu's async collective steps
+_DONE = 'custom_call_target="AsyncCollectiveDone"'
 
 
 def _array_bytes(text: str) -> list[int]:
@@ -105,11 +105,6 @@ def _ici_bytes(kind: str, nbytes: int, n: int, whole: bool) -> float:
     if kind == "reduce-scatter" and not whole:
         return float(nbytes * (n - 1))  # its output is the shard
     return nbytes * (n - 1) / n * (2 if kind == "all-reduce" else 1)
-
-
-def _channel(line: str) -> str | None:
-    m = _CHANNEL.search(line)
-    return m.group(1) if m else None
 
 
 def _largest_array_bytes(line: str) -> int:
@@ -162,13 +157,11 @@ def _parse(hlo_text: str):
             if kind == "all-reduce" and _REDUCE_SCATTER_FUSION.match(current):
                 kind, whole = "reduce-scatter", True
             nbytes, n = _collective_bytes(line, m), group_size(line, partitions)
-            same = _channel(line)  # the parts of one collective share all of this
-            same = same and (same, n, nbytes, *_PAIRS.findall(line))
-            ops.append((kind, nbytes, _ici_bytes(kind, nbytes, n, whole), same))
+            ops.append((kind, nbytes, _ici_bytes(kind, nbytes, n, whole)))
         m = _DCN.search(line) if "_xla_megascale_transfer_type" in line else None
         if m:
             kind = _DCN_PREFIX + m.group(1).lower().replace("_", "-")
-            ops.append((kind, _largest_array_bytes(line), 0.0, None))  # not over ICI
+            ops.append((kind, _largest_array_bytes(line), 0.0))  # not over ICI
         trip = _TRIP.search(line)
         found = dict((role, name) for role, name in _CALLEE.findall(line))
         for role, name in found.items():
@@ -220,18 +213,15 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
     ("dcn all-reduce", ...) a multi-slice program makes (ici_bytes 0)."""
     comps, entry = _parse(hlo_text)
     table = {k: {"count": 0, "bytes": 0, "ici_bytes": 0} for k in KINDS}
-    ops, parts = [], {}  # parts: one collective's key -> its op in the most run computation
     for name, times in _runs(comps, entry).items():
-        for kind, nbytes, ici, same in comps[name][0]:
-            if not same:
-                ops.append((kind, nbytes, ici, times))
-            elif times > parts.get((kind, same), (0, 0, 0, 0))[3]:
-                parts[(kind, same)] = (kind, nbytes, ici, times)
-    for kind, nbytes, ici, times in ops + list(parts.values()):
-        row = table.setdefault(kind, {"count": 0, "bytes": 0, "ici_bytes": 0})
-        row["count"] += times
-        row["bytes"] += times * nbytes
-        row["ici_bytes"] += round(times * ici)
+        ops, _, lines = comps[name]
+        if _CONTINUATION.match(name) or any(_DONE in line for line in lines):
+            continue  # a later part of a collective its start fusion counts
+        for kind, nbytes, ici in ops:
+            row = table.setdefault(kind, {"count": 0, "bytes": 0, "ici_bytes": 0})
+            row["count"] += times
+            row["bytes"] += times * nbytes
+            row["ici_bytes"] += round(times * ici)
     return table
 
 
