@@ -13,7 +13,9 @@ compiler estimates on a CPU host, not measurements; global batch 256; 2026-12-06
   v5p-64   the defaults: all 40 blocks unrolled, no remat, attention auto (the "short" kernels,
            `models.short_attention`): 122.9 ms, 56.6% MFU, 10.23 of 95 GiB per chip
   v6e-64   the defaults: 79.7 ms, 21.8% MFU, 5.86 of 32 GiB
-  v5e-256  one image per chip: blocks scanned, full remat: 123.8 ms, 16.4% MFU, 0.60 of 16 GiB
+  v5e-256  one image per chip: blocks scanned, full remat: 123.8 ms, 16.4% MFU, 0.60 of 16 GiB;
+           the estimate leaves the interconnect out: each chip sends 22.27 GiB a step over ICI, at
+           least 119.6 ms at v5e's bandwidth (v5p-64: 26.65 GiB, 47.7 ms; the dry run prints both)
 The other settings compiled (scanned blocks, remat "dots", XLA attention, splash, other meshes)
 and their figures: README, TPU section.
 """

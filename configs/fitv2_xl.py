@@ -17,7 +17,9 @@ compiler estimates on a CPU host, not measurements; global batch 256; 2026-12-06
            64 chips libtpu gathers the weights by all-reduces of zero-padded buffers
   v5e-256  data 2 x FSDP 128, blocks scanned, full remat: 30.2 ms, 15.4% MFU, 0.13 of 16 GiB;
            FSDP over all 256 chips divides neither attention kernel (1152 x 3456, 1152 x 1152),
-           which then stay replicated (a warning says so)
+           which then stay replicated (a warning says so). The estimate leaves the interconnect
+           out: each chip sends 5.67 GiB a step over ICI, at least 30.5 ms at v5e's bandwidth, as
+           long as the estimate itself (v5p-64: 6.27 GiB, 11.2 ms; the dry run prints both)
 MFU at global batch 256: at 8 images per v5p chip the compiler prices the linear layers alone at
   55% of the bf16 peak (`python -m fitv2_jax.bench --suite tpu_matmuls`), and the step without
   the blocks' norms, modulation, gates and adaLN-LoRA would still be 34.0 ms, 46.8% (`bench

@@ -155,8 +155,8 @@ def _row(config_path: str, topology: str, remat: str, attention: str, unroll: in
         return dict(row, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
     keep = ("devices", "chips", "peak_bytes", "hbm_bytes_per_device", "fits", "params_total_bytes",
             "estimate_step_seconds", "estimate_mfu", "estimate_mfu_matmuls_only",
-            "estimate_flops_ratio", "estimate_error",
-            "collectives", "cycle_kinds", "cycle_top", "out_of_hbm")  # fmt: skip
+            "estimate_flops_ratio", "estimate_error", "collectives", "ici_bytes_per_device",
+            "ici_seconds_at_least", "cycle_kinds", "cycle_top", "out_of_hbm")  # fmt: skip
     row.update({k: r[k] for k in keep if k in r})
     row["seconds"] = round(time.perf_counter() - start, 1)
     return row
